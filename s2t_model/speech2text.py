@@ -1,0 +1,131 @@
+"""`Speech2Text`: the network plus its feature extractor and tokenizer, loading, saving, decoding and transcribing."""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from . import checkpoint
+from .batching import frame_budget_batches
+from .config import Speech2TextConfig
+from .decoding import GenerationOutput, generate
+from .features import FeatureExtractor, num_frames
+from .model import Speech2TextModule
+from .tokenizer import Tokenizer
+
+TgtLang = str | None | Sequence[str | None]
+
+
+class Speech2Text(Speech2TextModule):
+    def __init__(
+        self,
+        config: Speech2TextConfig,
+        feature_extractor: FeatureExtractor | None = None,
+        tokenizer: Tokenizer | None = None,
+    ):
+        super().__init__(config)
+        self.feature_extractor = feature_extractor or FeatureExtractor()
+        self.tokenizer = tokenizer
+        self.source = None  # where it was loaded from
+
+    @classmethod
+    def from_pretrained(
+        cls, uri: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+        storage_options: dict | None = None,
+    ) -> "Speech2Text":
+        """Load a transformers Speech2Text checkpoint from a local folder or any fsspec URL (s3://, file://, hf://)."""
+        folder = checkpoint.local_folder(uri, storage_options)
+        config = Speech2TextConfig.from_pretrained(folder)
+        feature_extractor = FeatureExtractor.from_pretrained(folder)
+        # A checkpoint without vocab.json still decodes to ids (random-weight test models, say), not to text.
+        has_vocab = os.path.exists(os.path.join(folder, "vocab.json"))
+        tokenizer = Tokenizer.from_pretrained(folder) if has_vocab else None
+        with torch.device("meta"):  # no time spent on random weights that are overwritten at once
+            model = cls(config, feature_extractor, tokenizer)
+        checkpoint.load_weights(model, checkpoint.read_state_dict(folder), source=str(uri))
+        model.source = str(uri)
+        return model.to(device=device, dtype=dtype).eval()
+
+    def save_pretrained(self, folder: str) -> None:
+        """Write a folder that both `Speech2Text.from_pretrained` and transformers' `from_pretrained` load."""
+        os.makedirs(folder, exist_ok=True)
+        self.config.save_pretrained(folder)
+        checkpoint.save_weights(self, folder)
+        self.feature_extractor.save_pretrained(folder)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(folder)
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    def forced_tokens(self, tgt_lang: TgtLang, batch_size: int) -> Tensor:
+        """(B,) id of each row's target-language tag, forced as its first token; -1 where nothing is forced."""
+        langs = [tgt_lang] * batch_size if tgt_lang is None or isinstance(tgt_lang, str) else list(tgt_lang)
+        if len(langs) != batch_size:
+            raise ValueError(f"tgt_lang has {len(langs)} entries for a batch of {batch_size}")
+        if any(lang is not None for lang in langs) and self.tokenizer is None:
+            raise ValueError("tgt_lang needs a tokenizer that knows the language tags, and this model has none")
+        ids = [-1 if lang is None else self.tokenizer.lang_id(lang) for lang in langs]
+        return torch.tensor(ids, dtype=torch.long, device=self.device)
+
+    def generate(
+        self,
+        features: Tensor,
+        lengths: Tensor,
+        num_beams: int | None = None,
+        max_new_tokens: int | None = None,
+        max_length: int | None = None,
+        length_penalty: float | None = None,
+        early_stopping: bool | str | None = None,
+        num_return_sequences: int = 1,
+        tgt_lang: TgtLang = None,
+    ) -> GenerationOutput:
+        """Decode a padded batch of features (B, T, 80) with lengths (B,); unset options come from the config.
+
+        max_length counts the start token, as in transformers (max_new_tokens = max_length - 1); tgt_lang is one
+        language for the whole batch or one per row (None for no forced language).
+        """
+        c = self.config
+        if max_new_tokens is None:
+            max_new_tokens = (max_length if max_length is not None else c.max_length) - 1
+        return generate(
+            self,
+            features.to(self.device),
+            lengths.to(self.device),
+            forced=self.forced_tokens(tgt_lang, features.shape[0]),
+            max_new_tokens=max_new_tokens,
+            num_beams=c.num_beams if num_beams is None else num_beams,
+            length_penalty=c.length_penalty if length_penalty is None else length_penalty,
+            early_stopping=c.early_stopping if early_stopping is None else early_stopping,
+            num_return_sequences=num_return_sequences,
+        )
+
+    def transcribe(
+        self,
+        waveforms: Sequence[np.ndarray] | np.ndarray,
+        sampling_rate: int,
+        num_beams: int | None = None,
+        tgt_lang: TgtLang = None,
+        max_frames: int = 24000,
+        **generate_options,
+    ) -> list[str]:
+        """Waveforms (a list of 1-D arrays) -> texts, in length-sorted batches of at most `max_frames` padded frames."""
+        if isinstance(waveforms, np.ndarray) and waveforms.ndim == 1:
+            waveforms = [waveforms]
+        langs = [tgt_lang] * len(waveforms) if tgt_lang is None or isinstance(tgt_lang, str) else list(tgt_lang)
+        scale = self.feature_extractor.sampling_rate / sampling_rate
+        frames = [num_frames(int(len(w) * scale), self.feature_extractor.sampling_rate) for w in waveforms]
+        if self.tokenizer is None:
+            raise ValueError(f"{self.source}: this checkpoint has no vocab.json, so ids cannot be turned into text")
+        texts: list[str] = [""] * len(waveforms)
+        for batch in frame_budget_batches(frames, max_frames):
+            features, lengths = self.feature_extractor([waveforms[i] for i in batch], sampling_rate, device=self.device)
+            out = self.generate(features, lengths, num_beams=num_beams, tgt_lang=[langs[i] for i in batch], **generate_options)
+            for i, ids in zip(batch, out.ids):
+                texts[i] = self.tokenizer.decode(ids)
+        return texts

@@ -1,0 +1,82 @@
+"""Helpers shared by the tests: text corpora, sentencepiece models and random-weight checkpoints made on the spot."""
+
+import json
+import random
+
+import sentencepiece
+
+ONES = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen " \
+       "seventeen eighteen nineteen".split()
+TENS = "twenty thirty forty fifty sixty seventy eighty ninety".split()
+WORDS = "the a cat dog sat on mat and ran far away with his big red ball it was very happy today we will go " \
+        "there tomorrow morning evening speech model translation audio data".split()
+
+
+def in_words(n: int) -> str:
+    if n < 20:
+        return ONES[n]
+    if n < 100:
+        return TENS[n // 10 - 2] + ("" if n % 10 == 0 else " " + ONES[n % 10])
+    if n < 1000:
+        return ONES[n // 100] + " hundred" + ("" if n % 100 == 0 else " and " + in_words(n % 100))
+    return in_words(n // 1000) + " thousand" + ("" if n % 1000 == 0 else " " + in_words(n % 1000))
+
+
+def corpus(n: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join([in_words(rng.randrange(10000))] + rng.sample(WORDS, rng.randint(1, 6))) for _ in range(n)]
+
+
+def train_spm(folder, name, user_symbols=()):
+    """A small fairseq-style spm model: ids 0..3 are <s>, <pad>, </s>, <unk>, then user-defined symbols."""
+    text = folder / f"{name}.txt"
+    text.write_text("\n".join(corpus(400, seed=0)) + "\n")
+    sentencepiece.SentencePieceTrainer.train(
+        input=str(text), model_prefix=str(folder / name), model_type="unigram", vocab_size=200,
+        hard_vocab_limit=False, character_coverage=1.0, bos_id=0, pad_id=1, eos_id=2, unk_id=3,
+        user_defined_symbols=list(user_symbols), minloglevel=2,
+    )
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(folder / f"{name}.model"))
+    assert [sp.id_to_piece(i) for i in range(4)] == ["<s>", "<pad>", "</s>", "<unk>"]
+    # vocab.json as in hub checkpoints: every spm piece with its spm id.
+    vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
+    (folder / f"{name}.json").write_text(json.dumps(vocab))
+    return str(folder / f"{name}.model"), str(folder / f"{name}.json")
+
+
+
+MUSTC = ["pt", "fr", "ru", "nl", "ro", "it", "es", "de"]
+LANG_TOKENS = [f"<lang:{lang}>" for lang in MUSTC]
+
+TINY = dict(
+    d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+    encoder_ffn_dim=64, decoder_ffn_dim=64, conv_channels=32, max_source_positions=2000, max_target_positions=256,
+)
+# facebook/s2t-small-librispeech-asr's dimensions.
+S2T_SMALL = dict(
+    vocab_size=10000, d_model=256, encoder_layers=12, decoder_layers=6, encoder_attention_heads=4,
+    decoder_attention_heads=4, encoder_ffn_dim=2048, decoder_ffn_dim=2048, conv_channels=1024,
+)
+
+
+def random_transformers_model(seed: int, weight_scale: float = 2.0, **config):
+    """A transformers Speech2TextForConditionalGeneration with random weights that make decisive, varied choices.
+
+    Default initialisation (std 0.02) gives near-uniform next-token distributions, where every decoder "agrees"
+    by luck and ties hide bugs; larger weights give peaked distributions that depend on the input, and a push
+    towards </s> makes hypotheses end at different lengths, so beam search has finished hypotheses to rank.
+    """
+    import torch
+    from transformers import Speech2TextConfig, Speech2TextForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = Speech2TextForConditionalGeneration(Speech2TextConfig(**config)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() > 1:
+                p.normal_(0, weight_scale / p.shape[1] ** 0.5)
+            elif "layer_norm.weight" not in name:
+                p.normal_(0, 0.1)
+        final_bias = model.model.decoder.layer_norm.bias
+        model.lm_head.weight[model.config.eos_token_id] += 2 * final_bias / final_bias.norm()
+    return model
