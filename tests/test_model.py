@@ -229,3 +229,15 @@ def test_bad_checkpoints_name_the_problem(tiny, tmp_path):
         Speech2Text.from_pretrained(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="no-such"):
         Speech2Text.from_pretrained(str(tmp_path / "no-such"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on a lent GPU machine)")
+def test_cuda_float32_equals_cpu_and_bfloat16_runs(tiny):
+    hf, folder = tiny
+    features, lengths = padded_features(FRAMES, seed=8)
+    expected = Speech2Text.from_pretrained(folder).generate(features, lengths, num_beams=5, max_new_tokens=MAX_NEW_TOKENS)
+    on_gpu = Speech2Text.from_pretrained(folder, device="cuda")
+    assert on_gpu.generate(features, lengths, num_beams=5, max_new_tokens=MAX_NEW_TOKENS).ids == expected.ids
+    half = Speech2Text.from_pretrained(folder, device="cuda", dtype=torch.bfloat16)
+    out = half.generate(features, lengths, num_beams=5, max_new_tokens=MAX_NEW_TOKENS)
+    assert len(out.ids) == len(FRAMES) and all(0 < len(ids) <= MAX_NEW_TOKENS for ids in out.ids)

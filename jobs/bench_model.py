@@ -1,0 +1,175 @@
+"""`s2t bench model`: our features and generation side by side with their peers, same inputs, same process.
+
+Peers: kaldi-native-fbank and transformers' Speech2TextFeatureExtractor for features; transformers'
+Speech2TextForConditionalGeneration for generation, at facebook/s2t-small-librispeech-asr's dimensions with random
+weights (no checkpoint can be downloaded here). Both models load the very same folder. Peers are test-only
+dependencies, imported here only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+from s2t_model import FeatureExtractor, Speech2Text, Speech2TextConfig
+
+S2T_SMALL = dict(
+    vocab_size=10000, d_model=256, encoder_layers=12, decoder_layers=6, encoder_attention_heads=4,
+    decoder_attention_heads=4, encoder_ffn_dim=2048, decoder_ffn_dim=2048, conv_channels=1024,
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--utterances", type=int, default=8)
+    parser.add_argument("--seconds", type=float, default=10.0, help="length of each utterance")
+    parser.add_argument("--max-new-tokens", type=int, default=60)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each side; the best one counts")
+    parser.add_argument("--skip-generation", action="store_true")
+
+
+def best_times(fns: list, repeats: int, device: str) -> list[float]:
+    """Best wall time of each function; runs alternate (a, b, c, a, b, c, ...) so background load hits all alike."""
+    def timed(fn) -> float:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    for fn in fns:
+        fn()  # warm-up: lazy initialisation, caches, CUDA kernels
+    times = [[timed(fn) for fn in fns] for _ in range(repeats)]
+    return [min(column) for column in zip(*times)]
+
+
+def synthetic_speech(count: int, seconds: float, seed: int = 0) -> list[np.ndarray]:
+    """Harmonic 'voiced' stretches with noise and pauses: realistic enough for features, shaped like speech."""
+    rng = np.random.default_rng(seed)
+    n = int(seconds * 16000)
+    t = np.arange(n) / 16000
+    waves = []
+    for _ in range(count):
+        f0 = rng.uniform(90, 220) * (1 + 0.1 * np.sin(2 * np.pi * rng.uniform(0.5, 3) * t))
+        phase = 2 * np.pi * np.cumsum(f0) / 16000
+        voiced = sum(np.sin(k * phase) / k for k in range(1, 12))
+        envelope = (np.sin(2 * np.pi * rng.uniform(1, 4) * t) > -0.3).astype(np.float64)
+        waves.append((0.1 * voiced * envelope + 0.01 * rng.standard_normal(n)).astype(np.float32))
+    return waves
+
+
+def print_table(title: str, rows: list[tuple[str, float, str, float]], unit: str) -> None:
+    """rows: (name, seconds, note, throughput), ours first; "ours is" = how many times faster ours ran."""
+    print(f"\n{title}")
+    print(f"  {'implementation':<42} {'seconds':>9} {unit:>12} {'ours is':>8}  note")
+    ours = rows[0][1]
+    for name, seconds, note, throughput in rows:
+        print(f"  {name:<42} {seconds:9.4f} {throughput:12.1f} {seconds / ours:7.2f}x  {note}")
+
+
+def bench_features(args) -> None:
+    import kaldi_native_fbank as knf
+    from transformers import Speech2TextFeatureExtractor
+
+    waves = synthetic_speech(args.utterances, args.seconds)
+    audio_seconds = args.utterances * args.seconds
+    ours = FeatureExtractor()
+    peer = Speech2TextFeatureExtractor()
+
+    def run_ours():
+        return ours(waves, sampling_rate=16000, device=args.device)
+
+    def run_knf():
+        options = knf.FbankOptions()
+        options.frame_opts.dither = 0
+        options.mel_opts.num_bins = 80
+        for wave in waves:
+            fbank = knf.OnlineFbank(options)
+            fbank.accept_waveform(16000, wave * 32768)
+            fbank.input_finished()
+            np.stack([fbank.get_frame(i) for i in range(fbank.num_frames_ready)])
+
+    def run_transformers():
+        return peer(waves, sampling_rate=16000, padding=True, return_tensors="np")
+
+    sides = [
+        (f"s2t_model fbank+CMVN ({args.device})", run_ours, "batched, torch"),
+        ("kaldi-native-fbank (fbank only)", run_knf, "C++, one utterance at a time, no CMVN"),
+        ("transformers Speech2TextFeatureExtractor", run_transformers, "numpy"),
+    ]
+    seconds = best_times([fn for _, fn, _ in sides], args.repeats, args.device)
+    rows = [(name, t, note, audio_seconds / t) for (name, _, note), t in zip(sides, seconds)]
+    print_table(f"Features: {args.utterances} utterances x {args.seconds:g} s", rows, "audio s / s")
+
+
+def random_checkpoint(folder: str) -> None:
+    """s2t-small dimensions with random weights whose hypotheses end at varied lengths, like real ones (20-60 tokens).
+
+    The head is untied (as in the MuST-C checkpoints): tied to the embeddings, a random model's start token </s>
+    tends to predict </s> again at once, and there would be nothing to time.
+    """
+    torch.manual_seed(0)
+    model = Speech2Text(Speech2TextConfig(**S2T_SMALL, tie_word_embeddings=False))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() > 1:
+                p.normal_(0, 1 / p.shape[1] ** 0.5)
+            elif "layer_norm.weight" not in name:
+                p.normal_(0, 0.1)
+        final_bias = model.model.decoder.layer_norm.bias
+        model.lm_head.weight[model.config.eos_token_id] += final_bias / final_bias.norm()
+    model.save_pretrained(folder)
+
+
+def bench_generation(args) -> None:
+    from transformers import Speech2TextForConditionalGeneration
+
+    dtype = getattr(torch, args.dtype)
+    with tempfile.TemporaryDirectory() as folder:
+        random_checkpoint(folder)
+        ours = Speech2Text.from_pretrained(folder, device=args.device, dtype=dtype)
+        peer = Speech2TextForConditionalGeneration.from_pretrained(folder, dtype=dtype).to(args.device).eval()
+    features, lengths = ours.feature_extractor(synthetic_speech(args.utterances, args.seconds, seed=1), 16000)
+    features, lengths = features.to(args.device), lengths.to(args.device)
+    mask = torch.ones(features.shape[:2], dtype=torch.long, device=args.device)  # equal lengths: no padding
+    audio_seconds = args.utterances * args.seconds
+
+    for num_beams in (1, 5):
+        options = dict(num_beams=num_beams, max_new_tokens=args.max_new_tokens)
+        results = {}
+
+        def run_ours():
+            results["ours"] = ours.generate(features, lengths, **options).ids
+
+        def run_peer():
+            with torch.inference_mode():
+                out = peer.generate(input_features=features.to(dtype), attention_mask=mask, do_sample=False, early_stopping=True, **options)
+            results["peer"] = [row[1:][: row[1:].index(2) + 1] if 2 in row[1:] else row[1:] for row in out.tolist()]
+
+        t_ours, t_peer = best_times([run_ours, run_peer], args.repeats, args.device)
+        same = sum(a == b for a, b in zip(results["ours"], results["peer"]))
+        tokens = sum(len(ids) for ids in results["ours"])
+        rows = [
+            (f"s2t_model generate ({args.device}, {args.dtype})", t_ours, f"{tokens} tokens", audio_seconds / t_ours),
+            ("transformers generate", t_peer, f"ids identical for {same}/{len(results['ours'])}", audio_seconds / t_peer),
+        ]
+        name = "greedy" if num_beams == 1 else f"beam {num_beams}"
+        print_table(
+            f"Generation, {name}: s2t-small dimensions, {args.utterances} x {args.seconds:g} s, max {args.max_new_tokens} new tokens",
+            rows, "RTFx",
+        )
+
+
+def main(args) -> None:
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, dtype {args.dtype}")
+    bench_features(args)
+    if not args.skip_generation:
+        bench_generation(args)

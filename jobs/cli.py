@@ -1,0 +1,27 @@
+"""The `s2t` command line: one subcommand per job; each job's module owns its arguments."""
+
+from __future__ import annotations
+
+import argparse
+
+from . import bench_model
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="s2t", description="Speech2Text transcription and translation on Ray")
+    commands = parser.add_subparsers(dest="command", required=True)
+    bench = commands.add_parser("bench", help="benchmarks against peers, side by side in one process")
+    targets = bench.add_subparsers(dest="target", required=True)
+    model = targets.add_parser("model", help="features and generation: ours vs kaldi-native-fbank and transformers")
+    bench_model.add_arguments(model)
+    model.set_defaults(run=bench_model.main)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    args.run(args)
+
+
+if __name__ == "__main__":
+    main()
