@@ -9,7 +9,9 @@ import json
 import os
 
 import fsspec
+import numpy as np
 import pytest
+import soxr
 import torch
 
 from s2t_model import Speech2Text
@@ -60,6 +62,7 @@ def make_checkpoint(tmp_path_factory, name, seed, tokenizer_files=None, **config
         config["vocab_size"] = len(json.load(open(vocab_file)))
     hf = random_transformers_model(seed, **config)
     hf.save_pretrained(folder)
+    transformers.Speech2TextFeatureExtractor().save_pretrained(folder)  # as hub checkpoints have it
     return hf, str(folder)
 
 
@@ -241,3 +244,30 @@ def test_cuda_float32_equals_cpu_and_bfloat16_runs(tiny):
     half = Speech2Text.from_pretrained(folder, device="cuda", dtype=torch.bfloat16)
     out = half.generate(features, lengths, num_beams=5, max_new_tokens=MAX_NEW_TOKENS)
     assert len(out.ids) == len(FRAMES) and all(0 < len(ids) <= MAX_NEW_TOKENS for ids in out.ids)
+
+
+def test_transcribe_equals_transformers_processor_and_generate(multilingual):
+    """End to end from waveforms at two sampling rates, against transformers' own extractor, generate and decode."""
+    hf, folder = multilingual
+    model = Speech2Text.from_pretrained(folder)
+    extractor = transformers.Speech2TextFeatureExtractor.from_pretrained(folder)
+    hf_tokenizer = transformers.Speech2TextTokenizer.from_pretrained(folder)
+    rng = np.random.default_rng(9)
+    waves = [(0.1 * rng.standard_normal(int(16000 * s))).astype(np.float32) for s in (0.4, 2.5, 1.2)]
+    texts = model.transcribe(waves, sampling_rate=16000, num_beams=3, tgt_lang="fr", max_new_tokens=MAX_NEW_TOKENS)
+    expected = []
+    for wave in waves:
+        inputs = extractor(wave, sampling_rate=16000, return_tensors="pt")
+        ids = hf.generate(
+            inputs.input_features, attention_mask=inputs.attention_mask, num_beams=3, do_sample=False,
+            max_new_tokens=MAX_NEW_TOKENS, forced_bos_token_id=hf_tokenizer.lang_code_to_id["fr"],
+        )
+        expected.append(hf_tokenizer.decode(ids[0], skip_special_tokens=True))
+    assert texts == expected
+    assert any(texts)
+    # Another sampling rate is resampled, never taken as 16 kHz: 8 kHz audio has half the samples for the same time.
+    slow = [soxr.resample(w, 16000, 8000) for w in waves]
+    assert model.transcribe(slow, sampling_rate=8000, num_beams=3, tgt_lang="fr", max_new_tokens=MAX_NEW_TOKENS) == [
+        model.transcribe([soxr.resample(w, 8000, 16000)], 16000, num_beams=3, tgt_lang="fr", max_new_tokens=MAX_NEW_TOKENS)[0]
+        for w in slow
+    ]
