@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from . import bench_model
+from . import bench_model, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -15,6 +15,9 @@ def build_parser() -> argparse.ArgumentParser:
     model = targets.add_parser("model", help="features and generation: ours vs kaldi-native-fbank and transformers")
     bench_model.add_arguments(model)
     model.set_defaults(run=bench_model.main)
+    trainer = commands.add_parser("train", help="train a Speech2Text checkpoint on a corpus manifest")
+    train.add_arguments(trainer)
+    trainer.set_defaults(run=train.main)
     return parser
 
 

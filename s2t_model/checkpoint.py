@@ -90,8 +90,9 @@ def load_weights(module: nn.Module, state_dict: dict[str, torch.Tensor], source:
         module.lm_head.weight = module.model.decoder.embed_tokens.weight
 
 
-def save_weights(module: nn.Module, folder: str) -> None:
-    state = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
+def save_weights(module: nn.Module, folder: str, dtype: torch.dtype | None = None) -> None:
+    """model.safetensors, in `dtype` when given (float16 halves a checkpoint that is shipped, for one)."""
+    state = {k: v.detach().to(dtype or v.dtype).contiguous() for k, v in module.state_dict().items()}
     if module.config.tie_word_embeddings:
         del state[TIED_HEAD]  # safetensors stores a tensor once; transformers re-ties the head on load
     save_file(state, os.path.join(folder, SAFETENSORS), metadata={"format": "pt"})

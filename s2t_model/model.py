@@ -261,18 +261,21 @@ class Speech2TextModule(nn.Module):
 
     def forward(
         self, features: Tensor, lengths: Tensor, decoder_input_ids: Tensor | None = None, labels: Tensor | None = None,
-        label_smoothing: float = 0.0,
+        label_smoothing: float = 0.0, encoder_rows: Tensor | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """features (B, T, 80), lengths (B,), decoder_input_ids (B, L) -> logits (B, L, vocab).
 
         With labels (B, L) (-100 = ignored), returns (logits, mean cross-entropy loss); decoder inputs default to the
-        labels shifted right, as in training.
+        labels shifted right, as in training. encoder_rows (R,) lets R target rows read utterances of the batch
+        (several targets of one utterance, say: transcript and translations), encoding each utterance once.
         """
         if decoder_input_ids is None:
             if labels is None:
                 raise ValueError("forward needs decoder_input_ids or labels")
             decoder_input_ids = shift_right(labels, self.config.decoder_start_token_id, self.config.pad_token_id)
         encoder_states, encoder_mask = self.encode(features, lengths)
+        if encoder_rows is not None:
+            encoder_states, encoder_mask = encoder_states[encoder_rows], encoder_mask[encoder_rows]
         decoder = self.model.decoder
         positions = token_positions(decoder_input_ids, self.config.pad_token_id)
         hidden = decoder(decoder_input_ids, positions, decoder.cross_keys_values(encoder_states), encoder_mask)

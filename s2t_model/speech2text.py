@@ -50,11 +50,14 @@ class Speech2Text(Speech2TextModule):
         model.source = str(uri)
         return model.to(device=device, dtype=dtype).eval()
 
-    def save_pretrained(self, folder: str) -> None:
-        """Write a folder that both `Speech2Text.from_pretrained` and transformers' `from_pretrained` load."""
+    def save_pretrained(self, folder: str, dtype: torch.dtype | None = None) -> None:
+        """Write a folder that both `Speech2Text.from_pretrained` and transformers' `from_pretrained` load.
+
+        dtype: store the weights in this dtype (default: as they are); loading casts them to the dtype asked for.
+        """
         os.makedirs(folder, exist_ok=True)
         self.config.save_pretrained(folder)
-        checkpoint.save_weights(self, folder)
+        checkpoint.save_weights(self, folder, dtype)
         self.feature_extractor.save_pretrained(folder)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(folder)
