@@ -52,6 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup-steps", type=int, default=500)
     parser.add_argument("--label-smoothing", type=float, default=0.1)
     parser.add_argument("--spec-augment", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--log-every", type=int, default=100, help="steps between progress lines")
     parser.add_argument("--eval-every", type=int, default=500, help="steps between held-out evaluations")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seed", type=int, default=0)
@@ -221,7 +222,7 @@ def main(args) -> None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             total, count, step = total + loss.item(), count + 1, step + 1
-            if step % 100 == 0:
+            if step % args.log_every == 0:
                 print(f"epoch {epoch} step {step} loss {total / count:.3f} lr {learning_rate(step, args.lr, args.warmup_steps):.2e} "
                       f"{(time.time() - train_started) / 60:.1f} min", flush=True)
             if held_out and step % args.eval_every == 0:
