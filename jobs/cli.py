@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from . import bench_model, train
+from . import bench_model, corpus, train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,6 +18,11 @@ def build_parser() -> argparse.ArgumentParser:
     trainer = commands.add_parser("train", help="train a Speech2Text checkpoint on a corpus manifest")
     train.add_arguments(trainer)
     trainer.set_defaults(run=train.main)
+    make_corpus = commands.add_parser("corpus", help="synthetic corpora for the demo model")
+    corpora = make_corpus.add_subparsers(dest="target", required=True)
+    numbers = corpora.add_parser("spoken-numbers", help="English speech of numbers (espeak-ng), ASR and fr/de/es targets")
+    corpus.add_arguments(numbers)
+    numbers.set_defaults(run=corpus.main)
     return parser
 
 

@@ -139,6 +139,14 @@ def collate(batch: list[int], features: list[torch.Tensor], all_targets: list[li
     return padded, lengths, decoder_input_ids, labels.masked_fill(torch.isin(labels, tags), -100), encoder_rows
 
 
+def init_embeddings(model: Speech2Text) -> None:
+    """fairseq's token embedding init, N(0, d^-1/2): with the head tied to it, logits start near 0, not at +-d."""
+    embed = model.model.decoder.embed_tokens
+    with torch.no_grad():
+        embed.weight.normal_(0, model.config.d_model**-0.5)
+        embed.weight[model.config.pad_token_id] = 0
+
+
 def learning_rate(step: int, peak: float, warmup: int) -> float:
     """Linear warm-up, then inverse square-root decay (fairseq's schedule for S2T)."""
     return peak * min((step + 1) / warmup, math.sqrt(warmup / (step + 1)))
@@ -193,7 +201,9 @@ def main(args) -> None:
         encoder_ffn_dim=args.ffn_dim, decoder_ffn_dim=args.ffn_dim, conv_channels=args.conv_channels,
         dropout=0.1, max_source_positions=3000, max_target_positions=256, max_length=200,
     )
-    model = Speech2Text(config, extractor, tokenizer).to(args.device)
+    model = Speech2Text(config, extractor, tokenizer)
+    init_embeddings(model)
+    model.to(args.device)
     print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters, vocabulary {len(tokenizer)}")
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=0.01)
     all_targets = targets(rows, tokenizer, langs)
