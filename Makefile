@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # torch is pinned to the CPU wheel this machine has on disk; any other spec pulls gigabytes of CUDA packages.
 PIP_INSTALL := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt
 
-.PHONY: install system-packages test bench demo clean
+.PHONY: install system-packages test bench demo demo-assets clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,27 @@ test: install
 
 bench: install
 	$(VENV)/bin/s2t bench model
+
+# The bundled demo data, s2t_model/assets/demo-corpus (50 utterances, <= 3 MB) and long-form (two recordings of
+# 1-2.5 min), rebuilt byte for byte (same espeak-ng and libsndfile) in a temporary folder, then copied over.
+# Neither says any number of the demo model's training corpus (`s2t corpus spoken-numbers --seed 1 --count 24000`):
+# its numbers are drawn here without making its audio (the same as its manifest's `numbers`); or pass
+# TRAIN_CORPUS=DIR to read them from the corpus. WORKERS=1 keeps `s2t corpus` to one process.
+ASSETS := s2t_model/assets
+S2T := $(VENV)/bin/s2t
+DEMO_TRAIN_SEED := 1
+DEMO_TRAIN_COUNT := 24000
+demo-assets: install
+	set -e; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	$(PY) -c 'from jobs.corpus import Utterance; print("\n".join(" ".join(map(str, Utterance.draw($(DEMO_TRAIN_SEED), i).numbers)) for i in range($(DEMO_TRAIN_COUNT))))' > $$tmp/train-numbers.txt; \
+	exclude=$(or $(TRAIN_CORPUS),$$tmp/train-numbers.txt); \
+	$(S2T) corpus spoken-numbers --seed 3 --count 300 --exclude-numbers $$exclude --out $$tmp/demo-source $(if $(WORKERS),--workers $(WORKERS)); \
+	$(S2T) corpus subset --from $$tmp/demo-source --out $$tmp/demo-corpus --count 50 --multi 5 --max-mb 3; \
+	$(S2T) corpus spoken-numbers --seed 4 --count 100 --exclude-numbers $$exclude --out $$tmp/long-source $(if $(WORKERS),--workers $(WORKERS)); \
+	$(S2T) corpus long-form --from $$tmp/long-source --out $$tmp/long-form --count 2 --min-seconds 60 --max-seconds 150 --seed 4; \
+	mkdir -p $(ASSETS); rm -rf $(ASSETS)/demo-corpus $(ASSETS)/long-form; \
+	cp -r $$tmp/demo-corpus $$tmp/long-form $(ASSETS)/; \
+	du -sh $(ASSETS)/demo-corpus $(ASSETS)/long-form
 
 demo:
 	@echo "make demo arrives with the demo model (issue: 'A demo model that really works'); see README.md" && exit 1

@@ -17,6 +17,13 @@ so that a held-out set can leave out every number of the training set (`--exclud
 
 Deterministic: every random choice of utterance `index` comes from `numpy.random.default_rng([seed, index])`, and
 espeak-ng gives the same samples for the same arguments, so any number of workers writes the same files.
+
+Two commands work on such a corpus (both deterministic):
+
+- `s2t corpus subset`: a few of its utterances within a size budget, with a quota of utterances of several numbers
+  (the bundled demo corpus, `s2t_model.DEMO_CORPUS`; see `subset`);
+- `s2t corpus long-form`: long recordings that join many of its utterances with pauses of low-level noise, with the
+  position of each utterance in the recording (`segments`, the truth for long-form segmentation; see `long_form`).
 """
 
 from __future__ import annotations
@@ -283,3 +290,153 @@ def main(args) -> None:
     hours = sum(r["duration"] for r in rows) / 3600
     print(f"corpus: {len(rows)} utterances ({hours:.2f} h of audio) in {args.out} "
           f"in {time.monotonic() - start:.0f} s", file=sys.stdout, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------------ subset
+
+def read_manifest(folder: str) -> list[dict]:
+    with open(os.path.join(folder, "manifest.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def write_manifest(folder: str, rows: list[dict]) -> None:
+    manifest = os.path.join(folder, "manifest.jsonl")
+    with open(manifest + ".tmp", "w") as f:
+        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    os.replace(manifest + ".tmp", manifest)
+
+
+def select(sizes: list[int], counts: list[int], count: int, max_bytes: int, multi: int = 0) -> list[int]:
+    """Which rows a subset keeps (their indices, in order): the first `count - multi` rows of one number and the
+    first `multi` rows of several numbers whose files hold at most `cap` bytes per number spoken, for the largest
+    `cap` that keeps the total within `max_bytes`. So the subset keeps the corpus' order and mix of numbers, and
+    leaves out its longest utterances only as far as the budget needs."""
+    if not 0 <= multi <= count:
+        raise ValueError(f"--multi {multi} is not within 0..{count}")
+    best: list[int] | None = None
+    for cap in sorted({size / n for size, n in zip(sizes, counts)}):
+        single = [i for i, (size, n) in enumerate(zip(sizes, counts)) if n == 1 and size <= cap][:count - multi]
+        several = [i for i, (size, n) in enumerate(zip(sizes, counts)) if n > 1 and size <= cap * n][:multi]
+        if len(single) + len(several) == count and sum(sizes[i] for i in single + several) <= max_bytes:
+            best = sorted(single + several)
+    if best is None:
+        raise ValueError(f"no {count} utterances ({multi} of several numbers) fit in {max_bytes} bytes")
+    return best
+
+
+def subset(src_dir: str, out_dir: str, count: int, max_bytes: int, multi: int = 0) -> list[dict]:
+    """Copies the utterances of `src_dir` that `select` keeps to `out_dir` (same relative paths, rows unchanged)."""
+    rows = read_manifest(src_dir)
+    sizes = [os.path.getsize(os.path.join(src_dir, row["audio_filepath"])) for row in rows]
+    kept = [rows[i] for i in select(sizes, [len(row["numbers"]) for row in rows], count, max_bytes, multi)]
+    for row in kept:
+        target = os.path.join(out_dir, row["audio_filepath"])
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        shutil.copyfile(os.path.join(src_dir, row["audio_filepath"]), target)
+    write_manifest(out_dir, kept)
+    return kept
+
+
+def add_subset_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--from", dest="src", required=True, help="a corpus folder (manifest.jsonl and its audio)")
+    parser.add_argument("--out", required=True, help="folder for manifest.jsonl and audio/")
+    parser.add_argument("--count", type=int, required=True, help="number of utterances")
+    parser.add_argument("--max-mb", type=float, required=True, help="most audio to keep, in MB (10^6 bytes)")
+    parser.add_argument("--multi", type=int, default=0, help="how many of them say several numbers (default: 0)")
+
+
+def subset_main(args) -> None:
+    rows = subset(args.src, args.out, args.count, round(args.max_mb * 1e6), args.multi)
+    size = sum(os.path.getsize(os.path.join(args.out, r["audio_filepath"])) for r in rows)
+    print(f"corpus: {len(rows)} utterances of {args.src} ({sum(r['duration'] for r in rows):.0f} s of audio, "
+          f"{size / 1e6:.2f} MB) in {args.out}", flush=True)
+
+
+# --------------------------------------------------------------------------------------------------- long form
+
+PAUSE_S = (0.3, 2.0)  # the length of a pause, before, between and after the utterances
+PAUSE_DB = (-65.0, -50.0)  # RMS of a recording's pause noise, dBFS (one level and color per recording)
+TEXT_FIELDS = ("text", "text_fr", "text_de", "text_es")
+
+
+def read_pcm16(path: str) -> np.ndarray:
+    """A corpus utterance's samples, exactly as stored (16 kHz mono PCM_16)."""
+    info = soundfile.info(path)
+    if (info.samplerate, info.channels, info.subtype) != (SAMPLE_RATE, 1, "PCM_16"):
+        raise ValueError(f"{path}: {info.samplerate} Hz, {info.channels} channels, {info.subtype}; "
+                         f"long-form wants {SAMPLE_RATE} Hz mono PCM_16")
+    return soundfile.read(path, dtype="int16")[0]
+
+
+def pause(rng: np.random.Generator, color: str, level_db: float) -> np.ndarray:
+    """A pause: PAUSE_S seconds of low-level noise (never digital silence), int16."""
+    length = round(rng.uniform(*PAUSE_S) * SAMPLE_RATE)
+    noise = colored_noise(rng, length, color) * 10 ** (level_db / 20) * 32767
+    return np.clip(np.round(noise), -32768, 32767).astype(np.int16)
+
+
+def long_form(src_dir: str, out_dir: str, count: int, min_seconds: float, max_seconds: float, seed: int,
+              progress: bool = True) -> list[dict]:
+    """Writes `count` recordings `out_dir/audio/long-form-SEED-NNN.flac` and `out_dir/manifest.jsonl`.
+
+    One `numpy.random.default_rng(seed)` draws an order of the utterances of `src_dir` and, for each recording in
+    turn, a length in [min_seconds, max_seconds], the color and level of its pause noise and the pauses; a recording
+    takes the next utterances of that order, each followed by a pause, after a first pause, until it is at least its
+    length long; an utterance that would make it longer than `max_seconds` is left for the next recording. No
+    utterance is used twice. The utterances' samples are copied exactly, so `segments[k]` says where source utterance
+    `source_id` lies, with its texts and numbers: samples `round(start_s * 16000)` to `round(end_s * 16000)` (end
+    excluded) are its samples.
+    """
+    rows = read_manifest(src_dir)
+    fields = [k for k in TEXT_FIELDS if all(k in row for row in rows)]
+    rng = np.random.default_rng(seed)
+    order = [int(i) for i in rng.permutation(len(rows))]
+    os.makedirs(os.path.join(out_dir, "audio"), exist_ok=True)
+    out: list[dict] = []
+    for number in range(count):
+        target = rng.uniform(min_seconds, max_seconds) * SAMPLE_RATE
+        color, level_db = NOISES[rng.integers(len(NOISES))], float(rng.uniform(*PAUSE_DB))
+        pieces = [pause(rng, color, level_db)]
+        total, segments = len(pieces[0]), []
+        while total < target and order:
+            row = rows[order[0]]
+            audio = read_pcm16(os.path.join(src_dir, row["audio_filepath"]))
+            gap = pause(rng, color, level_db)
+            if total + len(audio) + len(gap) > max_seconds * SAMPLE_RATE:
+                break
+            order.pop(0)
+            segments.append({"start_s": total / SAMPLE_RATE, "end_s": (total + len(audio)) / SAMPLE_RATE,
+                             **{k: row[k] for k in fields}, "numbers": row.get("numbers", []), "source_id": row["id"]})
+            pieces += [audio, gap]
+            total += len(audio) + len(gap)
+        if total < min_seconds * SAMPLE_RATE:
+            raise ValueError(f"long-form recording {number} is {total / SAMPLE_RATE:.1f} s, shorter than "
+                             f"{min_seconds} s: {src_dir} has too few utterances left or too long ones")
+        uid = f"long-form-{seed}-{number:03d}"
+        relative = f"audio/{uid}.flac"
+        soundfile.write(os.path.join(out_dir, relative), np.concatenate(pieces), SAMPLE_RATE, format="FLAC",
+                        subtype="PCM_16")
+        texts_ = {k: (" " if k == "text" else ", ").join(s[k] for s in segments) for k in fields}
+        out.append({"id": uid, "audio_filepath": relative, "duration": round(total / SAMPLE_RATE, 3), **texts_,
+                    "numbers": [n for s in segments for n in s["numbers"]], "segments": segments})
+        if progress:
+            print(f"long-form: {uid}: {total / SAMPLE_RATE:.1f} s, {len(segments)} utterances", flush=True)
+    write_manifest(out_dir, out)
+    return out
+
+
+def add_long_form_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--from", dest="src", required=True, help="a corpus folder (manifest.jsonl and its audio)")
+    parser.add_argument("--out", required=True, help="folder for manifest.jsonl and audio/")
+    parser.add_argument("--count", type=int, required=True, help="number of recordings")
+    parser.add_argument("--min-seconds", type=float, default=60.0, help="shortest recording (default: 60)")
+    parser.add_argument("--max-seconds", type=float, default=180.0, help="longest recording (default: 180)")
+    parser.add_argument("--seed", type=int, required=True)
+
+
+def long_form_main(args) -> None:
+    if not 0 < args.min_seconds <= args.max_seconds:
+        raise SystemExit("s2t corpus long-form: want 0 < --min-seconds <= --max-seconds")
+    rows = long_form(args.src, args.out, args.count, args.min_seconds, args.max_seconds, args.seed)
+    print(f"long-form: {len(rows)} recordings ({sum(r['duration'] for r in rows):.0f} s of audio, "
+          f"{sum(len(r['segments']) for r in rows)} utterances of {args.src}) in {args.out}", flush=True)

@@ -12,14 +12,12 @@ and kept in memory; batches are length-bucketed under a frame budget and shuffle
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import random
 import tempfile
 import time
 
-import numpy as np
 import sentencepiece
 import soundfile
 import torch
@@ -28,6 +26,8 @@ from s2t_model import FeatureExtractor, Speech2Text, Speech2TextConfig, Tokenize
 from s2t_model.batching import frame_budget_batches
 from s2t_model.model import shift_right
 from s2t_model.tokenizer import LANGUAGES
+
+from .evaluate import read_manifest, score
 
 LANG_CODES = "mustc"
 START_ID, PAD_ID = Speech2TextConfig.decoder_start_token_id, Speech2TextConfig.pad_token_id  # pt fr ru nl ro it es de: transformers' tokenizer knows this list by name
@@ -55,15 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-every", type=int, default=100, help="steps between progress lines")
     parser.add_argument("--eval-every", type=int, default=500, help="steps between held-out evaluations")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--save-dtype", default="float16", choices=["float16", "float32"],
+                        help="dtype of the saved weights (float16 halves the checkpoint; loading casts back)")
     parser.add_argument("--seed", type=int, default=0)
-
-
-def read_manifest(folder: str) -> list[dict]:
-    with open(os.path.join(folder, "manifest.jsonl")) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    for row in rows:
-        row["audio_filepath"] = os.path.join(folder, row["audio_filepath"])
-    return rows
 
 
 def compute_features(rows: list[dict], extractor: FeatureExtractor, device: str) -> list[torch.Tensor]:
@@ -98,8 +92,13 @@ def train_tokenizer(rows: list[dict], langs: list[str], vocab_size: int, folder:
 
 def targets(rows: list[dict], tokenizer: Tokenizer, langs: list[str]) -> list[list[list[int]]]:
     """Per utterance: the ids of its English transcript (no language tag) and of each translation (tagged)."""
+    def untagged(text: str) -> list[int]:
+        # A tokenizer with languages prefixes every text with one (its default tgt_lang): not the transcript.
+        ids = tokenizer.encode(text)
+        return ids[1:] if tokenizer.langs else ids
+
     return [
-        [tokenizer.encode(row["text"])] + [tokenizer.encode(row[f"text_{lang}"], tgt_lang=lang) for lang in langs]
+        [untagged(row["text"])] + [tokenizer.encode(row[f"text_{lang}"], tgt_lang=lang) for lang in langs]
         for row in rows
     ]
 
@@ -152,32 +151,6 @@ def learning_rate(step: int, peak: float, warmup: int) -> float:
     return peak * min((step + 1) / warmup, math.sqrt(warmup / (step + 1)))
 
 
-def evaluate(model: Speech2Text, rows: list[dict], features: list[torch.Tensor], langs: list[str], limit: int = 200):
-    """Greedy WER (English) and BLEU (translations) on up to `limit` held-out utterances."""
-    import jiwer
-    import sacrebleu
-
-    model.eval()
-    rows, features = rows[:limit], features[:limit]
-    scores = {}
-    for lang in [None, *langs]:
-        hypotheses = []
-        for batch in frame_budget_batches([len(f) for f in features], 40000):
-            padded = torch.zeros(len(batch), max(len(features[i]) for i in batch), 80)
-            for row, i in enumerate(batch):
-                padded[row, : len(features[i])] = features[i].float()
-            lengths = torch.tensor([len(features[i]) for i in batch])
-            out = model.generate(padded, lengths, num_beams=1, max_new_tokens=100, tgt_lang=lang)
-            hypotheses += list(zip(batch, model.tokenizer.batch_decode(out.ids)))
-        hypotheses = [text for _, text in sorted(hypotheses)]
-        if lang is None:
-            scores["wer"] = 100 * jiwer.wer([r["text"] for r in rows], hypotheses)
-        else:
-            scores[f"bleu_{lang}"] = sacrebleu.corpus_bleu(hypotheses, [[r[f"text_{lang}"] for r in rows]]).score
-    model.train()
-    return scores
-
-
 def main(args) -> None:
     torch.manual_seed(args.seed)
     random.seed(args.seed)
@@ -192,8 +165,7 @@ def main(args) -> None:
     started = time.time()
     features = compute_features(rows, extractor, args.device)
     print(f"{len(rows)} utterances, {sum(len(f) for f in features) / 100 / 3600:.2f} h, features in {time.time() - started:.0f} s")
-    held_out = read_manifest(args.held_out) if args.held_out else []
-    held_out_features = compute_features(held_out, extractor, args.device) if held_out else []
+    held_out = read_manifest(args.held_out)[:200] if args.held_out else []  # greedy on 200: quick, indicative
 
     config = Speech2TextConfig(
         vocab_size=len(tokenizer), d_model=args.d_model, encoder_layers=args.encoder_layers,
@@ -236,14 +208,16 @@ def main(args) -> None:
                 print(f"epoch {epoch} step {step} loss {total / count:.3f} lr {learning_rate(step, args.lr, args.warmup_steps):.2e} "
                       f"{(time.time() - train_started) / 60:.1f} min", flush=True)
             if held_out and step % args.eval_every == 0:
-                print(f"  held-out: {evaluate(model, held_out, held_out_features, langs)}", flush=True)
+                model.eval()
+                print(f"  held-out (greedy): {score(model, held_out, langs, num_beams=1, max_new_tokens=60)}", flush=True)
+                model.train()
             if time.time() - train_started > args.max_minutes * 60:
                 break
         else:
             continue
         break
     model.eval()
-    model.save_pretrained(args.out)
+    model.save_pretrained(args.out, dtype=getattr(torch, args.save_dtype))
     print(f"saved {args.out} after {step} steps, {(time.time() - train_started) / 60:.1f} min")
     if held_out:
-        print(f"held-out: {evaluate(model, held_out, held_out_features, langs, limit=len(held_out))}")
+        print(f"held-out (greedy): {score(model, held_out, langs, num_beams=1, max_new_tokens=60)}")

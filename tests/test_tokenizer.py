@@ -4,7 +4,6 @@ import json
 import random
 
 import pytest
-import sentencepiece
 
 from s2t_model.tokenizer import Tokenizer
 
