@@ -9,7 +9,7 @@ PIP_INSTALL := $(PY) -m pip install --quiet --disable-pip-version-check -c const
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP_INSTALL) -e '.[test,corpus,train]'
+	$(PIP_INSTALL) -e '.[pipeline,test,corpus,train]'
 	touch $@
 
 install: $(VENV)/.installed system-packages
@@ -48,8 +48,10 @@ demo-assets: install
 	cp -r $$tmp/demo-corpus $$tmp/long-form $(ASSETS)/; \
 	du -sh $(ASSETS)/demo-corpus $(ASSETS)/long-form
 
-demo:
-	@echo "make demo arrives with the demo model (issue: 'A demo model that really works'); see README.md" && exit 1
+# The main job on the bundled demo corpus with the bundled model, on a local Ray, offline: Parquet under out/demo.
+demo: $(VENV)/.installed
+	rm -rf out/demo
+	$(S2T) transcribe $(ASSETS)/demo-corpus/manifest.jsonl out/demo --model $(ASSETS)/demo-model --show 5
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

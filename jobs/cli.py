@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from . import bench_model, corpus, evaluate, train
+from . import bench_model, corpus, evaluate, train, transcribe
 
 
 def command(subparsers, name: str, help: str, add_arguments, run) -> None:
@@ -20,6 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
     benchmarks = bench.add_subparsers(dest="target", required=True)
     command(benchmarks, "model", "features and generation: ours vs kaldi-native-fbank and transformers",
             bench_model.add_arguments, bench_model.main)
+    command(commands, "transcribe", "transcribe (or translate) a corpus on Ray Data into a Parquet dataset",
+            transcribe.add_arguments, transcribe.main)
     command(commands, "evaluate", "WER and BLEU of a checkpoint on a corpus with references",
             evaluate.add_arguments, evaluate.main)
     command(commands, "train", "train a Speech2Text checkpoint on a corpus manifest", train.add_arguments, train.main)

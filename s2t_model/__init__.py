@@ -5,7 +5,7 @@ import os as _os
 from .config import Speech2TextConfig
 from .decoding import GenerationOutput
 from .features import FeatureExtractor
-from .speech2text import Speech2Text
+from .speech2text import Speech2Text, Transcript
 from .tokenizer import Tokenizer
 
 _ASSETS = _os.path.join(_os.path.dirname(_os.path.abspath(__file__)), "assets")
@@ -15,5 +15,5 @@ DEMO_MODEL = _os.path.join(_ASSETS, "demo-model")  # the demo model's checkpoint
 DEMO_CORPUS = _os.path.join(_ASSETS, "demo-corpus")  # 50 utterances
 DEMO_LONG_FORM = _os.path.join(_ASSETS, "long-form")  # two long recordings and where each utterance lies in them
 
-__all__ = ["Speech2Text", "Speech2TextConfig", "FeatureExtractor", "Tokenizer", "GenerationOutput",
+__all__ = ["Speech2Text", "Speech2TextConfig", "FeatureExtractor", "Tokenizer", "GenerationOutput", "Transcript",
            "DEMO_MODEL", "DEMO_CORPUS", "DEMO_LONG_FORM"]

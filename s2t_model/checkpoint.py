@@ -55,6 +55,19 @@ def local_folder(uri: str, storage_options: dict | None = None) -> str:
     return folder
 
 
+def content_hash(folder: str) -> str:
+    """sha256 over the checkpoint's files (names and bytes): which weights and vocabulary produced an output."""
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path) and not name.endswith(".partial") and name.endswith((".json", ".model", ".safetensors", ".bin")):
+            digest.update(name.encode())
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(chunk)
+    return digest.hexdigest()
+
+
 def read_state_dict(folder: str) -> dict[str, torch.Tensor]:
     """Weights of a checkpoint folder: model.safetensors when present, else pytorch_model.bin without unpickling code."""
     path = os.path.join(folder, SAFETENSORS)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Sequence
 
@@ -120,15 +121,54 @@ class Speech2Text(Speech2TextModule):
         """Waveforms (a list of 1-D arrays) -> texts, in length-sorted batches of at most `max_frames` padded frames."""
         if isinstance(waveforms, np.ndarray) and waveforms.ndim == 1:
             waveforms = [waveforms]
-        langs = [tgt_lang] * len(waveforms) if tgt_lang is None or isinstance(tgt_lang, str) else list(tgt_lang)
         scale = self.feature_extractor.sampling_rate / sampling_rate
         frames = [num_frames(int(len(w) * scale), self.feature_extractor.sampling_rate) for w in waveforms]
+        features: list[Tensor] = [None] * len(waveforms)  # type: ignore[list-item]
+        for batch in frame_budget_batches(frames, max_frames):
+            padded, lengths = self.feature_extractor([waveforms[i] for i in batch], sampling_rate, device=self.device)
+            for i, row, length in zip(batch, padded, lengths.tolist()):
+                features[i] = row[:length]
+        results = self.transcribe_features(features, num_beams=num_beams, tgt_lang=tgt_lang, max_frames=max_frames,
+                                           **generate_options)
+        return [result.text for result in results]
+
+    def transcribe_features(
+        self,
+        features: Sequence[Tensor | np.ndarray],
+        tgt_lang: TgtLang = None,
+        max_frames: int = 24000,
+        **generate_options,
+    ) -> list[Transcript]:
+        """Features of utterances, each (T_i, 80) -> one `Transcript` each, in the order given.
+
+        The one path from features to text that the batch job, the Serve endpoint and `transcribe` share: utterances
+        are sorted by length and cut into batches of at most `max_frames` padded frames (fairseq's max_tokens), so a
+        batch pays for little padding and its memory is bounded whatever the mix of lengths.
+        """
         if self.tokenizer is None:
             raise ValueError(f"{self.source}: this checkpoint has no vocab.json, so ids cannot be turned into text")
-        texts: list[str] = [""] * len(waveforms)
-        for batch in frame_budget_batches(frames, max_frames):
-            features, lengths = self.feature_extractor([waveforms[i] for i in batch], sampling_rate, device=self.device)
-            out = self.generate(features, lengths, num_beams=num_beams, tgt_lang=[langs[i] for i in batch], **generate_options)
-            for i, ids in zip(batch, out.ids):
-                texts[i] = self.tokenizer.decode(ids)
-        return texts
+        langs = [tgt_lang] * len(features) if tgt_lang is None or isinstance(tgt_lang, str) else list(tgt_lang)
+        if len(langs) != len(features):
+            raise ValueError(f"tgt_lang has {len(langs)} entries for {len(features)} utterances")
+        results: list[Transcript] = [None] * len(features)  # type: ignore[list-item]
+        for batch in frame_budget_batches([len(f) for f in features], max_frames):
+            padded, lengths = pad_features([features[i] for i in batch], self.device)
+            out = self.generate(padded, lengths, tgt_lang=[langs[i] for i in batch], **generate_options)
+            for i, ids, score in zip(batch, out.ids, out.scores):
+                results[i] = Transcript(self.tokenizer.decode(ids), ids, score)
+        return results
+
+
+@dataclasses.dataclass
+class Transcript:
+    text: str
+    ids: list[int]  # generated tokens, </s> included when it was reached
+    avg_logprob: float  # mean log-probability per generated token
+
+
+def pad_features(features: Sequence[Tensor | np.ndarray], device: torch.device) -> tuple[Tensor, Tensor]:
+    """Utterances (T_i, 80) -> padded (B, T_max, 80) float32 on `device`, and lengths (B,)."""
+    rows = [torch.as_tensor(f, dtype=torch.float32) for f in features]
+    lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
+    padded = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
+    return padded.to(device), lengths.to(device)

@@ -1,0 +1,58 @@
+"""`s2t transcribe MANIFEST OUTPUT --model URI`: the corpus transcription job on Ray Data.
+
+Runs on a local Ray (started here) or on the cluster that RAY_ADDRESS names; also a Ray job entry point:
+    ray job submit -- python -m jobs.transcribe s3://bucket/manifest.jsonl s3://bucket/out --model s3://bucket/model
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from pipeline.transcribe import TranscribeConfig, run, summary_line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    TranscribeConfig.add_arguments(parser, positional=("manifest", "output"))
+    parser.add_argument("--show", type=int, default=0, help="print this many transcripts next to their references")
+
+
+def init_ray() -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(log_to_driver=False)  # RAY_ADDRESS, when set, names the cluster to join
+
+
+def main(args: argparse.Namespace) -> dict:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    config = TranscribeConfig.from_args(args)
+    init_ray()
+    summary = run(config)
+    print(summary_line(summary))
+    if args.show:
+        show(config, args.show)
+    print(f"summary: {config.output.rstrip('/')}/_summary.json")
+    return summary
+
+
+def show(config: TranscribeConfig, count: int) -> None:
+    """A few transcripts next to their references, the first rows of the output in id order."""
+    import fsspec
+
+    from pipeline.transcribe import read_output
+
+    fs, root = fsspec.core.url_to_fs(config.output, **(config.options_for(config.output) or {}))
+    rows = read_output(fs, root, lambda name: name in ("id", "text", "reference", "error")).to_pylist()
+    for row in sorted(rows, key=lambda row: row["id"])[:count]:
+        print(f"  {row['id']}")
+        print(f"    reference: {row.get('reference')}")
+        print(f"    {'error' if row['error'] else 'output'}:    {row['error'] or row['text']}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="python -m jobs.transcribe", description=__doc__)
+    add_arguments(parser)
+    main(parser.parse_args(sys.argv[1:]))

@@ -1,0 +1,108 @@
+"""Reading one utterance's audio from any fsspec URL: a slice of a file, or a member of an uncompressed zip.
+
+Every failure is an `AudioError` whose `reason` is one word (missing, empty, unreadable, truncated, too_short,
+too_long) and whose message names the file: the job records it on the row and goes on with the others.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+
+import fsspec
+import numpy as np
+import soundfile
+import soxr
+
+# fairseq S2T manifests point into uncompressed zips: `archive.zip:byte_offset:byte_length`.
+ZIP_MEMBER = re.compile(r"^(?P<path>.+\.zip):(?P<offset>\d+):(?P<length>\d+)$")
+
+
+ROUNDING_S = 0.1  # how far past the end of a file a manifest's offset + duration may reach
+
+
+class AudioError(Exception):
+    def __init__(self, reason: str, message: str):
+        super().__init__(f"{reason}: {message}")
+        self.reason = reason
+
+
+def load_audio(
+    uri: str,
+    sampling_rate: int,
+    offset_s: float = 0.0,
+    duration_s: float | None = None,
+    min_duration_s: float = 0.0,
+    max_duration_s: float = float("inf"),
+    storage_options: dict | None = None,
+) -> np.ndarray:
+    """Mono float32 samples at `sampling_rate` of [offset_s, offset_s + duration_s) of `uri` (to the end if None).
+
+    Only the slice is decoded when the format can seek (wav, flac, ogg); channels are averaged; other rates are
+    resampled with soxr. The length is checked from the header before anything is decoded.
+    """
+    with _open(uri, storage_options) as f:
+        try:
+            sound = soundfile.SoundFile(f)
+        except (soundfile.LibsndfileError, RuntimeError, TypeError) as error:
+            raise AudioError("unreadable", f"{uri}: not audio that libsndfile can read ({getattr(error, 'error_string', error)})") from None
+        with sound:
+            start = round(offset_s * sound.samplerate)
+            available = sound.frames - start if sound.frames > 0 else None  # some formats do not know their length
+            frames = round(duration_s * sound.samplerate) if duration_s is not None else available
+            if frames is not None:
+                _check_duration(uri, frames / sound.samplerate, min_duration_s, max_duration_s)
+            if available is not None and frames is not None and frames > available:
+                # Manifests round durations: a slice that overshoots the end by a little is read to the end.
+                if frames - available > ROUNDING_S * sound.samplerate:
+                    raise AudioError("truncated", f"{uri}: the manifest asks for {frames / sound.samplerate:.2f} s "
+                                                  f"from {offset_s} s, the file has {available / sound.samplerate:.2f} s there")
+                frames = available
+            try:
+                if start:
+                    sound.seek(start)
+                samples = sound.read(frames if frames is not None else -1, dtype="float32", always_2d=True)
+            except (soundfile.LibsndfileError, RuntimeError) as error:
+                raise AudioError("unreadable", f"{uri}: decoding failed ({getattr(error, 'error_string', error)})") from None
+            rate = sound.samplerate
+    # libsndfile stops quietly at a corrupt or cut-off block: fewer samples than the header promised.
+    if frames is not None and len(samples) < frames:
+        raise AudioError("truncated", f"{uri}: decoded {len(samples)} of {frames} samples, the file is cut short")
+    _check_duration(uri, len(samples) / rate, min_duration_s, max_duration_s)
+    mono = samples.mean(axis=1) if samples.shape[1] > 1 else samples[:, 0]
+    if rate != sampling_rate:
+        mono = soxr.resample(mono, rate, sampling_rate).astype(np.float32)
+    return np.ascontiguousarray(mono)
+
+
+def _check_duration(uri: str, seconds: float, min_s: float, max_s: float) -> None:
+    if seconds < min_s:
+        raise AudioError("too_short", f"{uri}: {seconds:.3f} s of audio, less than the minimum {min_s} s")
+    if seconds > max_s:
+        raise AudioError("too_long", f"{uri}: {seconds:.1f} s of audio, more than the maximum {max_s} s")
+
+
+def _open(uri: str, storage_options: dict | None) -> io.BufferedIOBase:
+    """A seekable binary file for the audio, whole files streamed, zip members read as their byte range."""
+    member = ZIP_MEMBER.match(uri)
+    path = member["path"] if member else uri
+    try:
+        fs, fs_path = fsspec.core.url_to_fs(path, **(storage_options or {}))
+        size = fs.size(fs_path)
+    except FileNotFoundError:
+        raise AudioError("missing", f"{path}: no such file") from None
+    except OSError as error:
+        raise AudioError("missing", f"{path}: cannot be opened ({error})") from None
+    if member:
+        offset, length = int(member["offset"]), int(member["length"])
+        if offset + length > size:
+            raise AudioError("truncated", f"{uri}: the byte range ends past the archive's {size} bytes")
+        size = length
+        data = fs.cat_file(fs_path, start=offset, end=offset + length)
+        f = io.BytesIO(data)
+    else:
+        f = fs.open(fs_path, "rb")
+    if size == 0:
+        f.close()
+        raise AudioError("empty", f"{uri}: the file has zero bytes")
+    return f

@@ -1,0 +1,62 @@
+"""Typed job configuration: one pydantic model per job, read from a YAML file and overridden on the command line.
+
+Every field becomes a `--field-name` option, so the command line, the YAML file and the Python API can never drift.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import types
+import typing
+
+import pydantic
+import yaml
+
+
+class JobConfig(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid")
+
+    @classmethod
+    def from_yaml(cls, path: str, **overrides) -> "JobConfig":
+        import fsspec
+
+        with fsspec.open(path, "rt") as f:
+            values = yaml.safe_load(f) or {}
+        return cls(**{**values, **overrides})
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser, positional: tuple[str, ...] = ()) -> None:
+        parser.add_argument("--config", help="YAML file with any of the options below (the command line wins)")
+        for name, field in cls.model_fields.items():
+            kind = _plain_type(field.annotation)
+            help = (field.description or "") + ("" if field.is_required() else f" (default: {field.default})")
+            if name in positional:
+                parser.add_argument(name, nargs="?", help=help)
+                continue
+            flag = "--" + name.replace("_", "-")
+            if kind is bool:
+                parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help)
+            elif kind is dict:
+                parser.add_argument(flag, type=json.loads, default=None, help=help + " (JSON)")
+            else:
+                parser.add_argument(flag, type=kind if kind in (int, float) else str, default=None, help=help)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "JobConfig":
+        given = {n: getattr(args, n) for n in cls.model_fields if getattr(args, n, None) is not None}
+        try:
+            return cls.from_yaml(args.config, **given) if args.config else cls(**given)
+        except pydantic.ValidationError as error:
+            raise SystemExit(f"invalid configuration: {error}") from None
+
+
+def _plain_type(annotation) -> type:
+    """int for `int | None`, str for Literal[...] of strings, and so on: what argparse converts to."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+    if typing.get_origin(annotation) is typing.Literal:
+        return type(typing.get_args(annotation)[0])
+    if typing.get_origin(annotation) is dict or annotation is dict:
+        return dict
+    return annotation if isinstance(annotation, type) else str

@@ -1,0 +1,132 @@
+"""The two Ray Data stages of every job: audio -> features on CPU actors, features -> text on the generation pool.
+
+Both take and return pyarrow tables, so the manifest's own columns pass through with their types untouched. A row
+that fails keeps going with its `error` set; later stages leave such rows alone.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from s2t_model import FeatureExtractor, Speech2Text
+from s2t_model.batching import frame_budget_batches
+from s2t_model.features import num_frames
+
+from .audio import AudioError, load_audio
+
+
+def set_column(table: pa.Table, name: str, values, type: pa.DataType) -> pa.Table:
+    column = pa.array(values, type=type)
+    if name in table.column_names:
+        return table.set_column(table.column_names.index(name), name, column)
+    return table.append_column(name, column)
+
+
+class ComputeFeatures:
+    """Decode each row's audio slice and compute its fbank + CMVN features (T, 80), stored flat as float32 lists."""
+
+    def __init__(self, feature_config: dict, min_duration_s: float, max_duration_s: float,
+                 storage_options: dict | None = None, max_frames: int = 24000):
+        self.extractor = FeatureExtractor.from_dict(feature_config)
+        self.limits = dict(min_duration_s=min_duration_s, max_duration_s=max_duration_s)
+        self.storage_options = storage_options
+        self.max_frames = max_frames
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.select(["audio", "offset_s", "duration_s", "error"]).to_pylist()
+        rate = self.extractor.sampling_rate
+        waves: dict[int, np.ndarray] = {}
+        errors = [row["error"] for row in rows]
+        durations = [row["duration_s"] for row in rows]
+        for i, row in enumerate(rows):
+            if row["error"] is not None:
+                continue
+            try:
+                waves[i] = load_audio(row["audio"], rate, row["offset_s"] or 0.0, row["duration_s"],
+                                      storage_options=self.storage_options, **self.limits)
+                durations[i] = len(waves[i]) / rate
+            except AudioError as error:
+                errors[i] = str(error)
+            except Exception as error:  # a file system or codec failure of this row only
+                errors[i] = f"unreadable: {row['audio']}: {type(error).__name__}: {error}"
+        features: list[np.ndarray | None] = [None] * len(rows)
+        good = sorted(waves)
+        # Padding within one fbank call is wasted work too: the same frame budget as generation keeps it small.
+        for part in frame_budget_batches([num_frames(len(waves[i]), rate) for i in good], self.max_frames):
+            indices = [good[j] for j in part]
+            padded, lengths = self.extractor([waves[i] for i in indices], rate)
+            for i, row, length in zip(indices, padded.numpy(), lengths.tolist()):
+                features[i] = row[:length].reshape(-1)
+        batch = set_column(batch, "error", errors, pa.string())
+        batch = set_column(batch, "duration_s", durations, pa.float64())
+        return set_column(batch, "features", features, pa.list_(pa.float32()))
+
+
+class GenerateText:
+    """Features -> text with `Speech2Text.transcribe_features`: length-sorted, frame-budgeted batches.
+
+    One instance per actor loads the model once. Rows with an error pass through; a row whose generation fails gets
+    its own error, the rest of its batch is still decoded.
+    """
+
+    def __init__(self, model_uri: str, model_label: str, device: str = "cpu", dtype: str = "float32",
+                 storage_options: dict | None = None, tgt_lang: str | None = None, **generate_options):
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model = Speech2Text.from_pretrained(model_uri, device=device, dtype=getattr(torch, dtype),
+                                                 storage_options=storage_options)
+        self.model_label = model_label
+        self.tgt_lang = tgt_lang
+        self.generate_options = generate_options
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        errors = batch.column("error").to_pylist()
+        langs = self._target_languages(batch, errors)
+        flat = batch.column("features").to_pylist()
+        n_mels = self.model.config.input_feat_per_channel
+        todo = [i for i, error in enumerate(errors) if error is None]
+        features = [np.asarray(flat[i], dtype=np.float32).reshape(-1, n_mels) for i in todo]
+        results = self._transcribe(features, [langs[i] for i in todo])
+        texts, num_tokens, scores = [None] * len(errors), [None] * len(errors), [None] * len(errors)
+        for i, result in zip(todo, results):
+            if isinstance(result, str):
+                errors[i] = result
+            else:
+                texts[i], num_tokens[i], scores[i] = result.text, len(result.ids), result.avg_logprob
+        batch = batch.drop_columns(["features"])
+        for name, values, type in [("text", texts, pa.string()), ("tgt_lang", langs, pa.string()),
+                                   ("num_tokens", num_tokens, pa.int32()), ("avg_logprob", scores, pa.float32()),
+                                   ("error", errors, pa.string()), ("model", [self.model_label] * len(errors),
+                                                                    pa.string())]:
+            batch = set_column(batch, name, values, type)
+        return batch
+
+    def _target_languages(self, batch: pa.Table, errors: list[str | None]) -> list[str | None]:
+        """The job's target language, else the row's own (fairseq's tgt_lang) when the model has such tags."""
+        known = self.model.tokenizer.langs if self.model.tokenizer else []
+        rows = batch.column("tgt_lang").to_pylist()
+        langs = []
+        for i, row_lang in enumerate(rows):
+            lang = self.tgt_lang or (row_lang if known and row_lang in known else None)
+            if self.tgt_lang and self.tgt_lang not in known and errors[i] is None:
+                errors[i] = f"unknown_tgt_lang: the model has no tag for {self.tgt_lang!r} (it has {known})"
+            langs.append(lang)
+        return langs
+
+    def _transcribe(self, features: list[np.ndarray], langs: list[str | None]) -> list:
+        if not features:
+            return []
+        try:
+            return self.model.transcribe_features(features, tgt_lang=langs, **self.generate_options)
+        except Exception:
+            pass
+        # One row broke the batch (or memory ran out): decode the rows one by one, so only the bad one fails.
+        results = []
+        for f, lang in zip(features, langs):
+            try:
+                results.extend(self.model.transcribe_features([f], tgt_lang=[lang], **self.generate_options))
+            except Exception as error:
+                results.append(f"generation_failed: {type(error).__name__}: {error}")
+        return results
