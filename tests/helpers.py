@@ -80,3 +80,16 @@ def random_transformers_model(seed: int, weight_scale: float = 2.0, **config):
         final_bias = model.model.decoder.layer_norm.bias
         model.lm_head.weight[model.config.eos_token_id] += 2 * final_bias / final_bias.norm()
     return model
+
+
+def demo_rows(count: int | None = None) -> list[dict]:
+    """The bundled demo corpus' manifest rows, audio paths made absolute."""
+    import os
+
+    from s2t_model import DEMO_CORPUS
+
+    with open(os.path.join(DEMO_CORPUS, "manifest.jsonl")) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    for row in rows:
+        row["audio_filepath"] = os.path.join(DEMO_CORPUS, row["audio_filepath"])
+    return rows[:count]
