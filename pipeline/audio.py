@@ -1,7 +1,7 @@
 """Reading one utterance's audio from any fsspec URL: a slice of a file, or a member of an uncompressed zip.
 
-Every failure is an `AudioError` whose `reason` is one word (missing, empty, unreadable, truncated, too_short,
-too_long) and whose message names the file: the job records it on the row and goes on with the others.
+Every failure is an `AudioError` whose `reason` is one word (missing, empty, unreadable, corrupt, truncated,
+too_short, too_long) and whose message names the file: the job records it on the row and goes on with the others.
 """
 
 from __future__ import annotations
@@ -63,7 +63,8 @@ def load_audio(
                     sound.seek(start)
                 samples = sound.read(frames if frames is not None else -1, dtype="float32", always_2d=True)
             except (soundfile.LibsndfileError, RuntimeError) as error:
-                raise AudioError("unreadable", f"{uri}: decoding failed ({getattr(error, 'error_string', error)})") from None
+                detail = getattr(error, "error_string", error)
+                raise AudioError("corrupt", f"{uri}: decoding stopped ({detail}): the file is damaged or cut short") from None
             rate = sound.samplerate
     # libsndfile stops quietly at a corrupt or cut-off block: fewer samples than the header promised.
     if frames is not None and len(samples) < frames:
