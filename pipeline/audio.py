@@ -42,34 +42,48 @@ def load_audio(
     resampled with soxr. The length is checked from the header before anything is decoded.
     """
     with _open(uri, storage_options) as f:
+        return decode_audio(f, uri, sampling_rate, offset_s, duration_s, min_duration_s, max_duration_s)
+
+
+def decode_audio(
+    f,
+    name: str,
+    sampling_rate: int,
+    offset_s: float = 0.0,
+    duration_s: float | None = None,
+    min_duration_s: float = 0.0,
+    max_duration_s: float = float("inf"),
+) -> np.ndarray:
+    """`load_audio` for an open binary file (an upload, say); `name` is how errors refer to it."""
+    try:
+        sound = soundfile.SoundFile(f)
+    except (soundfile.LibsndfileError, RuntimeError, TypeError) as error:
+        detail = getattr(error, "error_string", error)
+        raise AudioError("unreadable", f"{name}: not audio that libsndfile can read ({detail})") from None
+    with sound:
+        start = round(offset_s * sound.samplerate)
+        available = sound.frames - start if sound.frames > 0 else None  # some formats do not know their length
+        frames = round(duration_s * sound.samplerate) if duration_s is not None else available
+        if frames is not None:
+            _check_duration(name, frames / sound.samplerate, min_duration_s, max_duration_s)
+        if available is not None and frames is not None and frames > available:
+            # Manifests round durations: a slice that overshoots the end by a little is read to the end.
+            if frames - available > ROUNDING_S * sound.samplerate:
+                raise AudioError("truncated", f"{name}: the manifest asks for {frames / sound.samplerate:.2f} s "
+                                              f"from {offset_s} s, the file has {available / sound.samplerate:.2f} s there")
+            frames = available
         try:
-            sound = soundfile.SoundFile(f)
-        except (soundfile.LibsndfileError, RuntimeError, TypeError) as error:
-            raise AudioError("unreadable", f"{uri}: not audio that libsndfile can read ({getattr(error, 'error_string', error)})") from None
-        with sound:
-            start = round(offset_s * sound.samplerate)
-            available = sound.frames - start if sound.frames > 0 else None  # some formats do not know their length
-            frames = round(duration_s * sound.samplerate) if duration_s is not None else available
-            if frames is not None:
-                _check_duration(uri, frames / sound.samplerate, min_duration_s, max_duration_s)
-            if available is not None and frames is not None and frames > available:
-                # Manifests round durations: a slice that overshoots the end by a little is read to the end.
-                if frames - available > ROUNDING_S * sound.samplerate:
-                    raise AudioError("truncated", f"{uri}: the manifest asks for {frames / sound.samplerate:.2f} s "
-                                                  f"from {offset_s} s, the file has {available / sound.samplerate:.2f} s there")
-                frames = available
-            try:
-                if start:
-                    sound.seek(start)
-                samples = sound.read(frames if frames is not None else -1, dtype="float32", always_2d=True)
-            except (soundfile.LibsndfileError, RuntimeError) as error:
-                detail = getattr(error, "error_string", error)
-                raise AudioError("corrupt", f"{uri}: decoding stopped ({detail}): the file is damaged or cut short") from None
-            rate = sound.samplerate
+            if start:
+                sound.seek(start)
+            samples = sound.read(frames if frames is not None else -1, dtype="float32", always_2d=True)
+        except (soundfile.LibsndfileError, RuntimeError) as error:
+            detail = getattr(error, "error_string", error)
+            raise AudioError("corrupt", f"{name}: decoding stopped ({detail}): the file is damaged or cut short") from None
+        rate = sound.samplerate
     # libsndfile stops quietly at a corrupt or cut-off block: fewer samples than the header promised.
     if frames is not None and len(samples) < frames:
-        raise AudioError("truncated", f"{uri}: decoded {len(samples)} of {frames} samples, the file is cut short")
-    _check_duration(uri, len(samples) / rate, min_duration_s, max_duration_s)
+        raise AudioError("truncated", f"{name}: decoded {len(samples)} of {frames} samples, the file is cut short")
+    _check_duration(name, len(samples) / rate, min_duration_s, max_duration_s)
     mono = samples.mean(axis=1) if samples.shape[1] > 1 else samples[:, 0]
     if rate != sampling_rate:
         mono = soxr.resample(mono, rate, sampling_rate).astype(np.float32)

@@ -1,0 +1,257 @@
+"""The model on Ray Serve behind an OpenAI-compatible audio API, sharing the batch job's generation code.
+
+    POST /v1/audio/transcriptions   multipart: file, model, language, response_format, temperature (ignored)
+    POST /v1/audio/translations     the same plus target_language (speech-translation checkpoints have several)
+    GET  /v1/models, GET /healthz
+
+Concurrent requests meet in `@serve.batch` and go through `Speech2Text.transcribe_features` (length-sorted,
+frame-budgeted), the path the Ray Data job uses. Bad input is a 4xx with an OpenAI-shaped JSON error, never a 500.
+"""
+
+
+import asyncio
+import hashlib
+import hmac
+import io
+import os
+from typing import Literal
+
+import numpy as np
+import torch
+from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse
+from pydantic import Field
+from ray import serve
+from starlette.datastructures import UploadFile as AnyUploadFile  # what FastAPI hands over
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from s2t_model import Speech2Text
+
+from .audio import AudioError, decode_audio
+from .config import JobConfig
+
+
+class ServeConfig(JobConfig):
+    model: str = Field(description="Speech2Text checkpoint folder, any fsspec URL")
+    model_name: str = Field("s2t", description="the model id /v1/models lists (requests may name any)")
+    host: str = "127.0.0.1"
+    port: int = 8000
+    replicas: int = Field(1, ge=1, description="fewest replicas")
+    max_replicas: int | None = Field(None, description="most replicas when autoscaling (default: no autoscaling)")
+    gpus_per_replica: float = Field(0.0, ge=0)
+    cpus_per_replica: float = Field(1.0, gt=0)
+    max_batch_size: int = Field(16, ge=1, description="requests decoded together (1: no batching)")
+    batch_wait_ms: float = Field(20.0, ge=0, description="how long a batch waits to fill")
+    max_ongoing_requests: int = Field(64, ge=1, description="requests a replica holds at once")
+    max_queued_requests: int = Field(256, ge=-1, description="requests waiting for a replica; more get 503")
+    max_upload_mb: float = Field(25.0, gt=0)
+    min_duration_s: float = Field(0.1, ge=0)
+    max_duration_s: float = Field(30.0, gt=0)
+    num_beams: int = Field(5, ge=1)
+    max_frames: int = Field(24000, ge=1, description="padded feature frames per generation batch")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    api_key_env: str | None = Field(None, description="environment variable holding the bearer token to require")
+    storage_options: dict = Field(default_factory=dict, description="fsspec options for the model URL")
+
+    def deployment_options(self) -> dict:
+        options = dict(
+            max_ongoing_requests=self.max_ongoing_requests,
+            max_queued_requests=self.max_queued_requests,
+            ray_actor_options={"num_cpus": self.cpus_per_replica, "num_gpus": self.gpus_per_replica},
+        )
+        if self.max_replicas and self.max_replicas > self.replicas:
+            options["autoscaling_config"] = {"min_replicas": self.replicas, "max_replicas": self.max_replicas,
+                                             "target_ongoing_requests": self.max_batch_size}
+        else:
+            options["num_replicas"] = self.replicas
+        return options
+
+
+class RequestError(Exception):
+    def __init__(self, status: int, message: str, code: str, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.code, self.headers = status, message, code, headers
+
+
+def error_response(status: int, message: str, code: str, headers: dict | None = None) -> JSONResponse:
+    kind = "authentication_error" if status == 401 else "invalid_request_error"
+    return JSONResponse({"error": {"message": message, "type": kind, "code": code, "param": None}},
+                        status_code=status, headers=headers)
+
+
+app = FastAPI(title="Speech2Text", description=__doc__)
+
+
+@app.exception_handler(RequestError)
+async def _request_error(request: Request, error: RequestError) -> JSONResponse:
+    return error_response(error.status, error.message, error.code, error.headers)
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+    problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+    return error_response(400, f"invalid request: {problems}", "invalid_request")
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+    return error_response(error.status_code, str(error.detail), "http_error")
+
+
+def render(response_format: str, text: str, segments: list[dict], duration: float, task: str, language: str):
+    if response_format == "json":
+        return {"text": text}
+    if response_format == "text":
+        return PlainTextResponse(text + "\n")
+    if response_format == "verbose_json":
+        return {"task": task, "language": language, "duration": round(duration, 3), "text": text,
+                "segments": segments}
+    cues = []
+    for number, s in enumerate(segments, start=1):
+        start, end = timestamp(s["start"], response_format), timestamp(s["end"], response_format)
+        cues.append((f"{number}\n" if response_format == "srt" else "") + f"{start} --> {end}\n{s['text']}\n")
+    header = "WEBVTT\n\n" if response_format == "vtt" else ""
+    return PlainTextResponse(header + "\n".join(cues), media_type="text/vtt" if response_format == "vtt" else None)
+
+
+def timestamp(seconds: float, response_format: str) -> str:
+    ms = round(seconds * 1000)
+    h, m, s, ms = ms // 3_600_000, ms // 60_000 % 60, ms // 1000 % 60, ms % 1000
+    return f"{h:02d}:{m:02d}:{s:02d}{',' if response_format == 'srt' else '.'}{ms:03d}"
+
+
+@app.exception_handler(Exception)
+async def _internal_error(request: Request, error: Exception) -> JSONResponse:
+    return error_response(500, f"internal error: {type(error).__name__}: {error}", "internal_error")
+
+
+# Audio problems -> HTTP status: an unknown format is 415, a too long one 413, the rest 400.
+AUDIO_STATUS = {"unreadable": 415, "too_long": 413}
+
+
+@serve.deployment
+@serve.ingress(app)
+class Speech2TextServer:
+    def __init__(self, config: dict, api_key_sha256: str | None = None):
+        self.config = ServeConfig(**config)
+        c = self.config
+        device = ("cuda" if torch.cuda.is_available() else "cpu") if c.device == "auto" else c.device
+        self.model = Speech2Text.from_pretrained(c.model, device=device, dtype=getattr(torch, c.dtype),
+                                                 storage_options=c.storage_options or None)
+        self.api_key_sha256 = api_key_sha256
+        self.decode_batch.set_max_batch_size(c.max_batch_size)
+        self.decode_batch.set_batch_wait_timeout_s(c.batch_wait_ms / 1000)
+        self.languages = self.model.tokenizer.langs if self.model.tokenizer else []
+
+    def check_health(self) -> None:
+        if self.model is None:
+            raise RuntimeError("the model is not loaded")
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)
+    async def decode_batch(self, requests: list[tuple[np.ndarray, str | None]]) -> list:
+        features = [f for f, _ in requests]
+        langs = [lang for _, lang in requests]
+        # In a thread, so the replica keeps taking requests (and health checks) while the batch decodes.
+        return await asyncio.to_thread(self.model.transcribe_features, features, tgt_lang=langs,
+                                       num_beams=self.config.num_beams, max_frames=self.config.max_frames)
+
+    def authorize(self, request: Request) -> None:
+        if self.api_key_sha256 is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        digest = hashlib.sha256(token.strip().encode()).hexdigest()
+        if scheme.lower() != "bearer" or not hmac.compare_digest(digest, self.api_key_sha256):
+            raise RequestError(401, "a valid API key is required (Authorization: Bearer <key>)", "invalid_api_key",
+                               {"WWW-Authenticate": "Bearer"})
+
+    async def read_audio(self, request: Request, file: UploadFile | None) -> tuple[np.ndarray, float]:
+        limit = int(self.config.max_upload_mb * 1024 * 1024)
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit + 64 * 1024:
+            raise RequestError(413, f"the upload is {int(declared)} bytes, more than {limit}", "upload_too_large")
+        if not isinstance(file, AnyUploadFile):
+            raise RequestError(400, "no audio: send it as the multipart form field 'file'", "missing_file")
+        data = await file.read(limit + 1)
+        if len(data) > limit:
+            raise RequestError(413, f"{file.filename}: more than {limit} bytes", "upload_too_large")
+        if not data:
+            raise RequestError(400, f"{file.filename}: the file is empty", "empty_file")
+        rate = self.model.feature_extractor.sampling_rate
+        try:
+            audio = await asyncio.to_thread(decode_audio, io.BytesIO(data), file.filename or "upload", rate,
+                                            min_duration_s=self.config.min_duration_s,
+                                            max_duration_s=self.config.max_duration_s)
+        except AudioError as error:
+            raise RequestError(AUDIO_STATUS.get(error.reason, 400), str(error), error.reason) from None
+        return audio, len(audio) / rate
+
+    async def respond(self, request: Request, file, response_format: str, tgt_lang: str | None, task: str):
+        self.authorize(request)
+        formats = ("json", "text", "verbose_json", "srt", "vtt")
+        if response_format not in formats:
+            raise RequestError(400, f"response_format {response_format!r} is not one of {', '.join(formats)}",
+                               "invalid_response_format")
+        audio, duration = await self.read_audio(request, file)
+        features, lengths = self.model.feature_extractor(audio, self.model.feature_extractor.sampling_rate)
+        result = await self.decode_batch((features[0, : lengths[0]], tgt_lang))
+        segments = [{"id": 0, "start": 0.0, "end": round(duration, 3), "text": result.text,
+                     "tokens": result.ids, "avg_logprob": result.avg_logprob, "temperature": 0.0}]
+        return render(response_format, result.text, segments, duration, task, tgt_lang or "en")
+
+    @app.post("/v1/audio/transcriptions")
+    async def transcriptions(
+        self,
+        request: Request,
+        file: UploadFile | None = File(None),
+        model: str | None = Form(None),
+        language: str | None = Form(None),
+        response_format: str = Form("json"),
+        temperature: float | None = Form(None),
+        prompt: str | None = Form(None),
+    ):
+        return await self.respond(request, file, response_format, None, "transcribe")
+
+    @app.post("/v1/audio/translations")
+    async def translations(
+        self,
+        request: Request,
+        file: UploadFile | None = File(None),
+        model: str | None = Form(None),
+        target_language: str | None = Form(None),
+        response_format: str = Form("json"),
+        temperature: float | None = Form(None),
+        prompt: str | None = Form(None),
+    ):
+        self.authorize(request)
+        if target_language not in self.languages:
+            given = "no target_language" if target_language is None else f"target_language {target_language!r}"
+            raise RequestError(400, f"{given}: this model translates into {', '.join(self.languages) or 'nothing'}",
+                               "invalid_target_language")
+        return await self.respond(request, file, response_format, target_language, "translate")
+
+    @app.get("/v1/models")
+    async def models(self, request: Request):
+        self.authorize(request)
+        return {"object": "list", "data": [{"id": self.config.model_name, "object": "model", "created": 0,
+                                            "owned_by": "s2t-ray", "source": self.config.model,
+                                            "languages": self.languages}]}
+
+    @app.get("/healthz")
+    async def healthz(self):
+        self.check_health()
+        return {"status": "ok", "model": self.config.model}
+
+
+def build_app(args: dict) -> serve.Application:
+    """The Serve application for `ServeConfig` fields: `s2t serve`, `serve deploy` (import_path
+    pipeline.serve:build_app, args: the fields) and a KubeRay RayService all build it here."""
+    config = ServeConfig(**args)
+    api_key_sha256 = None
+    if config.api_key_env:
+        key = os.environ.get(config.api_key_env)
+        if not key:
+            raise ValueError(f"api_key_env names {config.api_key_env}, and that environment variable is not set")
+        api_key_sha256 = hashlib.sha256(key.encode()).hexdigest()  # the replicas never see the key itself
+    return Speech2TextServer.options(**config.deployment_options()).bind(config.model_dump(), api_key_sha256)
