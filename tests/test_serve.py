@@ -1,0 +1,134 @@
+"""The Serve endpoint over real HTTP on 127.0.0.1: the official openai client, 32 concurrent clients, bad input."""
+
+import io
+import os
+import shlex
+import socket
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+import soundfile
+import yaml
+
+from helpers import demo_rows
+from pipeline import scoring
+from s2t_model import DEMO_MODEL, Speech2Text
+
+API_KEY = "test-key-123"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(ray_session):
+    from ray import serve
+
+    from pipeline.serve import build_app
+
+    port = free_port()
+    os.environ["S2T_TEST_API_KEY"] = API_KEY  # read by build_app in this process; replicas only get its hash
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app({"model": DEMO_MODEL, "api_key_env": "S2T_TEST_API_KEY", "max_upload_mb": 1.0,
+                         "max_duration_s": 20.0, "max_batch_size": 8, "batch_wait_ms": 50}),
+              name="s2t", route_prefix="/")
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+
+
+def post(url: str, files=None, data=None, token: str | None = API_KEY, **kwargs) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return httpx.post(f"{url}/v1/audio/transcriptions", files=files, data=data, headers=headers, timeout=120, **kwargs)
+
+
+def test_openai_client_transcribes_and_translates(server):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{server}/v1", api_key=API_KEY)
+    rows = demo_rows(6)
+    texts = [client.audio.transcriptions.create(model="s2t", file=open(r["audio_filepath"], "rb")).text for r in rows]
+    assert scoring.wer([r["text"] for r in rows], texts) <= 10.0
+    row = rows[0]
+    assert texts[0] == row["text"]
+    with open(row["audio_filepath"], "rb") as f:
+        audio = f.read()
+    duration = soundfile.info(io.BytesIO(audio)).duration
+
+    text = client.audio.transcriptions.create(model="s2t", file=("a.flac", audio), response_format="text")
+    assert text.strip() == row["text"]
+    srt = client.audio.transcriptions.create(model="s2t", file=("a.flac", audio), response_format="srt")
+    assert srt.strip().split("\n") == ["1", f"00:00:00,000 --> 00:00:0{duration:.3f}".replace(".", ","), row["text"]]
+    vtt = client.audio.transcriptions.create(model="s2t", file=("a.flac", audio), response_format="vtt")
+    assert vtt.startswith("WEBVTT") and f"00:00:00.000 --> 00:00:0{duration:.3f}" in vtt and row["text"] in vtt
+    verbose = client.audio.transcriptions.create(model="s2t", file=("a.flac", audio), response_format="verbose_json")
+    assert verbose.text == row["text"] and verbose.duration == pytest.approx(duration, abs=1e-3)
+    assert verbose.segments[0].end == pytest.approx(duration, abs=1e-3) and verbose.segments[0].avg_logprob < 0
+
+    french = client.audio.translations.create(model="s2t", file=("a.flac", audio),
+                                              extra_body={"target_language": "fr"})
+    assert french.text == row["text_fr"]
+    assert [m.id for m in client.models.list().data] == ["s2t"]
+
+
+def test_32_concurrent_clients_each_get_their_own_transcript(server):
+    rows = demo_rows(32)
+    model = Speech2Text.from_pretrained(DEMO_MODEL)
+    # Batching must not change anyone's result: each equals the model run on that clip alone.
+    alone = [model.transcribe(soundfile.read(r["audio_filepath"], dtype="float32")[0], 16000)[0] for r in rows]
+
+    def transcribe(row):
+        with open(row["audio_filepath"], "rb") as f:
+            response = post(server, files={"file": (os.path.basename(row["audio_filepath"]), f)})
+        assert response.status_code == 200, response.text
+        return response.json()["text"]
+
+    with ThreadPoolExecutor(32) as pool:
+        texts = list(pool.map(transcribe, rows))
+    assert texts == alone
+    assert scoring.wer([r["text"] for r in rows], texts) <= 10.0
+
+
+def test_bad_input_gets_its_4xx_and_a_json_message(server, tmp_path):
+    clip = demo_rows(1)[0]["audio_filepath"]
+    flac = open(clip, "rb").read()
+    long = np.concatenate([soundfile.read(r["audio_filepath"], dtype="float32")[0] for r in demo_rows(12)])
+    assert len(long) / 16000 > 20
+    buffer = io.BytesIO()
+    soundfile.write(buffer, long, 16000, format="FLAC")
+    cases = {
+        "empty body": (post(server, content=b"", token=API_KEY), 400),
+        "no file field": (post(server, data={"model": "s2t"}), 400),
+        "text file": (post(server, files={"file": ("notes.wav", b"not audio at all\n" * 50)}), 415),
+        "truncated flac": (post(server, files={"file": ("cut.flac", flac[: len(flac) // 2])}), 400),
+        "oversized upload": (post(server, files={"file": ("big.wav", os.urandom(1_200_000))}), 413),
+        "overlong audio": (post(server, files={"file": ("long.flac", buffer.getvalue())}), 413),
+        "wrong token": (post(server, files={"file": ("a.flac", flac)}, token="wrong"), 401),
+        "no token": (post(server, files={"file": ("a.flac", flac)}, token=None), 401),
+        "unknown target language": (httpx.post(f"{server}/v1/audio/translations", files={"file": ("a.flac", flac)},
+                                               data={"target_language": "xx"}, timeout=60,
+                                               headers={"Authorization": f"Bearer {API_KEY}"}), 400),
+        "bad response_format": (post(server, files={"file": ("a.flac", flac)}, data={"response_format": "xml"}), 400),
+    }
+    for name, (response, status) in cases.items():
+        assert response.status_code == status, (name, response.status_code, response.text)
+        assert response.json()["error"]["message"], name
+    assert "fr" in cases["unknown target language"][0].json()["error"]["message"]  # lists the model's languages
+    # The server keeps answering.
+    assert post(server, files={"file": ("a.flac", flac)}).json()["text"] == demo_rows(1)[0]["text"]
+    assert httpx.get(f"{server}/healthz").status_code == 200
+
+
+def test_infra_serve_yaml_is_what_s2t_serve_prints():
+    with open("infra/serve.yaml") as f:
+        command = f.read().split("\n")[1].removeprefix("#   s2t ")
+    printed = subprocess.run([sys.executable, "-m", "jobs.cli", *shlex.split(command)], capture_output=True,
+                             text=True, check=True).stdout
+    with open("infra/serve.yaml") as f:
+        assert yaml.safe_load(f) == yaml.safe_load(printed)
