@@ -16,6 +16,7 @@ import yaml
 
 class JobConfig(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="forbid")
+    hidden_options: typing.ClassVar[tuple[str, ...]] = ()  # fields a subclass does not offer on its command line
 
     @classmethod
     def from_yaml(cls, path: str, **overrides) -> "JobConfig":
@@ -29,6 +30,8 @@ class JobConfig(pydantic.BaseModel):
     def add_arguments(cls, parser: argparse.ArgumentParser, positional: tuple[str, ...] = ()) -> None:
         parser.add_argument("--config", help="YAML file with any of the options below (the command line wins)")
         for name, field in cls.model_fields.items():
+            if name in cls.hidden_options:
+                continue
             kind = _plain_type(field.annotation)
             help = (field.description or "") + ("" if field.is_required() else f" (default: {field.default})")
             if name in positional:

@@ -71,8 +71,6 @@ class TranscribeConfig(JobConfig):
 
 def run(config: TranscribeConfig) -> dict:
     """Run the job to completion (or resume it) and return its summary, also written as <output>/_summary.json."""
-    import ray
-
     started = time.time()
     manifest = read_manifest(config.manifest, config.options_for(config.manifest))
     folder = checkpoint.local_folder(config.model, config.options_for(config.model))
@@ -83,49 +81,8 @@ def run(config: TranscribeConfig) -> dict:
     log.info("%d manifest rows, %d already in %s, %d to do", manifest.num_rows, len(done), config.output, todo.num_rows)
 
     if todo.num_rows:
-        blocks = [todo.slice(i, config.rows_per_block) for i in range(0, todo.num_rows, config.rows_per_block)]
-        audio_options = config.options_for(config.manifest) or config.storage() or None
-        generation_pool = ray.data.ActorPoolStrategy(
-            min_size=config.generation_actors,
-            max_size=max(config.generation_actors, config.max_generation_actors or config.generation_actors),
-        )
-        dataset = (
-            ray.data.from_arrow(blocks)
-            .map_batches(
-                ComputeFeatures,
-                batch_format="pyarrow",
-                batch_size=config.feature_batch_size,
-                compute=ray.data.ActorPoolStrategy(min_size=1, max_size=config.feature_actors),
-                num_cpus=config.feature_cpus,
-                fn_constructor_kwargs=dict(
-                    feature_config=FeatureExtractor.from_pretrained(folder).to_dict(),
-                    min_duration_s=config.min_duration_s,
-                    max_duration_s=config.max_duration_s,
-                    storage_options=audio_options,
-                    max_frames=config.max_frames,
-                ),
-            )
-            .map_batches(
-                GenerateText,
-                batch_format="pyarrow",
-                batch_size=config.batch_size,
-                compute=generation_pool,
-                num_gpus=config.num_gpus,
-                num_cpus=config.generation_cpus,
-                fn_constructor_kwargs=dict(
-                    model_uri=config.model,
-                    model_label=model_label,
-                    device="cuda" if config.num_gpus > 0 and config.device == "auto" else config.device,
-                    dtype=config.dtype,
-                    storage_options=config.options_for(config.model),
-                    tgt_lang=config.tgt_lang,
-                    num_beams=config.num_beams,
-                    max_new_tokens=config.max_new_tokens,
-                    max_frames=config.max_frames,
-                ),
-            )
-        )
         fs.makedirs(root, exist_ok=True)
+        dataset = transcription_dataset(todo, config, folder, model_label)
         dataset.write_parquet(root, filesystem=arrow_filesystem(fs), min_rows_per_file=config.rows_per_file)
 
     summary = summarize(fs, root, manifest, todo, time.time() - started)
@@ -133,6 +90,56 @@ def run(config: TranscribeConfig) -> dict:
     with fs.open(f"{root.rstrip('/')}/{SUMMARY}", "w") as f:
         json.dump(summary, f, indent=2)
     return summary
+
+
+def transcription_dataset(rows: pa.Table, config: TranscribeConfig, folder: str, model_label: str):
+    """The two stages over manifest rows: CPU feature actors, then the generation actor pool.
+
+    folder: the checkpoint, fetched locally (the feature actors need only its preprocessor config).
+    """
+    import ray
+
+    blocks = [rows.slice(i, config.rows_per_block) for i in range(0, rows.num_rows, config.rows_per_block)]
+    generation_pool = ray.data.ActorPoolStrategy(
+        min_size=config.generation_actors,
+        max_size=max(config.generation_actors, config.max_generation_actors or config.generation_actors),
+    )
+    return (
+        ray.data.from_arrow(blocks)
+        .map_batches(
+            ComputeFeatures,
+            batch_format="pyarrow",
+            batch_size=config.feature_batch_size,
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=config.feature_actors),
+            num_cpus=config.feature_cpus,
+            fn_constructor_kwargs=dict(
+                feature_config=FeatureExtractor.from_pretrained(folder).to_dict(),
+                min_duration_s=config.min_duration_s,
+                max_duration_s=config.max_duration_s,
+                storage_options=config.options_for(config.manifest) or config.storage() or None,
+                max_frames=config.max_frames,
+            ),
+        )
+        .map_batches(
+            GenerateText,
+            batch_format="pyarrow",
+            batch_size=config.batch_size,
+            compute=generation_pool,
+            num_gpus=config.num_gpus,
+            num_cpus=config.generation_cpus,
+            fn_constructor_kwargs=dict(
+                model_uri=config.model,
+                model_label=model_label,
+                device="cuda" if config.num_gpus > 0 and config.device == "auto" else config.device,
+                dtype=config.dtype,
+                storage_options=config.options_for(config.model),
+                tgt_lang=config.tgt_lang,
+                num_beams=config.num_beams,
+                max_new_tokens=config.max_new_tokens,
+                max_frames=config.max_frames,
+            ),
+        )
+    )
 
 
 def arrow_filesystem(fs: fsspec.AbstractFileSystem):
@@ -150,26 +157,31 @@ def output_files(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
 
 
 def existing_ids(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
-    """Ids the output already holds. A file a killed run left half-written cannot be read: it is removed."""
-    ids: list[str] = []
+    """Ids the output already holds."""
+    return [i for _, table in scan_output(fs, root, ["id"]) for i in table.column("id").to_pylist()]
+
+
+def scan_output(fs: fsspec.AbstractFileSystem, root: str, wanted) -> list[tuple[str, pa.Table]]:
+    """(path, its columns that `wanted` names) for every output file; `wanted` is a list of names or a predicate.
+
+    A file a killed run left half-written has no readable footer: it is removed, and its rows count as not done,
+    so they are done again."""
+    accept = wanted if callable(wanted) else set(wanted).__contains__
+    tables = []
     for path in output_files(fs, root):
         try:
             with fs.open(path, "rb") as f:
-                ids.extend(pq.read_table(f, columns=["id"]).column("id").to_pylist())
+                parquet = pq.ParquetFile(f)
+                tables.append((path, parquet.read(columns=[c for c in parquet.schema_arrow.names if accept(c)])))
         except (pa.ArrowInvalid, OSError) as error:
             log.warning("removing %s, left unfinished by an earlier run (%s); its rows are done again", path, error)
             fs.rm(path)
-    return ids
+    return tables
 
 
 def read_output(fs: fsspec.AbstractFileSystem, root: str, wanted) -> pa.Table:
-    """The output's columns whose name `wanted(name)` accepts, from every file."""
-    tables = []
-    for path in output_files(fs, root):
-        with fs.open(path, "rb") as f:
-            names = pq.read_schema(f).names
-            f.seek(0)
-            tables.append(pq.read_table(f, columns=[c for c in names if wanted(c)]))
+    """The output's columns that `wanted` names (a list or a predicate), from every file."""
+    tables = [table for _, table in scan_output(fs, root, wanted)]
     return pa.concat_tables(tables, promote_options="default") if tables else pa.table({"id": pa.array([], pa.string())})
 
 

@@ -1,0 +1,98 @@
+"""Translation backfills end to end with the bundled model: incremental runs, a killed run, a concurrent run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from helpers import demo_rows
+from pipeline.backfill import BackfillConfig, LeaseHeld, run
+from s2t_model import DEMO_MODEL
+
+SMALL = dict(batch_size=4, feature_batch_size=4, rows_per_file=4, rows_per_block=4, num_beams=1)
+
+
+def manifest(tmp_path, count: int) -> str:
+    path = tmp_path / "manifest.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in demo_rows(count)))
+    return str(path)
+
+
+def pairs(output) -> Counter:
+    """(id, language) -> how many rows the output holds for it; the language is the partition folder."""
+    counts = Counter()
+    for f in output.rglob("*.parquet"):
+        lang = f.parent.name.removeprefix("tgt_lang=")
+        counts.update((row_id, lang) for row_id in pq.read_table(f, columns=["id"]).column("id").to_pylist())
+    return counts
+
+
+def test_incremental_runs_write_only_missing_pairs(ray_session, tmp_path):
+    source, output = manifest(tmp_path, 6), tmp_path / "out"
+    ids = [row["id"] for row in demo_rows(6)]
+    config = dict(manifest=source, output=str(output), model=DEMO_MODEL, **SMALL)
+
+    first = run(BackfillConfig(tgt_langs="fr,de", **config))
+    assert pairs(output) == Counter({(i, lang): 1 for i in ids for lang in ("fr", "de")})
+    assert first["pairs_found"] == first["pairs_written"] == 12 and first["pairs_errored"] == 0
+    assert first["bleu"]["fr"] >= 50  # references: the manifest's text_fr
+
+    second = run(BackfillConfig(tgt_langs="fr,de", **config))
+    assert second["pairs_found"] == second["pairs_written"] == 0
+    assert sum(pairs(output).values()) == 12
+
+    third = run(BackfillConfig(tgt_langs="fr,de,es", **config))
+    assert third["pairs_found"] == third["pairs_written"] == 6
+    assert pairs(output) == Counter({(i, lang): 1 for i in ids for lang in ("fr", "de", "es")})
+    es = pa.concat_tables(pq.read_table(f) for f in (output / "tgt_lang=es").glob("*.parquet"))
+    assert set(es.column("run_id").to_pylist()) == {third["run_id"]}
+    texts = dict(zip(es.column("id").to_pylist(), es.column("text").to_pylist()))
+    assert texts[ids[0]] == demo_rows(1)[0]["text_es"]
+
+
+def test_errored_pairs_are_retried_only_when_asked(ray_session, tmp_path):
+    rows = demo_rows(2) + [{"id": "gone", "audio_filepath": str(tmp_path / "gone.flac"), "text": "x"}]
+    source = tmp_path / "m.jsonl"
+    source.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    output = tmp_path / "out"
+    config = dict(manifest=str(source), output=str(output), model=DEMO_MODEL, tgt_langs="fr", **SMALL)
+    assert run(BackfillConfig(**config))["pairs_errored"] == 1
+    assert run(BackfillConfig(**config))["pairs_found"] == 0
+    retried = run(BackfillConfig(retry_errors=True, **config))
+    assert retried["pairs_found"] == 1 and retried["errors_by_reason"] == {"missing": 1}
+    assert pairs(output) == Counter({(row["id"], "fr"): 1 for row in rows})
+
+
+def test_a_concurrent_run_is_refused_and_a_killed_run_is_completed(ray_session, tmp_path):
+    source, output = manifest(tmp_path, 16), tmp_path / "out"
+    ids = [row["id"] for row in demo_rows(16)]
+    options = ["--batch-size", "2", "--feature-batch-size", "2", "--rows-per-file", "2", "--rows-per-block", "2",
+               "--num-beams", "1"]
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "jobs.backfill", "--manifest", source, "--output", str(output), "--model", DEMO_MODEL,
+         "--tgt-langs", "fr,de", *options],
+        env={**os.environ, "RAY_ADDRESS": ray_session}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 240
+    while time.time() < deadline and len(list(output.rglob("*.parquet"))) < 2 and driver.poll() is None:
+        time.sleep(0.2)
+    assert driver.poll() is None, "the first run ended before the test could overlap it"
+    with pytest.raises(LeaseHeld, match="is filling in this output"):
+        run(BackfillConfig(manifest=source, output=str(output), model=DEMO_MODEL, tgt_langs="fr,de", **SMALL))
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    written = sum(1 for f in output.rglob("*.parquet") if f.stat().st_size > 0)
+    assert written >= 1
+
+    # Its lease names a dead process on this host: the rerun takes it over and writes only what is missing.
+    rerun = run(BackfillConfig(manifest=source, output=str(output), model=DEMO_MODEL, tgt_langs="fr,de", **SMALL))
+    assert rerun["pairs_found"] < 32
+    assert pairs(output) == Counter({(i, lang): 1 for i in ids for lang in ("fr", "de")})
+    assert not (output / "_lease.json").exists()
