@@ -59,3 +59,4 @@ clean:
 # The Serve config for `serve deploy` and the RayService, from `s2t serve`'s own options (see its first lines).
 infra/serve.yaml: $(VENV)/.installed pipeline/serve.py jobs/serve.py
 	{ sed -n 1,3p $@; $(S2T) $$(sed -n 2p $@ | sed 's/^#   s2t //'); } > $@.new && mv $@.new $@
+	$(PY) infra/render.py  # the RayService's serveConfigV2 is this file

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from . import bench_model, corpus, evaluate, train, transcribe
+from . import backfill, bench_model, bench_pipeline, bench_serve, corpus, evaluate, serve, train, transcribe
 
 
 def command(subparsers, name: str, help: str, add_arguments, run) -> None:
@@ -20,8 +20,16 @@ def build_parser() -> argparse.ArgumentParser:
     benchmarks = bench.add_subparsers(dest="target", required=True)
     command(benchmarks, "model", "features and generation: ours vs kaldi-native-fbank and transformers",
             bench_model.add_arguments, bench_model.main)
+    command(benchmarks, "pipeline", "the whole Ray Data job vs the model alone on the same corpus: RTFx and ratio",
+            bench_pipeline.add_arguments, bench_pipeline.main)
+    command(benchmarks, "serve", "the Serve endpoint with batching vs without: throughput, p50/p99 by concurrency",
+            bench_serve.add_arguments, bench_serve.main)
     command(commands, "transcribe", "transcribe (or translate) a corpus on Ray Data into a Parquet dataset",
             transcribe.add_arguments, transcribe.main)
+    command(commands, "backfill", "translate the (id, language) pairs a partitioned output lacks",
+            backfill.add_arguments, backfill.main)
+    command(commands, "serve", "the model behind an OpenAI-compatible audio API on Ray Serve",
+            serve.add_arguments, serve.main)
     command(commands, "evaluate", "WER and BLEU of a checkpoint on a corpus with references",
             evaluate.add_arguments, evaluate.main)
     command(commands, "train", "train a Speech2Text checkpoint on a corpus manifest", train.add_arguments, train.main)

@@ -25,6 +25,7 @@ from pydantic import Field
 from s2t_model import Speech2Text, checkpoint
 
 from . import scoring
+from .longform import join_segments
 from .manifest import read_manifest
 from .transcribe import TranscribeConfig, arrow_filesystem, scan_output, transcription_dataset
 
@@ -91,7 +92,10 @@ class Lease:
 
     def renew(self) -> None:
         while not self.stop.wait(self.ttl_s / 3):
-            self.write()
+            try:
+                self.write()
+            except Exception as error:  # a failed write must not end the renewals: the next one may succeed
+                log.warning("could not renew %s: %s", self.path, error)
 
     @staticmethod
     def stale(held: dict) -> bool:
@@ -121,6 +125,7 @@ def run(config: BackfillConfig) -> dict:
     fs, root = fsspec.core.url_to_fs(config.output, **(config.options_for(config.output) or {}))
 
     with Lease(fs, root, run_id, config.lease_ttl_s):
+        join_segments(fs, root)  # long recordings a killed run left in segments
         done, errored = existing_pairs(fs, root)
         if config.retry_errors:
             drop_rows(fs, root, errored)  # first, so that a retried pair is never in the output twice
@@ -135,6 +140,7 @@ def run(config: BackfillConfig) -> dict:
             dataset = transcription_dataset(todo, job, folder, model_label)
             dataset.write_parquet(root, filesystem=arrow_filesystem(fs), partition_cols=["tgt_lang"],
                                   min_rows_per_file=config.rows_per_file)
+            join_segments(fs, root)
     summary = summarize(fs, root, run_id, todo_pairs, langs, time.time() - started)
     summary.update(manifest=config.manifest, output=config.output, model=model_label)
     fs.makedirs(f"{root.rstrip('/')}/_runs", exist_ok=True)

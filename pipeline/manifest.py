@@ -27,7 +27,8 @@ REFERENCE_COLUMNS = ("text", "tgt_text", "transcript", "sentence")
 TGT_LANG_COLUMNS = ("tgt_lang", "target_lang")
 # Columns the job writes itself; a manifest column of the same name is passed through as manifest_<name>.
 OUTPUT_COLUMNS = ("id", "audio", "offset_s", "duration_s", "reference", "text", "tgt_lang", "num_tokens",
-                  "avg_logprob", "error", "model")
+                  "avg_logprob", "error", "model", "segments", "segment_of", "segment_index", "segment_count",
+                  "segment_start_s", "recording_duration_s", "run_id")
 SCHEMA = pa.schema([("id", pa.string()), ("audio", pa.string()), ("offset_s", pa.float64()),
                     ("duration_s", pa.float64()), ("reference", pa.string()), ("tgt_lang", pa.string()),
                     ("error", pa.string())])

@@ -27,6 +27,7 @@ from starlette.datastructures import UploadFile as AnyUploadFile  # what FastAPI
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from s2t_model import Speech2Text
+from s2t_model.segment import find_segments
 
 from .audio import AudioError, decode_audio
 from .config import JobConfig
@@ -47,7 +48,8 @@ class ServeConfig(JobConfig):
     max_queued_requests: int = Field(256, ge=-1, description="requests waiting for a replica; more get 503")
     max_upload_mb: float = Field(25.0, gt=0)
     min_duration_s: float = Field(0.1, ge=0)
-    max_duration_s: float = Field(30.0, gt=0)
+    max_duration_s: float = Field(1800.0, gt=0, description="longest upload, in seconds of audio")
+    max_segment_s: float = Field(20.0, gt=0, description="longer audio is cut at pauses into segments this long")
     num_beams: int = Field(5, ge=1)
     max_frames: int = Field(24000, ge=1, description="padded feature frames per generation batch")
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -194,11 +196,24 @@ class Speech2TextServer:
             raise RequestError(400, f"response_format {response_format!r} is not one of {', '.join(formats)}",
                                "invalid_response_format")
         audio, duration = await self.read_audio(request, file)
+        rate = self.model.feature_extractor.sampling_rate
+        # Long uploads are cut at pauses, and each piece joins the batch like any request of its own.
+        if duration > self.config.max_segment_s:
+            pieces = [(s.start_s, s.end_s) for s in find_segments(audio, rate, self.config.max_segment_s)]
+        else:
+            pieces = [(0.0, duration)]
+        results = await asyncio.gather(*[self.decode_batch((self.features(audio[round(a * rate): round(b * rate)]),
+                                                            tgt_lang)) for a, b in pieces])
+        segments = [{"id": i, "start": round(a, 3), "end": round(b, 3), "text": r.text, "tokens": r.ids,
+                     "avg_logprob": r.avg_logprob, "temperature": 0.0}
+                    for i, ((a, b), r) in enumerate(zip(pieces, results))]
+        text = " ".join(r.text for r in results if r.text)
+        return render(response_format, text, segments, duration, task, tgt_lang or "en")
+
+    def features(self, audio: np.ndarray) -> torch.Tensor:
+        """(T, 80) features of one utterance."""
         features, lengths = self.model.feature_extractor(audio, self.model.feature_extractor.sampling_rate)
-        result = await self.decode_batch((features[0, : lengths[0]], tgt_lang))
-        segments = [{"id": 0, "start": 0.0, "end": round(duration, 3), "text": result.text,
-                     "tokens": result.ids, "avg_logprob": result.avg_logprob, "temperature": 0.0}]
-        return render(response_format, result.text, segments, duration, task, tgt_lang or "en")
+        return features[0, : lengths[0]]
 
     @app.post("/v1/audio/transcriptions")
     async def transcriptions(

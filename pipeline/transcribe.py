@@ -24,6 +24,7 @@ from s2t_model import FeatureExtractor, checkpoint
 
 from . import scoring
 from .config import JobConfig
+from .longform import join_segments, split_long_audio
 from .manifest import read_manifest
 from .stages import ComputeFeatures, GenerateText
 
@@ -52,7 +53,8 @@ class TranscribeConfig(JobConfig):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     min_duration_s: float = Field(0.1, ge=0)
-    max_duration_s: float = Field(30.0, gt=0)
+    max_duration_s: float = Field(4 * 3600.0, gt=0, description="longest recording, in seconds")
+    max_segment_s: float = Field(20.0, gt=0, description="longer recordings are cut at pauses into segments this long")
     rows_per_file: int = Field(10000, ge=1, description="rows per Parquet file (the last ones may have fewer)")
     rows_per_block: int = Field(256, ge=1, description="manifest rows per Ray Data block")
     s3_endpoint_url: str | None = Field(None, description="S3 endpoint (MinIO, Ceph, ...); AWS_* variables work too")
@@ -76,14 +78,16 @@ def run(config: TranscribeConfig) -> dict:
     folder = checkpoint.local_folder(config.model, config.options_for(config.model))
     model_label = f"{config.model}@sha256:{checkpoint.content_hash(folder)[:16]}"
     fs, root = fsspec.core.url_to_fs(config.output, **(config.options_for(config.output) or {}))
+    join_segments(fs, root)  # what a run killed after its write left unjoined
     done = existing_ids(fs, root)
     todo = manifest.filter(pc.invert(pc.is_in(manifest["id"], value_set=pa.array(done, pa.string()))))
     log.info("%d manifest rows, %d already in %s, %d to do", manifest.num_rows, len(done), config.output, todo.num_rows)
 
     if todo.num_rows:
         fs.makedirs(root, exist_ok=True)
-        dataset = transcription_dataset(todo, config, folder, model_label)
+        dataset = transcription_dataset(todo, config, folder, model_label, done_segments=segment_ids(done))
         dataset.write_parquet(root, filesystem=arrow_filesystem(fs), min_rows_per_file=config.rows_per_file)
+        join_segments(fs, root)
 
     summary = summarize(fs, root, manifest, todo, time.time() - started)
     summary.update(manifest=config.manifest, output=config.output, model=model_label)
@@ -92,10 +96,13 @@ def run(config: TranscribeConfig) -> dict:
     return summary
 
 
-def transcription_dataset(rows: pa.Table, config: TranscribeConfig, folder: str, model_label: str):
-    """The two stages over manifest rows: CPU feature actors, then the generation actor pool.
+def transcription_dataset(rows: pa.Table, config: TranscribeConfig, folder: str, model_label: str,
+                          done_segments: frozenset = frozenset()):
+    """The stages over manifest rows: long recordings cut into segments (tasks), CPU feature actors, then the
+    generation actor pool.
 
     folder: the checkpoint, fetched locally (the feature actors need only its preprocessor config).
+    done_segments: ids of segments already in the output, not to be done again.
     """
     import ray
 
@@ -104,8 +111,16 @@ def transcription_dataset(rows: pa.Table, config: TranscribeConfig, folder: str,
         min_size=config.generation_actors,
         max_size=max(config.generation_actors, config.max_generation_actors or config.generation_actors),
     )
+    audio_options = config.options_for(config.manifest) or config.storage() or None
     return (
         ray.data.from_arrow(blocks)
+        .map_batches(
+            split_long_audio,
+            batch_format="pyarrow",
+            batch_size=None,
+            fn_kwargs=dict(max_segment_s=config.max_segment_s, max_duration_s=config.max_duration_s,
+                           storage_options=audio_options, done=done_segments),
+        )
         .map_batches(
             ComputeFeatures,
             batch_format="pyarrow",
@@ -116,7 +131,7 @@ def transcription_dataset(rows: pa.Table, config: TranscribeConfig, folder: str,
                 feature_config=FeatureExtractor.from_pretrained(folder).to_dict(),
                 min_duration_s=config.min_duration_s,
                 max_duration_s=config.max_duration_s,
-                storage_options=config.options_for(config.manifest) or config.storage() or None,
+                storage_options=audio_options,
                 max_frames=config.max_frames,
             ),
         )
@@ -140,6 +155,10 @@ def transcription_dataset(rows: pa.Table, config: TranscribeConfig, folder: str,
             ),
         )
     )
+
+
+def segment_ids(ids: list[str]) -> frozenset:
+    return frozenset(i for i in ids if "~" in i)
 
 
 def arrow_filesystem(fs: fsspec.AbstractFileSystem):

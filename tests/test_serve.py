@@ -1,6 +1,7 @@
 """The Serve endpoint over real HTTP on 127.0.0.1: the official openai client, 32 concurrent clients, bad input."""
 
 import io
+import json
 import os
 import shlex
 import socket
@@ -9,14 +10,13 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
-import numpy as np
 import pytest
 import soundfile
 import yaml
 
 from helpers import demo_rows
 from pipeline import scoring
-from s2t_model import DEMO_MODEL, Speech2Text
+from s2t_model import DEMO_LONG_FORM, DEMO_MODEL, Speech2Text
 
 API_KEY = "test-key-123"
 
@@ -36,8 +36,8 @@ def server(ray_session):
     port = free_port()
     os.environ["S2T_TEST_API_KEY"] = API_KEY  # read by build_app in this process; replicas only get its hash
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"model": DEMO_MODEL, "api_key_env": "S2T_TEST_API_KEY", "max_upload_mb": 1.0,
-                         "max_duration_s": 20.0, "max_batch_size": 8, "batch_wait_ms": 50}),
+    serve.run(build_app({"model": DEMO_MODEL, "api_key_env": "S2T_TEST_API_KEY", "max_upload_mb": 3.0,
+                         "max_duration_s": 120.0, "max_batch_size": 8, "batch_wait_ms": 50}),
               name="s2t", route_prefix="/")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
@@ -98,17 +98,14 @@ def test_32_concurrent_clients_each_get_their_own_transcript(server):
 def test_bad_input_gets_its_4xx_and_a_json_message(server, tmp_path):
     clip = demo_rows(1)[0]["audio_filepath"]
     flac = open(clip, "rb").read()
-    long = np.concatenate([soundfile.read(r["audio_filepath"], dtype="float32")[0] for r in demo_rows(12)])
-    assert len(long) / 16000 > 20
-    buffer = io.BytesIO()
-    soundfile.write(buffer, long, 16000, format="FLAC")
+    long = open(os.path.join(DEMO_LONG_FORM, "audio", "long-form-4-000.flac"), "rb").read()  # 134 s, 2.6 MB
     cases = {
         "empty body": (post(server, content=b"", token=API_KEY), 400),
         "no file field": (post(server, data={"model": "s2t"}), 400),
         "text file": (post(server, files={"file": ("notes.wav", b"not audio at all\n" * 50)}), 415),
         "truncated flac": (post(server, files={"file": ("cut.flac", flac[: len(flac) // 2])}), 400),
-        "oversized upload": (post(server, files={"file": ("big.wav", os.urandom(1_200_000))}), 413),
-        "overlong audio": (post(server, files={"file": ("long.flac", buffer.getvalue())}), 413),
+        "oversized upload": (post(server, files={"file": ("big.wav", os.urandom(3_300_000))}), 413),
+        "overlong audio": (post(server, files={"file": ("long.flac", long)}), 413),
         "wrong token": (post(server, files={"file": ("a.flac", flac)}, token="wrong"), 401),
         "no token": (post(server, files={"file": ("a.flac", flac)}, token=None), 401),
         "unknown target language": (httpx.post(f"{server}/v1/audio/translations", files={"file": ("a.flac", flac)},
@@ -123,6 +120,27 @@ def test_bad_input_gets_its_4xx_and_a_json_message(server, tmp_path):
     # The server keeps answering.
     assert post(server, files={"file": ("a.flac", flac)}).json()["text"] == demo_rows(1)[0]["text"]
     assert httpx.get(f"{server}/healthz").status_code == 200
+
+
+def test_long_upload_is_cut_at_pauses_with_timestamps(server):
+    from openai import OpenAI
+
+    with open(os.path.join(DEMO_LONG_FORM, "manifest.jsonl")) as f:
+        recording = [json.loads(line) for line in f][1]  # 87 s, 13 utterances
+    client = OpenAI(base_url=f"{server}/v1", api_key=API_KEY)
+    with open(os.path.join(DEMO_LONG_FORM, recording["audio_filepath"]), "rb") as f:
+        audio = f.read()
+    verbose = client.audio.transcriptions.create(model="s2t", file=("long.flac", audio), response_format="verbose_json")
+    assert scoring.wer([recording["text"]], [verbose.text]) <= 10.0
+    starts = [s.start for s in verbose.segments]
+    assert starts == sorted(starts) and all(s.end - s.start <= 20.0 for s in verbose.segments)
+    # Each true utterance's middle falls inside a segment whose text is that utterance's.
+    for truth in recording["segments"]:
+        middle = (truth["start_s"] + truth["end_s"]) / 2
+        segment = next(s for s in verbose.segments if s.start <= middle <= s.end)
+        assert truth["end_s"] - 0.3 <= segment.end and segment.start <= truth["start_s"] + 0.3
+    vtt = client.audio.transcriptions.create(model="s2t", file=("long.flac", audio), response_format="vtt")
+    assert vtt.count(" --> ") == len(verbose.segments) >= len(recording["segments"]) - 2
 
 
 def test_infra_serve_yaml_is_what_s2t_serve_prints():

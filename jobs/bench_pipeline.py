@@ -1,0 +1,337 @@
+"""`s2t bench pipeline`: the whole Ray Data job against the model alone, same corpus, same options, one process.
+
+(a) job:        `pipeline.transcribe.run(TranscribeConfig(...))` on a local Ray, writing Parquet to a temporary folder.
+                Timed: the whole of run() (manifest read, actor start-up and model loading in the actors, audio
+                reading, features, generation, Parquet writing, summary); not the start of Ray itself (a cluster
+                is up before a job is submitted to it).
+(b) model-only: this process, no Ray: `pipeline.audio.load_audio`, the model's feature extractor and
+                `Speech2Text.transcribe_features`, handed the rows in the job's generation batches (`--batch-size`
+                rows in manifest order, features under the same `--max-frames` budget). Timed: reading the audio,
+                features and generation; not loading the model (timed apart and printed).
+
+RTFx = audio seconds / wall seconds. Both sides must give the same texts, since they run the same code path.
+The corpus repeats the bundled demo clips (with distinct ids) up to `--hours` of audio; no audio is copied.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import tempfile
+import time
+
+from s2t_model import DEMO_CORPUS, DEMO_MODEL
+
+TARGET = 0.70  # the job should reach 70 % of the model-only RTFx on this 2-core CPU
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--hours", type=float, default=1.0, help="audio in the corpus (at least this much)")
+    parser.add_argument("--model", default=DEMO_MODEL, help="checkpoint folder (default: the bundled demo model)")
+    parser.add_argument("--num-beams", type=int, default=5)
+    parser.add_argument("--max-new-tokens", type=int, default=None)
+    parser.add_argument("--max-frames", type=int, default=24000, help="padded feature frames per generation batch")
+    parser.add_argument("--batch-size", type=int, default=64, help="rows handed to a generation actor at a time "
+                                                                   "(the model-only side gets the same batches)")
+    parser.add_argument("--generation-cpus", type=float, default=None,
+                        help="CPUs the generation actor reserves, which is also its torch thread count "
+                             "(default on CPU: the cores shared among the generation actors, so that together they may use "
+                             "what the model-only side uses; 1 with --num-gpus)")
+    parser.add_argument("--generation-actors", type=int, default=1, help="generation actors (each loads the model)")
+    parser.add_argument("--feature-actors", type=int, default=2, help="most CPU feature actors")
+    parser.add_argument("--feature-cpus", type=float, default=1.0, help="CPUs each feature actor reserves")
+    parser.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per generation actor")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--ray-cpus", type=int, default=None,
+                        help="logical CPUs of the local Ray (default: the cores, or more when the job's actors "
+                             "and tasks would not fit in them)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads of the model-only side (default: torch's own, one per core)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="rounds of both sides, alternating; the best of each side counts (a shared machine)")
+    parser.add_argument("--keep", default=None, help="build corpus and output in this folder and keep them")
+
+
+# ---------------------------------------------------------------------------------------------------- the corpus
+
+def build_corpus(folder: str, hours: float, source: str = DEMO_CORPUS) -> tuple[str, float]:
+    """A NeMo manifest of `source`'s clips repeated, ids made distinct, until it holds at least `hours` of audio.
+
+    Audio paths are absolute and point at the source's files. Returns (manifest path, audio seconds).
+    """
+    with open(os.path.join(source, "manifest.jsonl"), encoding="utf-8") as f:
+        clips = [json.loads(line) for line in f if line.strip()]
+    if not clips:
+        raise ValueError(f"{source}: the manifest has no rows")
+    for clip in clips:
+        clip["audio_filepath"] = os.path.join(os.path.abspath(source), clip["audio_filepath"])
+    target_s, total_s, rows = hours * 3600, 0.0, []
+    while total_s < target_s:
+        clip = clips[len(rows) % len(clips)]
+        rows.append(dict(clip, id=f"{clip['id']}-r{len(rows) // len(clips):04d}"))
+        total_s += clip["duration"]
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, "manifest.jsonl")
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    return path, total_s
+
+
+# ------------------------------------------------------------------------------------------------------ the job
+
+def ray_cpus_needed(args) -> float:
+    """Logical CPUs for every actor of the job at once, plus one for the read and write tasks between them."""
+    return args.feature_actors * args.feature_cpus + args.generation_actors * args.generation_cpus + 1
+
+
+def start_ray(args) -> str:
+    import ray
+    import ray.data
+
+    if ray.is_initialized():
+        return f"Ray already running here with {ray.cluster_resources().get('CPU', 0):g} logical CPUs"
+    cores = os.cpu_count() or 1
+    needed = ray_cpus_needed(args)
+    num_cpus = args.ray_cpus or max(cores, int(-(-needed // 1)))
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False  # the figures, not a progress log
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    note = f"local Ray started with {num_cpus} logical CPUs on {cores} cores"
+    if num_cpus > cores:
+        note += (f" (the job asks for {needed:g} at once: {args.feature_actors} feature actor(s) x "
+                 f"{args.feature_cpus:g} + generation {args.generation_actors} x {args.generation_cpus:g} + 1 for read/write tasks; "
+                 f"with {cores} the pipeline would wait on itself)")
+    return note
+
+
+def run_job(args, manifest: str, output: str) -> tuple[dict, float]:
+    from pipeline.transcribe import TranscribeConfig, run
+
+    config = TranscribeConfig(
+        manifest=manifest, output=output, model=args.model, num_beams=args.num_beams,
+        max_new_tokens=args.max_new_tokens, max_frames=args.max_frames, batch_size=args.batch_size,
+        feature_actors=args.feature_actors, feature_cpus=args.feature_cpus, generation_cpus=args.generation_cpus,
+        generation_actors=args.generation_actors,
+        num_gpus=args.num_gpus, device=args.device, dtype=args.dtype,
+    )
+    started = time.perf_counter()
+    summary = run(config)
+    return summary, time.perf_counter() - started
+
+
+def job_texts(output: str) -> dict[str, str | None]:
+    import fsspec
+
+    from pipeline.transcribe import read_output
+
+    fs, root = fsspec.core.url_to_fs(output)
+    table = read_output(fs, root, lambda name: name in ("id", "text"))
+    return dict(zip(table.column("id").to_pylist(), table.column("text").to_pylist()))
+
+
+# ------------------------------------------------------------------------------------------------ the model alone
+
+def run_model_only(args, manifest: str) -> dict:
+    """Read, featurise and decode every row in this process, in the job's generation batches; times by step."""
+    import numpy as np
+    import torch
+
+    from pipeline.audio import AudioError, load_audio
+    from pipeline.manifest import read_manifest
+    from s2t_model import Speech2Text
+    from s2t_model.batching import frame_budget_batches
+    from s2t_model.features import num_frames
+
+    # As the job picks it: "auto" is cuda with --num-gpus, else cuda where there is one (GenerateText's rule).
+    device = "cuda" if args.num_gpus > 0 and args.device == "auto" else args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    started = time.perf_counter()
+    model = Speech2Text.from_pretrained(args.model, device=device, dtype=getattr(torch, args.dtype))
+    load_s = time.perf_counter() - started
+    extractor = model.feature_extractor
+    rate = extractor.sampling_rate
+    rows = read_manifest(manifest).select(["id", "audio", "offset_s", "duration_s"]).to_pylist()
+    options = dict(num_beams=args.num_beams, max_new_tokens=args.max_new_tokens, max_frames=args.max_frames)
+
+    def synchronize():
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    texts: dict[str, str | None] = {}
+    steps = dict(audio=0.0, features=0.0, generation=0.0)
+    audio_s = 0.0
+    started = time.perf_counter()
+    for start in range(0, len(rows), args.batch_size):
+        chunk = rows[start:start + args.batch_size]
+        t0 = time.perf_counter()
+        waves = []
+        for row in chunk:
+            try:
+                wave = load_audio(row["audio"], rate, row["offset_s"] or 0.0, row["duration_s"],
+                                  min_duration_s=0.1, max_duration_s=30.0)
+            except AudioError:
+                wave = None
+            waves.append(wave)
+            texts[row["id"]] = None
+        good = [i for i, wave in enumerate(waves) if wave is not None]
+        audio_s += sum(len(waves[i]) / rate for i in good)
+        t1 = time.perf_counter()
+        features: list = [None] * len(chunk)
+        for part in frame_budget_batches([num_frames(len(waves[good[j]]), rate) for j in range(len(good))],
+                                         args.max_frames):
+            indices = [good[j] for j in part]
+            padded, lengths = extractor([waves[i] for i in indices], rate)
+            for i, row, length in zip(indices, padded.numpy(), lengths.tolist()):
+                features[i] = np.ascontiguousarray(row[:length])
+        t2 = time.perf_counter()
+        results = model.transcribe_features([features[i] for i in good], tgt_lang=None, **options) if good else []
+        synchronize()
+        t3 = time.perf_counter()
+        for i, result in zip(good, results):
+            texts[chunk[i]["id"]] = result.text
+        steps["audio"] += t1 - t0
+        steps["features"] += t2 - t1
+        steps["generation"] += t3 - t2
+    wall_s = time.perf_counter() - started
+    return dict(texts=texts, wall_s=wall_s, audio_s=audio_s, load_s=load_s, steps=steps, device=device,
+                threads=torch.get_num_threads())
+
+
+# ------------------------------------------------------------------------------------------------------- report
+
+STAGE = re.compile(r"Operator \w+\[(?P<name>[^\]]+)\] completed\. Operator Metrics:\n(?P<metrics>\{.*\})")
+FINISHED = re.compile(r"execution finished in (?P<seconds>[\d.]+) seconds")
+
+
+def ray_data_stages(since: float) -> tuple[float | None, list[dict]]:
+    """From the log Ray Data wrote for the dataset this process ran last (after `since`): its execution time, and
+    for each stage the tasks run, their total time and the total time spent in our function (`__call__`)."""
+    import glob
+
+    import ray
+
+    try:
+        logs = ray._private.worker._global_node.get_logs_dir_path()
+    except Exception:  # not a local Ray whose logs this process can read
+        return None, []
+    files = [f for f in glob.glob(os.path.join(logs, "ray-data", "ray-data-dataset_*.log")) if os.path.getmtime(f) >= since]
+    if not files:
+        return None, []
+    with open(max(files, key=os.path.getmtime), encoding="utf-8", errors="replace") as f:
+        text = f.read()
+    finished = FINISHED.search(text)
+    stages = []
+    for match in STAGE.finditer(text):
+        if match["name"] == "Input":
+            continue
+
+        def metric(key: str) -> float:
+            found = re.search(rf"'{key}': ([\d.e+-]+)", match["metrics"])
+            return float(found[1]) if found else 0.0
+
+        stages.append(dict(name=match["name"], tasks=int(metric("num_tasks_finished")),
+                           rows=int(metric("rows_task_outputs_generated")), task_s=metric("task_completion_time_s"),
+                           udf_s=metric("function_body_time_s")))
+    return (float(finished["seconds"]) if finished else None), stages
+
+
+def load_average() -> str:
+    """The machine's 1-minute load: above the core count while a side runs, something else shared the cores."""
+    try:
+        return f"{os.getloadavg()[0]:.2f} on {os.cpu_count()} cores"
+    except OSError:
+        return "unknown"
+
+
+def main(args) -> None:
+    import torch
+
+    if args.generation_cpus is None:
+        cores = os.cpu_count() or 1
+        args.generation_cpus = 1.0 if args.num_gpus > 0 else float(max(1, cores // args.generation_actors))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix="s2t-bench-pipeline-") as tmp:
+        folder = args.keep or tmp
+        manifest, corpus_s = build_corpus(os.path.join(folder, "corpus"), args.hours)
+        rows = sum(1 for _ in open(manifest, encoding="utf-8"))
+        print(f"corpus: {rows} rows, {corpus_s:.0f} s = {corpus_s / 3600:.2f} h of audio (the {DEMO_CORPUS} clips "
+              f"repeated), {manifest}")
+        print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} torch threads "
+              f"in this process, cuda {'yes' if torch.cuda.is_available() else 'no'}")
+        print(f"options: num_beams {args.num_beams}, max_frames {args.max_frames}, batch_size {args.batch_size}, "
+              f"device {args.device}, dtype {args.dtype}")
+
+        # Rounds alternate the sides (model-only, job, model-only, ...) so that load from elsewhere on a shared
+        # machine hits both alike; the best round of each side counts. The first model-only run comes before Ray's
+        # processes exist.
+        alone = job = None
+        for i in range(args.repeats):
+            print(f"\nround {i + 1}/{args.repeats}", flush=True)
+            load = load_average()
+            result = run_model_only(args, manifest)
+            print(f"  (b) model-only: {result['wall_s']:6.1f} s (load average before: {load})", flush=True)
+            if alone is None or result["wall_s"] < alone["wall_s"]:
+                alone = result
+            if i == 0:
+                print(f"  {start_ray(args)}")
+                print(f"  feature actors: up to {args.feature_actors} x {args.feature_cpus:g} CPU; {args.generation_actors} generation "
+                      f"actor(s) x {args.generation_cpus:g} CPU (so {max(int(args.generation_cpus), 1)} torch threads: Ray sets "
+                      f"OMP_NUM_THREADS to an actor's CPUs), {args.num_gpus:g} GPU", flush=True)
+            load = load_average()
+            output = os.path.join(folder, f"output-{i + 1}")  # a fresh folder: nothing to resume
+            since = time.time()
+            summary, wall_s = run_job(args, manifest, output)
+            print(f"  (a) job:        {summary['wall_s']:6.1f} s (load average before: {load})", flush=True)
+            if job is None or summary["wall_s"] < job["summary"]["wall_s"]:
+                execution_s, stages = ray_data_stages(since)
+                job = dict(summary=summary, wall_s=wall_s, texts=job_texts(output), execution_s=execution_s,
+                           stages=stages)
+    report(args, alone, job)
+
+
+def report(args, alone: dict, job: dict) -> None:
+    summary = job["summary"]
+    job_rtfx = summary["rtfx"] or 0.0
+    alone_rtfx = alone["audio_s"] / alone["wall_s"]
+    ratio = job_rtfx / alone_rtfx if alone_rtfx else 0.0
+    same = sum(job["texts"].get(i) == t and t is not None for i, t in alone["texts"].items())
+    steps = alone["steps"]
+    best = " (best round)" if args.repeats > 1 else ""
+    print(f"\n  {'side':<12} {'audio s':>9} {'wall s':>9} {'RTFx':>8}  included in the wall time{best}")
+    print(f"  {'job':<12} {summary['audio_hours_this_run'] * 3600:9.1f} {summary['wall_s']:9.1f} {job_rtfx:8.2f}  "
+          f"all of run(): manifest, actor start-up + model loading, audio, features, generation, Parquet, "
+          f"summary (not ray.init)")
+    print(f"  {'model-only':<12} {alone['audio_s']:9.1f} {alone['wall_s']:9.1f} {alone_rtfx:8.2f}  "
+          f"audio {steps['audio']:.1f} s + features {steps['features']:.1f} s + generation "
+          f"{steps['generation']:.1f} s; not model loading ({alone['load_s']:.2f} s); {alone['threads']} torch "
+          f"threads, {alone['device']}")
+    verdict = "met" if ratio >= TARGET else "NOT met"
+    print(f"\n  job / model-only: {ratio:.2f} ({100 * ratio:.0f} %); target >= {100 * TARGET:.0f} % of model-only "
+          f"on this {os.cpu_count()}-core CPU: {verdict}")
+    print(f"  identical texts: {same}/{len(alone['texts'])}; job rows ok {summary['rows_ok']}, errors "
+          f"{summary['rows_error']}, missing {summary['rows_missing']}, WER {summary.get('wer') or 0:.2f} %")
+    if not job["stages"]:
+        return
+    print("\n  where the job's time went (from Ray Data's log; stages overlap, times are summed over their tasks):")
+    if job["execution_s"] is not None:
+        print(f"    dataset execution {job['execution_s']:.1f} s of the job's {job['wall_s']:.1f} s (the rest: "
+              f"manifest, resume check, reading the output back for the summary)")
+    for stage in job["stages"]:
+        print(f"    {stage['name']:<28} {stage['tasks']:4d} tasks, {stage['rows']:6d} rows, {stage['task_s']:7.1f} s "
+              f"in tasks, {stage['udf_s']:7.1f} s in __call__")
+    generation = next((s for s in job["stages"] if "GenerateText" in s["name"]), None)
+    features = next((s for s in job["stages"] if "ComputeFeatures" in s["name"]), None)
+    if generation and features:
+        idle = job["wall_s"] - generation["udf_s"]
+        print(f"    generation actor: in __call__ {generation['udf_s']:.1f} s (model-only: {steps['generation']:.1f} s "
+              f"generating the same rows), idle {idle:.1f} s of {job['wall_s']:.1f} s (start-up, model loading, "
+              f"waiting for features, the tail)")
+        print(f"    feature actors: in __call__ {features['udf_s']:.1f} s (model-only: "
+              f"{steps['audio'] + steps['features']:.1f} s reading audio and computing features), on the same "
+              f"{os.cpu_count()} cores as generation")
