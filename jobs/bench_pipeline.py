@@ -53,6 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torch threads of the model-only side (default: torch's own, one per core)")
     parser.add_argument("--repeats", type=int, default=1,
                         help="rounds of both sides, alternating; the best of each side counts (a shared machine)")
+    parser.add_argument("--quiet-wait", type=float, default=60.0,
+                        help="before each side, wait up to this many seconds for other processes to leave the CPUs "
+                             "idle (< 25 %% busy); 0: do not wait")
     parser.add_argument("--keep", default=None, help="build corpus and output in this folder and keep them")
 
 
@@ -99,7 +102,9 @@ def start_ray(args) -> str:
     num_cpus = args.ray_cpus or max(cores, int(-(-needed // 1)))
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False  # the figures, not a progress log
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    for handler in logging.getLogger("ray.data").handlers:  # quiet on the console; its log file is read below
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.WARNING)
     note = f"local Ray started with {num_cpus} logical CPUs on {cores} cores"
     if num_cpus > cores:
         note += (f" (the job asks for {needed:g} at once: {args.feature_actors} feature actor(s) x "
@@ -240,12 +245,38 @@ def ray_data_stages(since: float) -> tuple[float | None, list[dict]]:
     return (float(finished["seconds"]) if finished else None), stages
 
 
-def load_average() -> str:
-    """The machine's 1-minute load: above the core count while a side runs, something else shared the cores."""
+def cpu_busy(window_s: float = 2.0) -> float | None:
+    """Share of the machine's CPU time spent busy over the next `window_s` seconds (/proc/stat; None elsewhere)."""
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:]]
+        idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+        return sum(values), idle
+
     try:
-        return f"{os.getloadavg()[0]:.2f} on {os.cpu_count()} cores"
-    except OSError:
-        return "unknown"
+        total0, idle0 = sample()
+        time.sleep(window_s)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    return 1 - (idle1 - idle0) / max(total1 - total0, 1)
+
+
+def wait_for_quiet(limit_s: float, threshold: float = 0.25) -> str:
+    """Wait (at most limit_s) until others leave the cores nearly idle: on a shared 2-core machine one busy process
+    beside a 2-thread torch run slows it several times over. Says how busy the machine was when the side began."""
+    waited = 0.0
+    while True:
+        busy = cpu_busy()
+        if busy is None:
+            return "machine load unknown"
+        if busy < threshold or waited >= limit_s:
+            break
+        waited += 2.0
+    note = f"CPUs {100 * busy:.0f} % busy just before, load average {os.getloadavg()[0]:.1f}"
+    if waited:
+        note += f", after waiting {waited:.0f} s" + (" (gave up)" if busy >= threshold else "")
+    return note
 
 
 def main(args) -> None:
@@ -273,9 +304,9 @@ def main(args) -> None:
         alone = job = None
         for i in range(args.repeats):
             print(f"\nround {i + 1}/{args.repeats}", flush=True)
-            load = load_average()
+            load = wait_for_quiet(args.quiet_wait)
             result = run_model_only(args, manifest)
-            print(f"  (b) model-only: {result['wall_s']:6.1f} s (load average before: {load})", flush=True)
+            print(f"  (b) model-only: {result['wall_s']:6.1f} s ({load})", flush=True)
             if alone is None or result["wall_s"] < alone["wall_s"]:
                 alone = result
             if i == 0:
@@ -283,11 +314,11 @@ def main(args) -> None:
                 print(f"  feature actors: up to {args.feature_actors} x {args.feature_cpus:g} CPU; {args.generation_actors} generation "
                       f"actor(s) x {args.generation_cpus:g} CPU (so {max(int(args.generation_cpus), 1)} torch threads: Ray sets "
                       f"OMP_NUM_THREADS to an actor's CPUs), {args.num_gpus:g} GPU", flush=True)
-            load = load_average()
+            load = wait_for_quiet(args.quiet_wait)
             output = os.path.join(folder, f"output-{i + 1}")  # a fresh folder: nothing to resume
             since = time.time()
             summary, wall_s = run_job(args, manifest, output)
-            print(f"  (a) job:        {summary['wall_s']:6.1f} s (load average before: {load})", flush=True)
+            print(f"  (a) job:        {summary['wall_s']:6.1f} s ({load})", flush=True)
             if job is None or summary["wall_s"] < job["summary"]["wall_s"]:
                 execution_s, stages = ray_data_stages(since)
                 job = dict(summary=summary, wall_s=wall_s, texts=job_texts(output), execution_s=execution_s,

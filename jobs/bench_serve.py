@@ -51,6 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="how long a batch waits to fill (default: ServeConfig's)")
     parser.add_argument("--max-ongoing-requests", type=int, default=None,
                         help="requests a replica holds at once (default: ServeConfig's)")
+    parser.add_argument("--max-frames", type=int, default=None,
+                        help="padded feature frames per generation batch: a batch is sorted by length and cut so "
+                             "that size x longest stays within it (default: ServeConfig's)")
     parser.add_argument("--cpus-per-replica", type=float, default=None,
                         help="CPUs the replica reserves, which is also its torch thread count (OMP_NUM_THREADS; "
                              "default: ServeConfig's)")
@@ -101,7 +104,7 @@ class Level:
     concurrency: int
     requests: int
     ok: int
-    failed: dict  # status (0: transport error) -> count
+    failed: dict  # status (0: transport error, -1: a 200 without a transcript) -> count
     wall_s: float
     audio_s: float  # audio of the 200 responses
     rps: float
@@ -179,6 +182,8 @@ async def send_all(client, plan: list[Clip], concurrency: int) -> tuple[list[tup
                     texts[i] = response.json()["text"]
             except httpx.HTTPError:
                 status = 0
+            except (ValueError, KeyError, TypeError):  # a 200 without a JSON transcript counts as a failure
+                status = -1
             results[i] = (status, time.perf_counter() - started, clip.duration)
 
     started = time.perf_counter()
@@ -336,7 +341,8 @@ def print_table(rows: list[tuple[Level, Level, float, float]]) -> None:
 
 
 def describe(level: Level, cpu: dict) -> str:
-    failed = ", ".join(f"{n} x {'transport error' if s == 0 else s}" for s, n in level.failed.items())
+    names = {0: "transport error", -1: "200 without a transcript"}
+    failed = ", ".join(f"{n} x {names.get(s, s)}" for s, n in level.failed.items())
     per_request = ", ".join(f"{k} {1000 * v / level.requests:.0f}" for k, v in cpu.items())
     return (f"concurrency {level.concurrency:>3}: {level.ok}/{level.requests} ok in {level.wall_s:.1f} s, "
             f"{level.rps:.2f} req/s, p50 {level.p50_ms:.0f} ms, p99 {level.p99_ms:.0f} ms"
@@ -356,7 +362,7 @@ def main(args) -> None:
     plan = request_plan(clips, args.requests)
     warmup = max(levels) if args.warmup is None else args.warmup
     base = {"model": args.model, "num_beams": args.num_beams, "device": args.device}
-    for option in ("batch_wait_ms", "max_ongoing_requests", "cpus_per_replica"):
+    for option in ("batch_wait_ms", "max_ongoing_requests", "max_frames", "cpus_per_replica"):
         if getattr(args, option) is not None:
             base[option] = getattr(args, option)
     sides = {"batched": ServeConfig(**base, max_batch_size=args.max_batch_size),

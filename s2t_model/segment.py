@@ -48,6 +48,7 @@ POWER_FLOOR = 1e-10  # -100 dB: digital silence stays finite
 MAX_SEGMENT_S = 20.0
 SPLIT_PAUSE_S = 0.3  # a pause this long ends a segment (pauses within the demo utterances: up to 0.25 s)
 MIN_PAUSE_S = 0.1  # shorter quiet runs are no pause (gaps between syllables)
+MIN_SPEECH_S = 0.1  # shorter loud runs are no speech (bursts of noise)
 PAD_S = 0.15  # silence kept before and after speech
 MIN_SEGMENT_S = 1.0  # a pause splits only after this much of a segment
 MARGIN_DB = 6.0  # loud: this far above the pauses' level
@@ -175,15 +176,18 @@ def otsu_threshold(energies: np.ndarray, bin_db: float = 1.0) -> float:
     return float(edges[1 + int(np.argmax(between))])
 
 
-def speech_frames(energies: np.ndarray, levels: tuple[float, float, float], own_frames: int
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Frames (T,) -> (loud, own, room), bool (T,) each. Loud: >= threshold. Room: quiet, and sounds like the pauses
+def speech_frames(energies: np.ndarray, levels: tuple[float, float, float], own_frames: int, min_gap_frames: int,
+                  min_speech_frames: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Frames (T,) -> (loud, own, room), bool (T,) each. Loud: >= threshold, with quiet runs shorter than
+    `min_gap_frames` filled, then loud runs shorter than `min_speech_frames` dropped. Room: quiet, and sounds like the pauses
     (a 50 ms average of the quiet frames within the spread of the floor). Own: quiet frames next to loud ones, up to
     the farthest that does not sound like the pauses within `own_frames`: an utterance's own silence, from a clip
     recorded elsewhere and joined in. Segments take it whole and are cut at the step into the pauses' noise, which
     a model trained on such clips would take for the start of a word."""
     floor, threshold, spread = levels
     loud = energies >= threshold
+    loud = ~drop_short_runs(~loud, min_gap_frames)  # the gaps between syllables are speech,
+    loud = drop_short_runs(loud, min_speech_frames)  # and a noise burst that short is not
     if not math.isfinite(floor) or len(energies) == 0:
         return loud, np.zeros_like(loud), ~loud
     quiet = (~loud).astype(np.float64)
@@ -201,6 +205,18 @@ def speech_frames(energies: np.ndarray, levels: tuple[float, float, float], own_
         if end < len(loud) and len(near):
             own[max(start, end - own_frames) + near[0]:end] = True
     return loud, own, room
+
+
+def drop_short_runs(mask: np.ndarray, min_length: int) -> np.ndarray:
+    """`mask` (T,) bool with its runs of True shorter than `min_length` set to False."""
+    starts, ends = true_runs(mask)
+    short = ends - starts < min_length
+    if not short.any():
+        return mask
+    change = np.zeros(len(mask) + 1, np.int64)
+    np.add.at(change, starts[short], 1)
+    np.add.at(change, ends[short], -1)
+    return mask & (np.cumsum(change[:-1]) == 0)
 
 
 def true_runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -245,6 +261,7 @@ class Segmenter:
         self.margin_db = margin_db
         self.floor_pause_frames = frames(FLOOR_PAUSE_S)
         self.own_frames = frames(OWN_SILENCE_S)
+        self.min_speech_frames = frames(MIN_SPEECH_S)
         self.context_frames = frames(CONTEXT_S)
         # past the window: enough to tell whether a pause that starts in it is clear, and where its cut lies
         split = self.split_frames if math.isfinite(self.split_frames) else 0
@@ -305,7 +322,7 @@ class Segmenter:
         context = self.energies[max(self.base, self.cursor - self.context_frames) - self.base:high - self.base]
         levels = pause_levels(context, self.floor_pause_frames, self.margin_db)
         loud, own, room = speech_frames(self.energies[self.cursor - self.base:high - self.base], levels,
-                                        self.own_frames)  # frames [cursor, high)
+                                        self.own_frames, self.min_pause_frames, self.min_speech_frames)
         onsets = np.flatnonzero(loud | own)
         if len(onsets) == 0:  # silence up to `high`: trim it
             if end_in_reach:

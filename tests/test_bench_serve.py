@@ -84,3 +84,12 @@ def test_the_command_is_registered():
                                           "--cpus-per-replica", "2"])
     assert args.run is bench_serve.main and args.requests == 16 and args.concurrency == "1,8"
     assert args.cpus_per_replica == 2.0 and args.max_batch_size == 16 and args.num_beams == 5
+
+
+def test_cpu_accounting_finds_this_process_and_no_replica_of_another_ray():
+    import os
+
+    seconds = bench_serve.process_cpu_s()
+    assert seconds["client"][0] == os.getpid() and seconds["client"][1] > 0
+    # Only descendants of this process count: another Ray's replicas on the machine (another bench) never do.
+    assert "replica" not in seconds
