@@ -359,10 +359,11 @@ def report(args, alone: dict, job: dict) -> None:
     generation = next((s for s in job["stages"] if "GenerateText" in s["name"]), None)
     features = next((s for s in job["stages"] if "ComputeFeatures" in s["name"]), None)
     if generation and features:
-        idle = job["wall_s"] - generation["udf_s"]
-        print(f"    generation actor: in __call__ {generation['udf_s']:.1f} s (model-only: {steps['generation']:.1f} s "
-              f"generating the same rows), idle {idle:.1f} s of {job['wall_s']:.1f} s (start-up, model loading, "
-              f"waiting for features, the tail)")
-        print(f"    feature actors: in __call__ {features['udf_s']:.1f} s (model-only: "
+        actors = args.generation_actors
+        busy = generation["udf_s"] / actors
+        print(f"    generation: in __call__ {generation['udf_s']:.1f} s (model-only: {steps['generation']:.1f} s "
+              f"generating the same rows); each of the {actors} actor(s) idle {job['wall_s'] - busy:.1f} s of "
+              f"{job['wall_s']:.1f} s on average (start-up, model loading, waiting for features, the tail)")
+        print(f"    features: in __call__ {features['udf_s']:.1f} s (model-only: "
               f"{steps['audio'] + steps['features']:.1f} s reading audio and computing features), on the same "
               f"{os.cpu_count()} cores as generation")

@@ -1,23 +1,25 @@
 """Long recordings cut into utterance-sized segments at pauses, from frame energies alone (numpy, no model).
 
 Frames of 25 ms every 10 ms give a log energy in dB. Each decision looks at the frames around it (`CONTEXT_S`
-before, `max_segment_s` and a little more after) and finds the level of the pauses there: Otsu's threshold splits
-the frames into loud and soft, and the soft runs of at least `FLOOR_PAUSE_S` are pauses; their median is the floor.
-A frame is loud from the floor plus `margin_db` (or plus the pauses' own spread, for uneven noise) up, so loudness
-and noise floor do not matter. A stretch without `MIN_CONTRAST_DB` of contrast (a tone, steady noise, silence) has
-no pauses: all speech if louder than `UNIFORM_SPEECH_DB`, all silence otherwise.
+before, `max_segment_s` and about 2 s after) and finds the level of the pauses there: Otsu's threshold splits the
+frames into loud and soft, the soft runs of at least `FLOOR_PAUSE_S` are pauses, and their median is the floor. A
+frame is loud from the floor plus `margin_db` (or plus the pauses' own spread, for uneven noise) up, so loudness
+and noise floor do not matter. Gaps shorter than `min_pause_s` count as loud, loud runs shorter than `MIN_SPEECH_S`
+next to `BURST_QUIET_S` of quiet as quiet (a burst of noise in a pause). A stretch without `MIN_CONTRAST_DB` of
+contrast (a tone, steady noise, silence) has no pauses: all speech if louder than `UNIFORM_SPEECH_DB`, else silence.
 
 Quiet next to speech that does not sound like the pauses (off their level by more than their spread) is the
-utterance's own silence, up to `OWN_SILENCE_S`: a clip recorded elsewhere and joined in, as in the bundled long-form
-recordings. It stays with its speech and the segment ends at the step into the pauses' noise; elsewhere `pad_s` of
-the pause is kept next to the speech. The demo model, trained on such clips, hears a step of background noise as a
-word: 0.1 s of the pauses' noise before each true utterance takes its WER on the first recording from 0.4% to 3.8%.
+utterance's own silence, up to `OWN_SILENCE_S`: a clip recorded elsewhere and joined in, as in the bundled
+long-form recordings. It stays with its speech, and the segment ends at the step into the pauses' noise; elsewhere
+`pad_s` of the pause is kept next to the speech. The demo model, trained on such clips, hears a step of
+background noise as a word: 0.1 s of the pauses' noise before each true utterance takes its WER on the first
+bundled recording from 0.4% to 3.8%.
 
 Segments are made one after another, each from the first speech after the previous one:
 
 - a quiet run of at least `split_pause_s` that sounds like the pauses ends the segment once it holds
-  `min_segment_s` (a shorter start, a click say, runs on into the next speech: merged, never dropped); the rest of
-  the pause goes to neither segment, so long silence is trimmed, at the start and end of the recording too;
+  `min_segment_s` (a shorter start runs on into the next speech: merged, never dropped); the rest of the pause
+  goes to neither segment, so long silence is trimmed, at the start and end of the recording too;
 - a segment that reaches `max_segment_s` without such a pause is cut in its longest shorter pause (at least
   `min_pause_s`; the later one of equals), or at exactly `max_segment_s` where it has no pause at all;
 - at the end of the recording, speech after the last pause that is shorter than `min_segment_s` joins the segment
@@ -48,7 +50,8 @@ POWER_FLOOR = 1e-10  # -100 dB: digital silence stays finite
 MAX_SEGMENT_S = 20.0
 SPLIT_PAUSE_S = 0.3  # a pause this long ends a segment (pauses within the demo utterances: up to 0.25 s)
 MIN_PAUSE_S = 0.1  # shorter quiet runs are no pause (gaps between syllables)
-MIN_SPEECH_S = 0.1  # shorter loud runs are no speech (bursts of noise)
+MIN_SPEECH_S = 0.1  # shorter loud runs next to BURST_QUIET_S of quiet are no speech (bursts of noise) ...
+BURST_QUIET_S = 0.3  # ... on either side
 PAD_S = 0.15  # silence kept before and after speech
 MIN_SEGMENT_S = 1.0  # a pause splits only after this much of a segment
 MARGIN_DB = 6.0  # loud: this far above the pauses' level
@@ -177,17 +180,18 @@ def otsu_threshold(energies: np.ndarray, bin_db: float = 1.0) -> float:
 
 
 def speech_frames(energies: np.ndarray, levels: tuple[float, float, float], own_frames: int, min_gap_frames: int,
-                  min_speech_frames: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Frames (T,) -> (loud, own, room), bool (T,) each. Loud: >= threshold, with quiet runs shorter than
-    `min_gap_frames` filled, then loud runs shorter than `min_speech_frames` dropped. Room: quiet, and sounds like the pauses
-    (a 50 ms average of the quiet frames within the spread of the floor). Own: quiet frames next to loud ones, up to
-    the farthest that does not sound like the pauses within `own_frames`: an utterance's own silence, from a clip
-    recorded elsewhere and joined in. Segments take it whole and are cut at the step into the pauses' noise, which
-    a model trained on such clips would take for the start of a word."""
+                  min_speech_frames: int, burst_quiet_frames: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Frames (T,) -> (loud, own, room), bool (T,) each.
+
+    Loud: >= threshold, quiet runs shorter than `min_gap_frames` filled (gaps between syllables), loud runs shorter
+    than `min_speech_frames` with `burst_quiet_frames` of quiet on a side dropped (bursts of noise in a pause).
+    Room: quiet, and sounds like the pauses: a 50 ms average of the quiet frames within the spread of the floor.
+    Own: quiet frames next to loud ones, up to the farthest that does not sound like the pauses within
+    `own_frames`: an utterance's own silence, from a clip recorded elsewhere and joined in. Segments take it whole
+    and are cut at the step into the pauses' noise, which a model trained on such clips takes for a word."""
     floor, threshold, spread = levels
-    loud = energies >= threshold
-    loud = ~drop_short_runs(~loud, min_gap_frames)  # the gaps between syllables are speech,
-    loud = drop_short_runs(loud, min_speech_frames)  # and a noise burst that short is not
+    loud = ~drop_runs(energies < threshold, min_gap_frames)
+    loud = drop_runs(loud, min_speech_frames, burst_quiet_frames)
     if not math.isfinite(floor) or len(energies) == 0:
         return loud, np.zeros_like(loud), ~loud
     quiet = (~loud).astype(np.float64)
@@ -207,16 +211,17 @@ def speech_frames(energies: np.ndarray, levels: tuple[float, float, float], own_
     return loud, own, room
 
 
-def drop_short_runs(mask: np.ndarray, min_length: int) -> np.ndarray:
-    """`mask` (T,) bool with its runs of True shorter than `min_length` set to False."""
+def drop_runs(mask: np.ndarray, shorter_than: int, alone_for: int = 0) -> np.ndarray:
+    """`mask` (T,) bool with its runs of True shorter than `shorter_than` and with `alone_for` frames of False on
+    a side set to False."""
     starts, ends = true_runs(mask)
-    short = ends - starts < min_length
-    if not short.any():
-        return mask
-    change = np.zeros(len(mask) + 1, np.int64)
-    np.add.at(change, starts[short], 1)
-    np.add.at(change, ends[short], -1)
-    return mask & (np.cumsum(change[:-1]) == 0)
+    before = starts - np.concatenate([[0], ends[:-1]])
+    after = np.concatenate([starts[1:], [len(mask)]]) - ends
+    drop = (ends - starts < shorter_than) & ((before >= alone_for) | (after >= alone_for))
+    mask = mask.copy()
+    for start, end in zip(starts[drop], ends[drop]):
+        mask[start:end] = False
+    return mask
 
 
 def true_runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -262,6 +267,7 @@ class Segmenter:
         self.floor_pause_frames = frames(FLOOR_PAUSE_S)
         self.own_frames = frames(OWN_SILENCE_S)
         self.min_speech_frames = frames(MIN_SPEECH_S)
+        self.burst_quiet_frames = frames(BURST_QUIET_S)
         self.context_frames = frames(CONTEXT_S)
         # past the window: enough to tell whether a pause that starts in it is clear, and where its cut lies
         split = self.split_frames if math.isfinite(self.split_frames) else 0
@@ -322,7 +328,8 @@ class Segmenter:
         context = self.energies[max(self.base, self.cursor - self.context_frames) - self.base:high - self.base]
         levels = pause_levels(context, self.floor_pause_frames, self.margin_db)
         loud, own, room = speech_frames(self.energies[self.cursor - self.base:high - self.base], levels,
-                                        self.own_frames, self.min_pause_frames, self.min_speech_frames)
+                                        self.own_frames, self.min_pause_frames, self.min_speech_frames,
+                                        self.burst_quiet_frames)
         onsets = np.flatnonzero(loud | own)
         if len(onsets) == 0:  # silence up to `high`: trim it
             if end_in_reach:
