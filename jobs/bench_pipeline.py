@@ -11,6 +11,12 @@
 
 RTFx = audio seconds / wall seconds. Both sides must give the same texts, since they run the same code path.
 The corpus repeats the bundled demo clips (with distinct ids) up to `--hours` of audio; no audio is copied.
+
+Fair on a small CPU machine: the model-only side uses every core (torch's default threads), so by default the
+generation actor reserves every core too (Ray gives an actor as many torch threads as CPUs it reserves), and the
+local Ray is started with more logical CPUs than cores when the job's actors would not all fit at once. Each side
+waits first for other processes to leave the CPUs idle (`--quiet-wait`): beside one busy process a 2-thread torch
+run on 2 cores slows down several times over, which would measure the neighbours, not the job.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import re
 import tempfile
@@ -36,6 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-frames", type=int, default=24000, help="padded feature frames per generation batch")
     parser.add_argument("--batch-size", type=int, default=64, help="rows handed to a generation actor at a time "
                                                                    "(the model-only side gets the same batches)")
+    parser.add_argument("--rows-per-block", type=int, default=256, help="manifest rows per Ray Data block: the "
+                                                                        "unit the stages hand on and balance")
     parser.add_argument("--generation-cpus", type=float, default=None,
                         help="CPUs the generation actor reserves, which is also its torch thread count "
                              "(default on CPU: the cores shared among the generation actors, so that together they may use "
@@ -99,7 +108,7 @@ def start_ray(args) -> str:
         return f"Ray already running here with {ray.cluster_resources().get('CPU', 0):g} logical CPUs"
     cores = os.cpu_count() or 1
     needed = ray_cpus_needed(args)
-    num_cpus = args.ray_cpus or max(cores, int(-(-needed // 1)))
+    num_cpus = args.ray_cpus or max(cores, math.ceil(needed))
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False  # the figures, not a progress log
     for handler in logging.getLogger("ray.data").handlers:  # quiet on the console; its log file is read below
@@ -107,9 +116,10 @@ def start_ray(args) -> str:
             handler.setLevel(logging.WARNING)
     note = f"local Ray started with {num_cpus} logical CPUs on {cores} cores"
     if num_cpus > cores:
-        note += (f" (the job asks for {needed:g} at once: {args.feature_actors} feature actor(s) x "
-                 f"{args.feature_cpus:g} + generation {args.generation_actors} x {args.generation_cpus:g} + 1 for read/write tasks; "
-                 f"with {cores} the pipeline would wait on itself)")
+        note += (f": the job asks for {needed:g} at once ({args.feature_actors} feature actor(s) x "
+                 f"{args.feature_cpus:g} + {args.generation_actors} generation actor(s) x {args.generation_cpus:g} "
+                 f"+ 1 for read/write tasks); with only {cores} the stages take turns instead of overlapping (the "
+                 f"generation actor waits until the feature actors finish and give their CPUs back)")
     return note
 
 
@@ -120,7 +130,7 @@ def run_job(args, manifest: str, output: str) -> tuple[dict, float]:
         manifest=manifest, output=output, model=args.model, num_beams=args.num_beams,
         max_new_tokens=args.max_new_tokens, max_frames=args.max_frames, batch_size=args.batch_size,
         feature_actors=args.feature_actors, feature_cpus=args.feature_cpus, generation_cpus=args.generation_cpus,
-        generation_actors=args.generation_actors,
+        generation_actors=args.generation_actors, rows_per_block=args.rows_per_block,
         num_gpus=args.num_gpus, device=args.device, dtype=args.dtype,
     )
     started = time.perf_counter()
@@ -296,6 +306,7 @@ def main(args) -> None:
         print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} torch threads "
               f"in this process, cuda {'yes' if torch.cuda.is_available() else 'no'}")
         print(f"options: num_beams {args.num_beams}, max_frames {args.max_frames}, batch_size {args.batch_size}, "
+              f"rows_per_block {args.rows_per_block}, "
               f"device {args.device}, dtype {args.dtype}")
 
         # Rounds alternate the sides (model-only, job, model-only, ...) so that load from elsewhere on a shared
