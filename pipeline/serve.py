@@ -46,6 +46,7 @@ class ServeConfig(JobConfig):
     batch_wait_ms: float = Field(20.0, ge=0, description="how long a batch waits to fill")
     max_ongoing_requests: int = Field(64, ge=1, description="requests a replica holds at once")
     max_queued_requests: int = Field(256, ge=-1, description="requests waiting for a replica; more get 503")
+    retry_after_s: float = Field(1.0, ge=0, description="the Retry-After a 503 for a full queue carries")
     max_upload_mb: float = Field(25.0, gt=0)
     min_duration_s: float = Field(0.1, ge=0)
     max_duration_s: float = Field(1800.0, gt=0, description="longest upload, in seconds of audio")
@@ -61,6 +62,8 @@ class ServeConfig(JobConfig):
         options = dict(
             max_ongoing_requests=self.max_ongoing_requests,
             max_queued_requests=self.max_queued_requests,
+            # Serve's proxy answers a full queue itself: 503, and with this a Retry-After clients can honour.
+            backpressure_config={"status_code": 503, "retry_after_s": self.retry_after_s},
             ray_actor_options={"num_cpus": self.cpus_per_replica, "num_gpus": self.gpus_per_replica},
         )
         if self.max_replicas and self.max_replicas > self.replicas:

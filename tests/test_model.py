@@ -100,6 +100,22 @@ def test_logits_of_a_padded_batch_equal_transformers_per_utterance(name, request
             assert (logits[i] - reference).abs().max().item() <= 1e-4, f"utterance {i} ({n} frames)"
 
 
+def test_encoding_in_length_groups_equals_transformers_per_utterance(tiny):
+    from s2t_model.decoding import encode_in_length_groups
+
+    hf, folder = tiny
+    model = Speech2Text.from_pretrained(folder)
+    frames = [500, 470, 28, 300, 290, 460]  # groups {500, 470, 460}, {300, 290}, {28}: shared and lone groups
+    features, lengths = padded_features(frames)
+    with torch.no_grad():
+        states, mask = encode_in_length_groups(model, features, lengths)
+        for i, n in enumerate(frames):
+            reference = hf.model.encoder(features[i : i + 1, :n], attention_mask=torch.ones(1, n, dtype=torch.long))
+            reference = reference.last_hidden_state[0]
+            assert mask[i].sum().item() == len(reference) and not mask[i, len(reference) :].any()
+            assert (states[i, : len(reference)] - reference).abs().max().item() <= 1e-4, f"utterance {i} ({n} frames)"
+
+
 @pytest.mark.parametrize("name", ["tiny", "small"])
 @pytest.mark.parametrize("num_beams", [1, 5])
 def test_generate_equals_transformers(name, num_beams, request):

@@ -122,6 +122,28 @@ def test_bad_input_gets_its_4xx_and_a_json_message(server, tmp_path):
     assert httpx.get(f"{server}/healthz").status_code == 200
 
 
+def test_a_full_queue_gets_503_with_retry_after_and_the_rest_are_answered(server):
+    from ray import serve
+
+    from pipeline.serve import build_app
+
+    # A second app on the same proxy whose one replica holds one request and queues one more.
+    serve.run(build_app({"model": DEMO_MODEL, "max_batch_size": 1, "max_ongoing_requests": 1,
+                         "max_queued_requests": 1, "retry_after_s": 3}), name="s2t-tight", route_prefix="/tight")
+    try:
+        clip = open(demo_rows(1)[0]["audio_filepath"], "rb").read()
+        with ThreadPoolExecutor(16) as pool:
+            responses = list(pool.map(lambda _: post(f"{server}/tight", files={"file": ("a.flac", clip)}, token=None),
+                                      range(16)))
+        statuses = [r.status_code for r in responses]
+        assert set(statuses) == {200, 503} and statuses.count(503) >= 8, statuses
+        assert all(r.headers["retry-after"] == "3" for r in responses if r.status_code == 503)
+        assert all(r.json()["text"] == demo_rows(1)[0]["text"] for r in responses if r.status_code == 200)
+        assert post(f"{server}/tight", files={"file": ("a.flac", clip)}, token=None).status_code == 200
+    finally:
+        serve.delete("s2t-tight")
+
+
 def test_long_upload_is_cut_at_pauses_with_timestamps(server):
     from openai import OpenAI
 
