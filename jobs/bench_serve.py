@@ -67,6 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ray-cpus", type=int, default=None,
                         help="logical CPUs of the local Ray (default: the cores, or the replica's CPUs if more)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds a request may take")
 
 
@@ -361,7 +362,7 @@ def main(args) -> None:
     clips = load_clips(args.corpus)
     plan = request_plan(clips, args.requests)
     warmup = max(levels) if args.warmup is None else args.warmup
-    base = {"model": args.model, "num_beams": args.num_beams, "device": args.device}
+    base = {"model": args.model, "num_beams": args.num_beams, "device": args.device, "dtype": args.dtype}
     for option in ("batch_wait_ms", "max_ongoing_requests", "max_frames", "cpus_per_replica"):
         if getattr(args, option) is not None:
             base[option] = getattr(args, option)
@@ -376,7 +377,8 @@ def main(args) -> None:
     print(f"ray: {note}")
     print(f"server: {args.model}, num_beams {config.num_beams}, {config.replicas} replica x "
           f"{config.cpus_per_replica:g} CPU, batch_wait_ms {config.batch_wait_ms:g}, max_ongoing_requests "
-          f"{config.max_ongoing_requests}, max_frames {config.max_frames}, device {config.device}; batched "
+          f"{config.max_ongoing_requests}, max_frames {config.max_frames}, device {config.device}, dtype "
+          f"{config.dtype}; batched "
           f"max_batch_size {args.max_batch_size} vs unbatched 1")
     print(f"load: {len(plan)} timed requests per level ({sum(c.duration for c in plan):.1f} s of audio, the "
           f"{len(clips)} clips of {args.corpus} in order, cycling), levels {levels}, {warmup} warm-up requests "

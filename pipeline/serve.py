@@ -26,7 +26,7 @@ from ray import serve
 from starlette.datastructures import UploadFile as AnyUploadFile  # what FastAPI hands over
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from s2t_model import Speech2Text
+from s2t_model import Speech2Text, Transcript
 from s2t_model.segment import find_segments
 
 from .audio import AudioError, decode_audio
@@ -155,12 +155,15 @@ class Speech2TextServer:
             raise RuntimeError("the model is not loaded")
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)
-    async def decode_batch(self, requests: list[tuple[np.ndarray, str | None]]) -> list:
-        features = [f for f, _ in requests]
-        langs = [lang for _, lang in requests]
+    async def decode_batch(self, requests: list[tuple[np.ndarray, str | None]]) -> list[Transcript]:
+        """(16 kHz waveform, target language or None) of each request -> its `Transcript`."""
         # In a thread, so the replica keeps taking requests (and health checks) while the batch decodes.
-        return await asyncio.to_thread(self.model.transcribe_features, features, tgt_lang=langs,
-                                       num_beams=self.config.num_beams, max_frames=self.config.max_frames)
+        return await asyncio.to_thread(self.transcribe, [audio for audio, _ in requests], [lang for _, lang in requests])
+
+    def transcribe(self, waveforms: list[np.ndarray], langs: list[str | None]) -> list[Transcript]:
+        c, model = self.config, self.model
+        features = model.features(waveforms, model.feature_extractor.sampling_rate, c.max_frames)
+        return model.transcribe_features(features, tgt_lang=langs, num_beams=c.num_beams, max_frames=c.max_frames)
 
     def authorize(self, request: Request) -> None:
         if self.api_key_sha256 is None:
@@ -205,18 +208,13 @@ class Speech2TextServer:
             pieces = [(s.start_s, s.end_s) for s in find_segments(audio, rate, self.config.max_segment_s)]
         else:
             pieces = [(0.0, duration)]
-        results = await asyncio.gather(*[self.decode_batch((self.features(audio[round(a * rate): round(b * rate)]),
-                                                            tgt_lang)) for a, b in pieces])
+        results = await asyncio.gather(*[self.decode_batch((audio[round(a * rate): round(b * rate)], tgt_lang))
+                                         for a, b in pieces])
         segments = [{"id": i, "start": round(a, 3), "end": round(b, 3), "text": r.text, "tokens": r.ids,
                      "avg_logprob": r.avg_logprob, "temperature": 0.0}
                     for i, ((a, b), r) in enumerate(zip(pieces, results))]
         text = " ".join(r.text for r in results if r.text)
         return render(response_format, text, segments, duration, task, tgt_lang or "en")
-
-    def features(self, audio: np.ndarray) -> torch.Tensor:
-        """(T, 80) features of one utterance."""
-        features, lengths = self.model.feature_extractor(audio, self.model.feature_extractor.sampling_rate)
-        return features[0, : lengths[0]]
 
     @app.post("/v1/audio/transcriptions")
     async def transcriptions(

@@ -121,6 +121,13 @@ class Speech2Text(Speech2TextModule):
         """Waveforms (a list of 1-D arrays) -> texts, in length-sorted batches of at most `max_frames` padded frames."""
         if isinstance(waveforms, np.ndarray) and waveforms.ndim == 1:
             waveforms = [waveforms]
+        results = self.transcribe_features(self.features(waveforms, sampling_rate, max_frames), num_beams=num_beams,
+                                           tgt_lang=tgt_lang, max_frames=max_frames, **generate_options)
+        return [result.text for result in results]
+
+    def features(self, waveforms: Sequence[np.ndarray], sampling_rate: int, max_frames: int = 24000) -> list[Tensor]:
+        """Waveforms (1-D arrays) -> features (T_i, 80) each, on the model's device, computed in length-sorted batches
+        of at most `max_frames` padded frames (a batch pads every waveform to its longest)."""
         scale = self.feature_extractor.sampling_rate / sampling_rate
         frames = [num_frames(int(len(w) * scale), self.feature_extractor.sampling_rate) for w in waveforms]
         features: list[Tensor] = [None] * len(waveforms)  # type: ignore[list-item]
@@ -128,9 +135,7 @@ class Speech2Text(Speech2TextModule):
             padded, lengths = self.feature_extractor([waveforms[i] for i in batch], sampling_rate, device=self.device)
             for i, row, length in zip(batch, padded, lengths.tolist()):
                 features[i] = row[:length]
-        results = self.transcribe_features(features, num_beams=num_beams, tgt_lang=tgt_lang, max_frames=max_frames,
-                                           **generate_options)
-        return [result.text for result in results]
+        return features
 
     def transcribe_features(
         self,
