@@ -12,9 +12,10 @@
 RTFx = audio seconds / wall seconds. Both sides must give the same texts, since they run the same code path.
 The corpus repeats the bundled demo clips (with distinct ids) up to `--hours` of audio; no audio is copied.
 
-Fair on a small CPU machine: the model-only side uses every core (torch's default threads), so by default the
-generation actor reserves every core too (Ray gives an actor as many torch threads as CPUs it reserves), and the
-local Ray is started with more logical CPUs than cores when the job's actors would not all fit at once. Each side
+Fair on a small CPU machine: the model-only side uses every core (torch's default threads), so by default the job
+gets one single-threaded generation actor per core (Ray gives an actor as many torch threads as CPUs it reserves;
+one multi-threaded actor does worse, as its threads wait for each other whenever Ray's own processes take a core),
+and the local Ray is started with more logical CPUs than cores when the job's actors would not all fit at once. Each side
 waits first for other processes to leave the CPUs idle (`--quiet-wait`): beside one busy process a 2-thread torch
 run on 2 cores slows down several times over, which would measure the neighbours, not the job.
 """
@@ -49,9 +50,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="CPUs the generation actor reserves, which is also its torch thread count "
                              "(default on CPU: the cores shared among the generation actors, so that together they may use "
                              "what the model-only side uses; 1 with --num-gpus)")
-    parser.add_argument("--generation-actors", type=int, default=1, help="generation actors (each loads the model)")
+    parser.add_argument("--generation-actors", type=int, default=None,
+                        help="generation actors, each loading the model (default: one per core on CPU, 1 with --num-gpus)")
     parser.add_argument("--feature-actors", type=int, default=2, help="most CPU feature actors")
     parser.add_argument("--feature-cpus", type=float, default=1.0, help="CPUs each feature actor reserves")
+    parser.add_argument("--feature-stage", default="auto", choices=["auto", "separate", "fused"],
+                        help="features on their own CPU actors, or in the generation actors (auto: fused without GPUs)")
     parser.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per generation actor")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
@@ -95,9 +99,28 @@ def build_corpus(folder: str, hours: float, source: str = DEMO_CORPUS) -> tuple[
 
 # ------------------------------------------------------------------------------------------------------ the job
 
+def job_config(args, manifest: str, output: str):
+    from pipeline.transcribe import TranscribeConfig
+
+    return TranscribeConfig(
+        manifest=manifest, output=output, model=args.model, num_beams=args.num_beams,
+        max_new_tokens=args.max_new_tokens, max_frames=args.max_frames, batch_size=args.batch_size,
+        feature_actors=args.feature_actors, feature_cpus=args.feature_cpus, generation_cpus=args.generation_cpus,
+        generation_actors=args.generation_actors, rows_per_block=args.rows_per_block, feature_stage=args.feature_stage,
+        num_gpus=args.num_gpus, device=args.device, dtype=args.dtype,
+    )
+
+
+def fused(args) -> bool:
+    from pipeline.transcribe import fused_features
+
+    return fused_features(job_config(args, "", ""))
+
+
 def ray_cpus_needed(args) -> float:
     """Logical CPUs for every actor of the job at once, plus one for the read and write tasks between them."""
-    return args.feature_actors * args.feature_cpus + args.generation_actors * args.generation_cpus + 1
+    feature_cpus = 0 if fused(args) else args.feature_actors * args.feature_cpus
+    return feature_cpus + args.generation_actors * args.generation_cpus + 1
 
 
 def start_ray(args) -> str:
@@ -116,23 +139,17 @@ def start_ray(args) -> str:
             handler.setLevel(logging.WARNING)
     note = f"local Ray started with {num_cpus} logical CPUs on {cores} cores"
     if num_cpus > cores:
-        note += (f": the job asks for {needed:g} at once ({args.feature_actors} feature actor(s) x "
-                 f"{args.feature_cpus:g} + {args.generation_actors} generation actor(s) x {args.generation_cpus:g} "
-                 f"+ 1 for read/write tasks); with only {cores} the stages take turns instead of overlapping (the "
-                 f"generation actor waits until the feature actors finish and give their CPUs back)")
+        features = "" if fused(args) else f"{args.feature_actors} feature actor(s) x {args.feature_cpus:g} + "
+        note += (f": the job asks for {needed:g} at once ({features}{args.generation_actors} generation actor(s) x "
+                 f"{args.generation_cpus:g} + 1 for read/write tasks); with only {cores} the actors would take turns "
+                 f"instead of overlapping")
     return note
 
 
 def run_job(args, manifest: str, output: str) -> tuple[dict, float]:
-    from pipeline.transcribe import TranscribeConfig, run
+    from pipeline.transcribe import run
 
-    config = TranscribeConfig(
-        manifest=manifest, output=output, model=args.model, num_beams=args.num_beams,
-        max_new_tokens=args.max_new_tokens, max_frames=args.max_frames, batch_size=args.batch_size,
-        feature_actors=args.feature_actors, feature_cpus=args.feature_cpus, generation_cpus=args.generation_cpus,
-        generation_actors=args.generation_actors, rows_per_block=args.rows_per_block,
-        num_gpus=args.num_gpus, device=args.device, dtype=args.dtype,
-    )
+    config = job_config(args, manifest, output)
     started = time.perf_counter()
     summary = run(config)
     return summary, time.perf_counter() - started
@@ -292,8 +309,10 @@ def wait_for_quiet(limit_s: float, threshold: float = 0.25) -> str:
 def main(args) -> None:
     import torch
 
+    cores = os.cpu_count() or 1
+    if args.generation_actors is None:
+        args.generation_actors = 1 if args.num_gpus > 0 else cores
     if args.generation_cpus is None:
-        cores = os.cpu_count() or 1
         args.generation_cpus = 1.0 if args.num_gpus > 0 else float(max(1, cores // args.generation_actors))
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -322,9 +341,11 @@ def main(args) -> None:
                 alone = result
             if i == 0:
                 print(f"  {start_ray(args)}")
-                print(f"  feature actors: up to {args.feature_actors} x {args.feature_cpus:g} CPU; {args.generation_actors} generation "
-                      f"actor(s) x {args.generation_cpus:g} CPU (so {max(int(args.generation_cpus), 1)} torch threads: Ray sets "
-                      f"OMP_NUM_THREADS to an actor's CPUs), {args.num_gpus:g} GPU", flush=True)
+                features = ("features in the generation actors" if fused(args) else
+                            f"feature actors: up to {args.feature_actors} x {args.feature_cpus:g} CPU")
+                print(f"  {features}; {args.generation_actors} generation actor(s) x {args.generation_cpus:g} CPU "
+                      f"(so {max(int(args.generation_cpus), 1)} torch threads: Ray sets OMP_NUM_THREADS to an actor's "
+                      f"CPUs), {args.num_gpus:g} GPU", flush=True)
             load = wait_for_quiet(args.quiet_wait)
             output = os.path.join(folder, f"output-{i + 1}")  # a fresh folder: nothing to resume
             since = time.time()
@@ -367,8 +388,14 @@ def report(args, alone: dict, job: dict) -> None:
     for stage in job["stages"]:
         print(f"    {stage['name']:<28} {stage['tasks']:4d} tasks, {stage['rows']:6d} rows, {stage['task_s']:7.1f} s "
               f"in tasks, {stage['udf_s']:7.1f} s in __call__")
-    generation = next((s for s in job["stages"] if "GenerateText" in s["name"]), None)
+    generation = next((s for s in job["stages"] if "GenerateText" in s["name"] or "TranscribeAudio" in s["name"]), None)
     features = next((s for s in job["stages"] if "ComputeFeatures" in s["name"]), None)
+    if generation and not features:
+        busy = generation["udf_s"] / args.generation_actors
+        print(f"    audio + features + generation in the generation actors: in __call__ {generation['udf_s']:.1f} s "
+              f"(model-only: {sum(steps.values()):.1f} s for the same work); each of the {args.generation_actors} "
+              f"actor(s) idle {job['wall_s'] - busy:.1f} s of {job['wall_s']:.1f} s on average (start-up, model "
+              f"loading, the tail)")
     if generation and features:
         actors = args.generation_actors
         busy = generation["udf_s"] / actors

@@ -1,4 +1,5 @@
-"""The two Ray Data stages of every job: audio -> features on CPU actors, features -> text on the generation pool.
+"""The Ray Data stages of every job: audio -> features on CPU actors, features -> text on the generation pool; on
+CPU-only jobs both in one actor (`TranscribeAudio`).
 
 Both take and return pyarrow tables, so the manifest's own columns pass through with their types untouched. A row
 that fails keeps going with its `error` set; later stages leave such rows alone.
@@ -24,6 +25,15 @@ def set_column(table: pa.Table, name: str, values, type: pa.DataType) -> pa.Tabl
     return table.append_column(name, column)
 
 
+def features_column(batch: pa.Table, n_mels: int) -> list[np.ndarray | None]:
+    """The `features` column (flat float32 lists) -> each row's (T, n_mels) array (views of one copy); None where null."""
+    column = batch.column("features").combine_chunks()
+    values = column.flatten().to_numpy(zero_copy_only=False, writable=True)  # torch wants writable arrays
+    offsets = column.offsets.to_numpy()
+    valid = column.is_valid().to_numpy(zero_copy_only=False)
+    return [values[offsets[i] : offsets[i + 1]].reshape(-1, n_mels) if valid[i] else None for i in range(len(column))]
+
+
 class ComputeFeatures:
     """Decode each row's audio slice and compute its fbank + CMVN features (T, 80), stored flat as float32 lists."""
 
@@ -35,6 +45,12 @@ class ComputeFeatures:
         self.max_frames = max_frames
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        batch, features = self.compute(batch)
+        flat = [None if f is None else f.reshape(-1) for f in features]
+        return set_column(batch, "features", flat, pa.list_(pa.float32()))
+
+    def compute(self, batch: pa.Table) -> tuple[pa.Table, list[np.ndarray | None]]:
+        """-> the batch with `error` and `duration_s` filled in, and each row's features (T, 80), None for errors."""
         rows = batch.select(["audio", "offset_s", "duration_s", "error"]).to_pylist()
         rate = self.extractor.sampling_rate
         waves: dict[int, np.ndarray] = {}
@@ -58,10 +74,9 @@ class ComputeFeatures:
             indices = [good[j] for j in part]
             padded, lengths = self.extractor([waves[i] for i in indices], rate)
             for i, row, length in zip(indices, padded.numpy(), lengths.tolist()):
-                features[i] = row[:length].reshape(-1)
+                features[i] = row[:length]
         batch = set_column(batch, "error", errors, pa.string())
-        batch = set_column(batch, "duration_s", durations, pa.float64())
-        return set_column(batch, "features", features, pa.list_(pa.float32()))
+        return set_column(batch, "duration_s", durations, pa.float64()), features
 
 
 class GenerateText:
@@ -82,20 +97,20 @@ class GenerateText:
         self.generate_options = generate_options
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        return self.generate(batch.drop_columns(["features"]), features_column(batch, self.model.config.input_feat_per_channel))
+
+    def generate(self, batch: pa.Table, features: list[np.ndarray | None]) -> pa.Table:
+        """The batch with text, tgt_lang, num_tokens, avg_logprob, error and model set; features: each row's (T, 80)."""
         errors = batch.column("error").to_pylist()
         langs = self._target_languages(batch, errors)
-        flat = batch.column("features").to_pylist()
-        n_mels = self.model.config.input_feat_per_channel
         todo = [i for i, error in enumerate(errors) if error is None]
-        features = [np.asarray(flat[i], dtype=np.float32).reshape(-1, n_mels) for i in todo]
-        results = self._transcribe(features, [langs[i] for i in todo])
+        results = self._transcribe([features[i] for i in todo], [langs[i] for i in todo])
         texts, num_tokens, scores = [None] * len(errors), [None] * len(errors), [None] * len(errors)
         for i, result in zip(todo, results):
             if isinstance(result, str):
                 errors[i] = result
             else:
                 texts[i], num_tokens[i], scores[i] = result.text, len(result.ids), result.avg_logprob
-        batch = batch.drop_columns(["features"])
         for name, values, type in [("text", texts, pa.string()), ("tgt_lang", langs, pa.string()),
                                    ("num_tokens", num_tokens, pa.int32()), ("avg_logprob", scores, pa.float32()),
                                    ("error", errors, pa.string()), ("model", [self.model_label] * len(errors),
@@ -130,3 +145,19 @@ class GenerateText:
             except Exception as error:
                 results.append(f"generation_failed: {type(error).__name__}: {error}")
         return results
+
+
+class TranscribeAudio:
+    """Audio -> text in one actor: both stages above, with no features handed between processes.
+
+    For jobs on CPUs only: there, separate feature actors would compete for the cores the model uses, and each hour of
+    audio would travel between processes as 115 MB of features. With GPUs the stages stay apart, so that CPU actors
+    keep the GPUs fed.
+    """
+
+    def __init__(self, features: dict, generation: dict):
+        self.compute_features = ComputeFeatures(**features)
+        self.generate_text = GenerateText(**generation)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return self.generate_text.generate(*self.compute_features.compute(batch))

@@ -26,7 +26,7 @@ from . import scoring
 from .config import JobConfig
 from .longform import join_segments, split_long_audio
 from .manifest import read_manifest
-from .stages import ComputeFeatures, GenerateText
+from .stages import ComputeFeatures, GenerateText, TranscribeAudio
 
 log = logging.getLogger(__name__)
 SUMMARY = "_summary.json"
@@ -50,6 +50,10 @@ class TranscribeConfig(JobConfig):
     max_generation_actors: int | None = Field(None, description="most generation actors (default: the fewest)")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per generation actor (0: CPU actors)")
     generation_cpus: float = Field(1.0, gt=0, description="CPUs each generation actor reserves")
+    feature_stage: Literal["auto", "separate", "fused"] = Field(
+        "auto", description="separate: CPU feature actors feed the generation actors; fused: each generation actor "
+                            "computes its own features; auto: separate with GPUs (they keep GPUs fed), fused on CPUs "
+                            "only (no two stages competing for the same cores)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     min_duration_s: float = Field(0.1, ge=0)
@@ -98,8 +102,8 @@ def run(config: TranscribeConfig) -> dict:
 
 def transcription_dataset(rows: pa.Table, config: TranscribeConfig, folder: str, model_label: str,
                           done_segments: frozenset = frozenset()):
-    """The stages over manifest rows: long recordings cut into segments (tasks), CPU feature actors, then the
-    generation actor pool.
+    """The stages over manifest rows: long recordings cut into segments (tasks), then CPU feature actors feeding the
+    generation actor pool, or (`fused_features`) generation actors that compute their own features.
 
     folder: the checkpoint, fetched locally (the feature actors need only its preprocessor config).
     done_segments: ids of segments already in the output, not to be done again.
@@ -112,49 +116,49 @@ def transcription_dataset(rows: pa.Table, config: TranscribeConfig, folder: str,
         max_size=max(config.generation_actors, config.max_generation_actors or config.generation_actors),
     )
     audio_options = config.options_for(config.manifest) or config.storage() or None
-    return (
-        ray.data.from_arrow(blocks)
-        .map_batches(
-            split_long_audio,
-            batch_format="pyarrow",
-            batch_size=None,
-            fn_kwargs=dict(max_segment_s=config.max_segment_s, max_duration_s=config.max_duration_s,
-                           storage_options=audio_options, done=done_segments),
-        )
-        .map_batches(
-            ComputeFeatures,
-            batch_format="pyarrow",
-            batch_size=config.feature_batch_size,
-            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=config.feature_actors),
-            num_cpus=config.feature_cpus,
-            fn_constructor_kwargs=dict(
-                feature_config=FeatureExtractor.from_pretrained(folder).to_dict(),
-                min_duration_s=config.min_duration_s,
-                max_duration_s=config.max_duration_s,
-                storage_options=audio_options,
-                max_frames=config.max_frames,
-            ),
-        )
-        .map_batches(
-            GenerateText,
-            batch_format="pyarrow",
-            batch_size=config.batch_size,
-            compute=generation_pool,
-            num_gpus=config.num_gpus,
-            num_cpus=config.generation_cpus,
-            fn_constructor_kwargs=dict(
-                model_uri=config.model,
-                model_label=model_label,
-                device="cuda" if config.num_gpus > 0 and config.device == "auto" else config.device,
-                dtype=config.dtype,
-                storage_options=config.options_for(config.model),
-                tgt_lang=config.tgt_lang,
-                num_beams=config.num_beams,
-                max_new_tokens=config.max_new_tokens,
-                max_frames=config.max_frames,
-            ),
-        )
+    features = dict(
+        feature_config=FeatureExtractor.from_pretrained(folder).to_dict(),
+        min_duration_s=config.min_duration_s,
+        max_duration_s=config.max_duration_s,
+        storage_options=audio_options,
+        max_frames=config.max_frames,
     )
+    generation = dict(
+        model_uri=config.model,
+        model_label=model_label,
+        device="cuda" if config.num_gpus > 0 and config.device == "auto" else config.device,
+        dtype=config.dtype,
+        storage_options=config.options_for(config.model),
+        tgt_lang=config.tgt_lang,
+        num_beams=config.num_beams,
+        max_new_tokens=config.max_new_tokens,
+        max_frames=config.max_frames,
+    )
+    dataset = ray.data.from_arrow(blocks).map_batches(
+        split_long_audio,
+        batch_format="pyarrow",
+        batch_size=None,
+        fn_kwargs=dict(max_segment_s=config.max_segment_s, max_duration_s=config.max_duration_s,
+                       storage_options=audio_options, done=done_segments),
+    )
+    generation_options = dict(batch_format="pyarrow", batch_size=config.batch_size, compute=generation_pool,
+                              num_gpus=config.num_gpus, num_cpus=config.generation_cpus)
+    if fused_features(config):
+        return dataset.map_batches(TranscribeAudio, fn_constructor_kwargs=dict(features=features, generation=generation),
+                                   **generation_options)
+    return dataset.map_batches(
+        ComputeFeatures,
+        batch_format="pyarrow",
+        batch_size=config.feature_batch_size,
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=config.feature_actors),
+        num_cpus=config.feature_cpus,
+        fn_constructor_kwargs=features,
+    ).map_batches(GenerateText, fn_constructor_kwargs=generation, **generation_options)
+
+
+def fused_features(config: TranscribeConfig) -> bool:
+    """Whether the generation actors compute their own features (see `TranscribeConfig.feature_stage`)."""
+    return config.feature_stage == "fused" or (config.feature_stage == "auto" and config.num_gpus == 0)
 
 
 def segment_ids(ids: list[str]) -> frozenset:

@@ -159,7 +159,8 @@ def test_translation_forced_per_job(ray_session, corpus, tmp_path):
     assert summary["bleu"]["fr"] >= 50 and summary["wer"] is None
 
 
-def test_bad_input_rows_carry_their_reason(ray_session, corpus, tmp_path):
+@pytest.mark.parametrize("feature_stage", ["fused", "separate"])  # CPU-only jobs fuse by default; GPU jobs do not
+def test_bad_input_rows_carry_their_reason(ray_session, corpus, tmp_path, feature_stage):
     root, rows = corpus
     bad = tmp_path / "bad"
     bad.mkdir()
@@ -183,7 +184,7 @@ def test_bad_input_rows_carry_their_reason(ray_session, corpus, tmp_path):
     ]
     manifest = tmp_path / "manifest.jsonl"
     manifest.write_text("\n".join(lines) + "\n")
-    summary, out = job(manifest, tmp_path / "out", max_duration_s=30.0)
+    summary, out = job(manifest, tmp_path / "out", max_duration_s=30.0, feature_stage=feature_stage)
     assert len(out) == len(lines) == summary["rows_in"] == summary["rows_out"]
     reasons = {row["id"]: (row["error"] or "").split(":")[0] for row in out}
     assert reasons.pop("manifest.jsonl:10") == "bad_manifest_line"
