@@ -7,7 +7,6 @@ Runs on a local Ray (started here) or on the cluster that RAY_ADDRESS names; als
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 

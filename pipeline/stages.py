@@ -12,8 +12,6 @@ import pyarrow as pa
 import torch
 
 from s2t_model import FeatureExtractor, Speech2Text
-from s2t_model.batching import frame_budget_batches
-from s2t_model.features import num_frames
 
 from .audio import AudioError, load_audio
 
@@ -69,12 +67,8 @@ class ComputeFeatures:
                 errors[i] = f"unreadable: {row['audio']}: {type(error).__name__}: {error}"
         features: list[np.ndarray | None] = [None] * len(rows)
         good = sorted(waves)
-        # Padding within one fbank call is wasted work too: the same frame budget as generation keeps it small.
-        for part in frame_budget_batches([num_frames(len(waves[i]), rate) for i in good], self.max_frames):
-            indices = [good[j] for j in part]
-            padded, lengths = self.extractor([waves[i] for i in indices], rate)
-            for i, row, length in zip(indices, padded.numpy(), lengths.tolist()):
-                features[i] = row[:length]
+        for i, row in zip(good, self.extractor.each([waves[i] for i in good], rate, self.max_frames)):
+            features[i] = row.numpy()
         batch = set_column(batch, "error", errors, pa.string())
         return set_column(batch, "duration_s", durations, pa.float64()), features
 

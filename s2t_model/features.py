@@ -17,6 +17,8 @@ import numpy as np
 import soxr
 import torch
 
+from .batching import frame_budget_batches
+
 SAMPLE_RATE = 16000
 N_MELS = 80
 FRAME_LENGTH_MS = 25.0
@@ -264,6 +266,24 @@ class FeatureExtractor:
             padded = torch.arange(features.shape[1], device=device) >= frame_counts[:, None]
             features = features.masked_fill(padded[..., None], self.padding_value)
         return features, frame_counts
+
+    def each(
+        self, waveforms: Sequence[np.ndarray], sampling_rate: int, max_frames: int = 24000,
+        device: torch.device | str | None = None,
+    ) -> list[torch.Tensor]:
+        """Waveforms (1-D arrays) -> features (T_i, num_mel_bins) each, unpadded, in the order given.
+
+        Computed in length-sorted batches of at most `max_frames` padded frames: one call pads every waveform to the
+        longest, and padding is work too.
+        """
+        scale = self.sampling_rate / sampling_rate
+        frames = [num_frames(int(len(w) * scale), self.sampling_rate) for w in waveforms]
+        features: list[torch.Tensor] = [None] * len(waveforms)  # type: ignore[list-item]
+        for batch in frame_budget_batches(frames, max_frames):
+            padded, lengths = self([waveforms[i] for i in batch], sampling_rate, device=device)
+            for i, row, length in zip(batch, padded, lengths.tolist()):
+                features[i] = row[:length]
+        return features
 
     def _prepare(self, wave: np.ndarray | torch.Tensor, sampling_rate: int, index: int) -> np.ndarray:
         """One input -> 1-D float32 numpy at the extractor's rate, checked to hold one window."""

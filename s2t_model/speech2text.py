@@ -14,7 +14,7 @@ from . import checkpoint
 from .batching import frame_budget_batches
 from .config import Speech2TextConfig
 from .decoding import GenerationOutput, generate
-from .features import FeatureExtractor, num_frames
+from .features import FeatureExtractor
 from .model import Speech2TextModule
 from .tokenizer import Tokenizer
 
@@ -128,14 +128,7 @@ class Speech2Text(Speech2TextModule):
     def features(self, waveforms: Sequence[np.ndarray], sampling_rate: int, max_frames: int = 24000) -> list[Tensor]:
         """Waveforms (1-D arrays) -> features (T_i, 80) each, on the model's device, computed in length-sorted batches
         of at most `max_frames` padded frames (a batch pads every waveform to its longest)."""
-        scale = self.feature_extractor.sampling_rate / sampling_rate
-        frames = [num_frames(int(len(w) * scale), self.feature_extractor.sampling_rate) for w in waveforms]
-        features: list[Tensor] = [None] * len(waveforms)  # type: ignore[list-item]
-        for batch in frame_budget_batches(frames, max_frames):
-            padded, lengths = self.feature_extractor([waveforms[i] for i in batch], sampling_rate, device=self.device)
-            for i, row, length in zip(batch, padded, lengths.tolist()):
-                features[i] = row[:length]
-        return features
+        return self.feature_extractor.each(waveforms, sampling_rate, max_frames, device=self.device)
 
     def transcribe_features(
         self,
