@@ -38,7 +38,7 @@ DEMO_TRAIN_SEED := 1
 DEMO_TRAIN_COUNT := 24000
 demo-assets: install
 	set -e; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
-	$(PY) -c 'from jobs.corpus import Utterance; print("\n".join(" ".join(map(str, Utterance.draw($(DEMO_TRAIN_SEED), i).numbers)) for i in range($(DEMO_TRAIN_COUNT))))' > $$tmp/train-numbers.txt; \
+	$(PY) -c 'from demo.corpus import Utterance; print("\n".join(" ".join(map(str, Utterance.draw($(DEMO_TRAIN_SEED), i).numbers)) for i in range($(DEMO_TRAIN_COUNT))))' > $$tmp/train-numbers.txt; \
 	exclude=$(or $(TRAIN_CORPUS),$$tmp/train-numbers.txt); \
 	$(S2T) corpus spoken-numbers --seed 3 --count 300 --exclude-numbers $$exclude --out $$tmp/demo-source $(if $(WORKERS),--workers $(WORKERS)); \
 	$(S2T) corpus subset --from $$tmp/demo-source --out $$tmp/demo-corpus --count 50 --multi 5 --max-mb 3; \

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from . import backfill, bench_model, bench_pipeline, bench_serve, corpus, evaluate, serve, train, transcribe
+from bench import model as bench_model, pipeline as bench_pipeline, serve as bench_serve
+from demo import corpus, evaluate, train
+
+from . import backfill, serve, transcribe
 
 
 def command(subparsers, name: str, help: str, add_arguments, run) -> None:

@@ -12,7 +12,7 @@ from .tokenizer import Tokenizer
 _ASSETS = _os.path.join(_os.path.dirname(_os.path.abspath(__file__)), "assets")
 DEMO_MODEL = _os.path.join(_ASSETS, "demo-model")  # the demo model's checkpoint folder
 # English speech of spoken numbers with fr/de/es translations, none of them said in the demo model's training corpus
-# (NeMo manifest.jsonl, relative audio paths; made by `make demo-assets`, see jobs/corpus.py):
+# (NeMo manifest.jsonl, relative audio paths; made by `make demo-assets`, see demo/corpus.py):
 DEMO_CORPUS = _os.path.join(_ASSETS, "demo-corpus")  # 50 utterances
 DEMO_LONG_FORM = _os.path.join(_ASSETS, "long-form")  # two long recordings and where each utterance lies in them
 

@@ -10,7 +10,7 @@ import pytest
 import soundfile
 
 import s2t_model
-from jobs import corpus
+from demo import corpus
 from s2t_model import DEMO_CORPUS, DEMO_LONG_FORM, DEMO_MODEL
 
 MB = 1_000_000
@@ -56,7 +56,7 @@ def check_texts(row):
 
 
 def training_numbers():
-    # The training corpus's numbers come from its seed alone (jobs/corpus.py), audio or not.
+    # The training corpus's numbers come from its seed alone (demo/corpus.py), audio or not.
     return {n for i in range(TRAIN_COUNT) for n in corpus.Utterance.draw(TRAIN_SEED, i).numbers}
 
 

@@ -5,7 +5,8 @@ import os
 
 import pytest
 
-from jobs import bench_pipeline, cli
+from bench import pipeline as bench_pipeline
+from jobs import cli
 from pipeline.manifest import read_manifest
 from s2t_model import DEMO_CORPUS
 

@@ -6,8 +6,9 @@ import math
 import numpy as np
 import pytest
 
-from jobs import bench_serve, cli
-from jobs.bench_serve import Level, percentile, request_plan, summarize, verdict
+from bench import serve as bench_serve
+from jobs import cli
+from bench.serve import Level, percentile, request_plan, summarize, verdict
 from s2t_model import DEMO_CORPUS
 
 

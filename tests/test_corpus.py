@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import soundfile
 
-from jobs import cli, corpus
+from demo import corpus
+from jobs import cli
 
 num2words = pytest.importorskip("num2words").num2words
 

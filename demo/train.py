@@ -27,7 +27,7 @@ from s2t_model.batching import frame_budget_batches
 from s2t_model.model import shift_right
 from s2t_model.tokenizer import LANGUAGES
 
-from .evaluate import read_manifest, score
+from demo.evaluate import read_manifest, score
 
 LANG_CODES = "mustc"
 START_ID, PAD_ID = Speech2TextConfig.decoder_start_token_id, Speech2TextConfig.pad_token_id  # pt fr ru nl ro it es de: transformers' tokenizer knows this list by name
