@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from s2t_model import FeatureExtractor, Speech2Text, Speech2TextConfig
 
@@ -31,6 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=60)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each side; the best one counts")
     parser.add_argument("--skip-generation", action="store_true")
+    parser.add_argument("--skip-features", action="store_true")
+    parser.add_argument("--step-batch", type=int, default=8, help="utterances in the decoder-step measurement")
 
 
 def best_times(fns: list, repeats: int, device: str) -> list[float]:
@@ -128,6 +131,66 @@ def random_checkpoint(folder: str) -> None:
     model.save_pretrained(folder)
 
 
+def decoder_weights_read_per_step(model: Speech2Text) -> list[Tensor]:
+    """The weight matrices one decoder step multiplies by: every decoder layer's projections except the
+    cross-attention keys and values (computed once per utterance), and the output head."""
+    names = ("self_attn.", "encoder_attn.q_proj", "encoder_attn.out_proj", "fc1", "fc2")
+    weights = [p for n, p in model.model.decoder.layers.named_parameters()
+               if n.endswith("weight") and p.dim() == 2 and any(k in n for k in names)]
+    return weights + [model.lm_head.weight]
+
+
+def weight_read_floor(weights: list[Tensor], rows: int, repeats: int, device: str) -> tuple[float, float]:
+    """(seconds, bytes/s): the step's matrix products alone, `rows` rows by each weight, on fresh copies of the weights
+    (so that they come from memory, as in a real step, not from a cache warmed by the model). The floor of a step:
+    a step cannot read its weights faster than this."""
+    copies = [w.detach().clone() for w in weights]
+    inputs = [torch.randn(rows, w.shape[1], dtype=w.dtype, device=w.device) for w in copies]
+
+    def products():
+        for x, w in zip(inputs, copies):
+            torch.nn.functional.linear(x, w)
+
+    (seconds,) = best_times([products], repeats, device)
+    return seconds, sum(w.numel() * w.element_size() for w in copies) / seconds
+
+
+def bench_decoder_step(args, model: Speech2Text) -> None:
+    """One decoder step (rows = utterances x beams) against its floor, the weight reads alone, same process."""
+    from s2t_model.decoding import decoder_state
+
+    steps = args.max_new_tokens
+    features, lengths = model.feature_extractor(synthetic_speech(args.step_batch, args.seconds, seed=2), 16000)
+    features, lengths = features.to(args.device), lengths.to(args.device)
+    weights = decoder_weights_read_per_step(model)
+    print(f"\nDecoder step: s2t-small dimensions, {args.step_batch} utterances, mean of {steps} steps, "
+          f"{sum(w.numel() * w.element_size() for w in weights) / 1e6:.1f} MB of weights read a step")
+    for beams in (1, 5):
+        state_holder = {}
+
+        @torch.inference_mode()
+        def decode():
+            state = decoder_state(model, features, lengths, beams, steps)
+            tokens = torch.full((args.step_batch, beams), model.config.decoder_start_token_id, device=args.device)
+            for _ in range(steps):
+                tokens = state.logits(tokens).argmax(-1)
+                if beams > 1:  # a beam step reorders the cache rows; keep the cost in the figure
+                    state.reorder_rows(torch.arange(args.step_batch * beams, device=args.device).roll(1))
+            state_holder["state"] = state
+
+        @torch.inference_mode()
+        def encode_only():
+            decoder_state(model, features, lengths, beams, steps)
+
+        with torch.inference_mode():
+            t_total, t_encode = best_times([decode, encode_only], args.repeats, args.device)
+            floor, bandwidth = weight_read_floor(weights, args.step_batch * beams, args.repeats, args.device)
+        step = (t_total - t_encode) / steps
+        print(f"  rows {args.step_batch * beams:4d} ({'greedy' if beams == 1 else f'beam {beams}'}): step "
+              f"{step * 1e3:7.3f} ms, floor {floor * 1e3:7.3f} ms (weights at {bandwidth / 1e9:6.1f} GB/s): "
+              f"{step / floor:5.2f}x the floor")
+
+
 def bench_generation(args) -> None:
     from transformers import Speech2TextForConditionalGeneration
 
@@ -136,10 +199,13 @@ def bench_generation(args) -> None:
         random_checkpoint(folder)
         ours = Speech2Text.from_pretrained(folder, device=args.device, dtype=dtype)
         peer = Speech2TextForConditionalGeneration.from_pretrained(folder, dtype=dtype).to(args.device).eval()
-    features, lengths = ours.feature_extractor(synthetic_speech(args.utterances, args.seconds, seed=1), 16000)
+    bench_decoder_step(args, ours)
+    waves = synthetic_speech(args.utterances, args.seconds, seed=1)
+    features, lengths = ours.feature_extractor(waves, 16000)
     features, lengths = features.to(args.device), lengths.to(args.device)
     mask = torch.ones(features.shape[:2], dtype=torch.long, device=args.device)  # equal lengths: no padding
     audio_seconds = args.utterances * args.seconds
+    on_cuda = args.device.startswith("cuda")
 
     for num_beams in (1, 5):
         options = dict(num_beams=num_beams, max_new_tokens=args.max_new_tokens)
@@ -148,18 +214,35 @@ def bench_generation(args) -> None:
         def run_ours():
             results["ours"] = ours.generate(features, lengths, **options).ids
 
+        def run_ours_with_features():  # what the Open ASR Leaderboard counts: features, generation, decoding
+            waves_features, waves_lengths = ours.feature_extractor(waves, 16000, device=args.device)
+            results["with features"] = ours.generate(waves_features, waves_lengths, **options).ids
+
+        def run_ours_eager():
+            ours.use_cuda_graphs = False
+            try:
+                results["eager"] = ours.generate(features, lengths, **options).ids
+            finally:
+                ours.use_cuda_graphs = True
+
         def run_peer():
             with torch.inference_mode():
                 out = peer.generate(input_features=features.to(dtype), attention_mask=mask, do_sample=False, early_stopping=True, **options)
             results["peer"] = [row[1:][: row[1:].index(2) + 1] if 2 in row[1:] else row[1:] for row in out.tolist()]
 
-        t_ours, t_peer = best_times([run_ours, run_peer], args.repeats, args.device)
-        same = sum(a == b for a, b in zip(results["ours"], results["peer"]))
+        graphs = " + CUDA graphs" if on_cuda else ""
+        sides = [(f"s2t_model generate ({args.device}, {args.dtype}{graphs})", run_ours, "ours"),
+                 ("  the same, features from waveforms included", run_ours_with_features, "with features")]
+        if on_cuda:
+            sides.append(("  the same without CUDA graphs", run_ours_eager, "eager"))
+        sides.append(("transformers generate", run_peer, "peer"))
+        times = best_times([fn for _, fn, _ in sides], args.repeats, args.device)
         tokens = sum(len(ids) for ids in results["ours"])
-        rows = [
-            (f"s2t_model generate ({args.device}, {args.dtype})", t_ours, f"{tokens} tokens", audio_seconds / t_ours),
-            ("transformers generate", t_peer, f"ids identical for {same}/{len(results['ours'])}", audio_seconds / t_peer),
-        ]
+        rows = []
+        for (name, _, key), seconds in zip(sides, times):
+            same = sum(a == b for a, b in zip(results["ours"], results[key]))
+            note = f"{tokens} tokens" if key == "ours" else f"ids identical to ours for {same}/{len(results['ours'])}"
+            rows.append((name, seconds, note, audio_seconds / seconds))
         name = "greedy" if num_beams == 1 else f"beam {num_beams}"
         print_table(
             f"Generation, {name}: s2t-small dimensions, {args.utterances} x {args.seconds:g} s, max {args.max_new_tokens} new tokens",
@@ -169,7 +252,9 @@ def bench_generation(args) -> None:
 
 def main(args) -> None:
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, dtype {args.dtype}")
-    bench_features(args)
+    gpu = f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else ""
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}{gpu}, dtype {args.dtype}")
+    if not args.skip_features:
+        bench_features(args)
     if not args.skip_generation:
         bench_generation(args)

@@ -16,13 +16,18 @@ What makes it match transformers:
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .model import LayerCache, Speech2TextModule, token_positions
+from .cuda_graphs import GraphedDecoderState, model_graphs
+from .model import KVCache, Speech2TextModule, token_positions
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -67,11 +72,16 @@ def encode_in_length_groups(model: Speech2TextModule, features: Tensor, lengths:
 class DecoderState:
     """Everything the decoder needs for the utterances still decoding, kept in step when some of them leave."""
 
-    def __init__(self, model: Speech2TextModule, features: Tensor, lengths: Tensor, rows_per_utterance: int):
+    def __init__(self, model: Speech2TextModule, features: Tensor, lengths: Tensor, rows_per_utterance: int,
+                 max_new_tokens: int):
         self.model = model
         encoder_states, self.encoder_mask = encode_in_length_groups(model, features, lengths)
         self.cross_kv = model.model.decoder.cross_keys_values(encoder_states)  # per layer, (A, H, S, D/H) each
-        self.cache = [LayerCache() for _ in range(model.config.decoder_layers)]
+        c = model.config
+        self.cache = KVCache(
+            c.decoder_layers, features.shape[0] * rows_per_utterance, c.decoder_attention_heads,
+            c.d_model // c.decoder_attention_heads, min(max_new_tokens, 64), encoder_states.dtype, features.device,
+        )
         self.rows_per_utterance = rows_per_utterance
         self.steps = 0
 
@@ -85,8 +95,7 @@ class DecoderState:
 
     def reorder_rows(self, rows: Tensor) -> None:
         """rows (A * Q,): which cached row each row continues from (beam search)."""
-        for layer_cache in self.cache:
-            layer_cache.select(rows)
+        self.cache.select(rows)
 
     def keep_utterances(self, keep: Tensor) -> None:
         """keep (A',) indices of the active utterances that go on decoding."""
@@ -94,6 +103,22 @@ class DecoderState:
         self.encoder_mask = self.encoder_mask[keep]
         self.cross_kv = [(k[keep], v[keep]) for k, v in self.cross_kv]
         self.reorder_rows((keep[:, None] * q + torch.arange(q, device=keep.device)).flatten())
+
+
+def decoder_state(model: Speech2TextModule, features: Tensor, lengths: Tensor, rows_per_utterance: int,
+                  max_new_tokens: int) -> DecoderState | GraphedDecoderState:
+    """The decoder's state for a batch: on CUDA graphs where the model uses them, else eager."""
+    if uses_cuda_graphs(model, features):
+        try:
+            return GraphedDecoderState(model, features, lengths, rows_per_utterance, max_new_tokens)
+        except RuntimeError as error:  # capture can fail (a kernel that syncs, a driver without graph support)
+            log.warning("CUDA graph capture failed, decoding without graphs from now on: %s", error)
+            model.use_cuda_graphs = False
+    return DecoderState(model, features, lengths, rows_per_utterance, max_new_tokens)
+
+
+def uses_cuda_graphs(model: Speech2TextModule, features: Tensor) -> bool:
+    return features.device.type == "cuda" and model.use_cuda_graphs
 
 
 def force_first_token(scores: Tensor, forced: Tensor) -> Tensor:
@@ -112,7 +137,7 @@ def greedy_search(
 ) -> GenerationOutput:
     config = model.config
     batch, device = features.shape[0], features.device
-    state = DecoderState(model, features, lengths, rows_per_utterance=1)
+    state = decoder_state(model, features, lengths, rows_per_utterance=1, max_new_tokens=max_new_tokens)
     active = torch.arange(batch, device=device)  # original index of each active utterance
     tokens = torch.full((batch, 1), config.decoder_start_token_id, dtype=torch.long, device=device)
     out_tokens = torch.full((batch, max_new_tokens), config.pad_token_id, dtype=torch.long, device=device)
@@ -161,7 +186,7 @@ def beam_search(
     config = model.config
     batch, device, nb = features.shape[0], features.device, num_beams
     eos, pad = config.eos_token_id, config.pad_token_id
-    state = DecoderState(model, features, lengths, rows_per_utterance=nb)
+    state = decoder_state(model, features, lengths, rows_per_utterance=nb, max_new_tokens=max_new_tokens)
 
     active = torch.arange(batch, device=device)
     # Beams still being extended: their tokens (A, nb, t) and summed log-probabilities (A, nb).
@@ -276,9 +301,11 @@ def generate(
         raise ValueError(f"early_stopping must be True, False or 'never', got {early_stopping!r}")
     if features.shape[0] == 0:
         return GenerationOutput(ids=[], scores=[])
-    if num_beams == 1:
-        return greedy_search(model, features, lengths, forced, max_new_tokens)
-    return beam_search(
-        model, features, lengths, forced, max_new_tokens, num_beams, length_penalty, early_stopping,
-        num_return_sequences,
-    )
+    # A graph's buffers are shared by every call that replays it: one call at a time per model.
+    with model_graphs(model).lock if uses_cuda_graphs(model, features) else contextlib.nullcontext():
+        if num_beams == 1:
+            return greedy_search(model, features, lengths, forced, max_new_tokens)
+        return beam_search(
+            model, features, lengths, forced, max_new_tokens, num_beams, length_penalty, early_stopping,
+            num_return_sequences,
+        )

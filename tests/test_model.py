@@ -250,7 +250,59 @@ def test_bad_checkpoints_name_the_problem(tiny, tmp_path):
         Speech2Text.from_pretrained(str(tmp_path / "no-such"))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on a lent GPU machine)")
+def test_generate_past_the_first_cache_capacity_equals_transformers(tiny):
+    """The KV cache starts with room for 64 tokens and doubles in place: 150 new tokens cross that twice."""
+    hf, folder = tiny
+    model = Speech2Text.from_pretrained(folder)
+    frames = FRAMES[:4]
+    features, lengths = padded_features(frames, seed=11)
+    for num_beams in (1, 3):
+        out = model.generate(features, lengths, num_beams=num_beams, max_new_tokens=150)
+        expected = reference_ids(hf, features, frames, num_beams=num_beams, max_new_tokens=150)
+        assert out.ids == expected
+        assert max(len(ids) for ids in expected) > 128, "no hypothesis outgrew the cache twice"
+
+
+def test_a_failed_cuda_graph_capture_falls_back_to_eager_decoding(tiny, monkeypatch, caplog):
+    from s2t_model import cuda_graphs, decoding
+
+    hf, folder = tiny
+    model = Speech2Text.from_pretrained(folder)
+    features, lengths = padded_features(FRAMES, seed=12)
+    expected = reference_ids(hf, features, FRAMES, num_beams=2, max_new_tokens=MAX_NEW_TOKENS)
+
+    def capture_fails(*args, **kwargs):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(cuda_graphs, "step_graph", capture_fails)
+    monkeypatch.setattr(decoding, "uses_cuda_graphs", lambda model, features: model.use_cuda_graphs)
+    assert model.generate(features, lengths, num_beams=2, max_new_tokens=MAX_NEW_TOKENS).ids == expected
+    assert model.use_cuda_graphs is False and "CUDA graph capture failed" in caplog.text
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on a lent GPU machine)")
+
+
+@needs_cuda
+@pytest.mark.parametrize("num_beams", [1, 5])
+def test_cuda_graphs_give_the_ids_of_eager_cuda_and_cpu(multilingual, num_beams):
+    """Graph buckets (6 utterances in 8 slots, then 3 in 4), a graph reused with stale buffers, languages per row."""
+    hf, folder = multilingual
+    cpu = Speech2Text.from_pretrained(folder)
+    graphed = Speech2Text.from_pretrained(folder, device="cuda")
+    eager = Speech2Text.from_pretrained(folder, device="cuda")
+    eager.use_cuda_graphs = False
+    for seed, frames in ((13, FRAMES), (14, FRAMES[:3]), (15, FRAMES[::-1])):
+        features, lengths = padded_features(frames, seed=seed)
+        langs = ["fr", None, "de", "es", None, "it"][: len(frames)]
+        options = dict(num_beams=num_beams, max_new_tokens=MAX_NEW_TOKENS, tgt_lang=langs)
+        expected = cpu.generate(features, lengths, **options).ids
+        assert eager.generate(features, lengths, **options).ids == expected
+        assert graphed.generate(features, lengths, **options).ids == expected
+    assert graphed.use_cuda_graphs, "the graphs were not used"
+
+
+@needs_cuda
 def test_cuda_float32_equals_cpu_and_bfloat16_runs(tiny):
     hf, folder = tiny
     features, lengths = padded_features(FRAMES, seed=8)

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Every GPU figure of the product in one run (< 8 minutes on one H100/H200), for a GPU lent for minutes at a time:
+# the CUDA tests, `s2t bench model` (decoder step vs its floor, generation with and without CUDA graphs, fp16 and
+# fp32, features included, against transformers), the whole job against the model alone (`s2t bench pipeline`) and
+# Serve batched against unbatched at concurrency 64 (`s2t bench serve`). Each part has its own time limit, so one
+# that hangs or fails costs only itself. Output: stdout, and $OUT/gpu.log when OUT is set.
+#
+#   bash bench/gpu.sh                    # on a machine with the project installed (make install, CUDA torch)
+#   SITE=.gpu/site.tar.xz bash bench/gpu.sh   # a bare machine with torch: unpack Ray & co. from a tarball first
+set -uo pipefail
+cd "$(dirname "$0")/.."
+LOG=${OUT:-/tmp}/gpu.log
+exec > >(tee "$LOG") 2>&1
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if [ -n "${SITE:-}" ]; then
+  mkdir -p /tmp/site && tar xJf "$SITE" -C /tmp/site && export PYTHONPATH="$PYTHONPATH:/tmp/site" PATH="/tmp/site/bin:$PATH"
+fi
+PY=${PYTHON:-python3}
+S2T="$PY -m jobs.cli"
+part() {  # part SECONDS TITLE COMMAND...
+  local limit=$1 title=$2; shift 2
+  echo; echo "=== $title ($(date -u +%T), limit ${limit}s)"
+  local start=$SECONDS
+  timeout -k 10 "$limit" "$@"; local rc=$?
+  echo "=== $title: exit $rc in $((SECONDS - start)) s"
+}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+$PY -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name())'
+part 150 "CUDA tests" $PY -m pytest -q -p no:cacheprovider tests/test_model.py -k "cuda or capacity or graph"
+part 120 "bench model, float16" $S2T bench model --device cuda --dtype float16 --utterances 64 --seconds 10 --step-batch 64
+part 60 "bench model, float16, 256 utterances" $S2T bench model --device cuda --dtype float16 --utterances 256 --seconds 10 --step-batch 8 --skip-features
+part 90 "bench model, float32" $S2T bench model --device cuda --dtype float32 --utterances 64 --seconds 10 --step-batch 8 --skip-features
+part 120 "bench pipeline: the job on one GPU vs the model alone (features fused on the GPU)" \
+  $S2T bench pipeline --device cuda --num-gpus 1 --dtype float16 --hours 1 --feature-stage fused --max-frames 192000 --batch-size 256 --quiet-wait 0
+part 90 "bench pipeline: CPU feature actors" \
+  $S2T bench pipeline --device cuda --num-gpus 1 --dtype float16 --hours 1 --feature-stage separate --feature-actors 12 --max-frames 192000 --batch-size 256 --quiet-wait 0
+part 120 "bench serve, concurrency 64" $S2T bench serve --device cuda --dtype float16 --concurrency 1,64 --requests 256 --max-batch-size 64 --max-frames 192000
+echo "done $(date -u +%T)"
