@@ -6,14 +6,16 @@
 # that hangs or fails costs only itself. Output: stdout, and $OUT/gpu.log when OUT is set.
 #
 #   bash bench/gpu.sh                    # on a machine with the project installed (make install, CUDA torch)
-#   SITE=.gpu/site.tar.xz bash bench/gpu.sh   # a bare machine with torch: unpack Ray & co. from a tarball first
+#   SITE=".gpu/site.tar.xz .gpu/site2.tar.xz" bash bench/gpu.sh   # a bare machine with torch: Ray & co. from
+#                                        # tarballs of unpacked wheels (later ones override earlier ones)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOG=${OUT:-/tmp}/gpu.log
 exec > >(tee "$LOG") 2>&1
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if [ -n "${SITE:-}" ]; then
-  mkdir -p /tmp/site && tar xJf "$SITE" -C /tmp/site && export PYTHONPATH="$PYTHONPATH:/tmp/site" PATH="/tmp/site/bin:$PATH"
+  mkdir -p /tmp/site && for tarball in $SITE; do tar xJf "$tarball" -C /tmp/site; done
+  export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
 PY=${PYTHON:-python3}
 S2T="$PY -m jobs.cli"

@@ -285,8 +285,9 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 @needs_cuda
 @pytest.mark.parametrize("num_beams", [1, 5])
-def test_cuda_graphs_give_the_ids_of_eager_cuda_and_cpu(multilingual, num_beams):
+def test_cuda_graphs_give_the_ids_of_eager_cuda_and_cpu(multilingual, num_beams, monkeypatch):
     """Graph buckets (6 utterances in 8 slots, then 3 in 4), a graph reused with stale buffers, languages per row."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # TF32 convolutions move near-ties of random weights
     hf, folder = multilingual
     cpu = Speech2Text.from_pretrained(folder)
     graphed = Speech2Text.from_pretrained(folder, device="cuda")
@@ -296,9 +297,9 @@ def test_cuda_graphs_give_the_ids_of_eager_cuda_and_cpu(multilingual, num_beams)
         features, lengths = padded_features(frames, seed=seed)
         langs = ["fr", None, "de", "es", None, "it"][: len(frames)]
         options = dict(num_beams=num_beams, max_new_tokens=MAX_NEW_TOKENS, tgt_lang=langs)
-        expected = cpu.generate(features, lengths, **options).ids
-        assert eager.generate(features, lengths, **options).ids == expected
+        expected = eager.generate(features, lengths, **options).ids
         assert graphed.generate(features, lengths, **options).ids == expected
+        assert cpu.generate(features, lengths, **options).ids == expected
     assert graphed.use_cuda_graphs, "the graphs were not used"
 
 
