@@ -112,14 +112,21 @@ def bench_features(args) -> None:
     print_table(f"Features: {args.utterances} utterances x {args.seconds:g} s", rows, "audio s / s")
 
 
-def random_checkpoint(folder: str) -> None:
+def random_checkpoint(folder: str, tokenizer_from: str | None = None) -> None:
     """s2t-small dimensions with random weights whose hypotheses end at varied lengths, like real ones (20-60 tokens).
 
     The head is untied (as in the MuST-C checkpoints): tied to the embeddings, a random model's start token </s>
-    tends to predict </s> again at once, and there would be nothing to time.
+    tends to predict </s> again at once, and there would be nothing to time. tokenizer_from: a checkpoint whose
+    tokenizer the model takes (and its vocabulary size), so that the job and Serve can time it on text; e.g.
+    `python -c 'from bench.model import random_checkpoint as r; from s2t_model import DEMO_MODEL; r("/tmp/small", DEMO_MODEL)'`
     """
     torch.manual_seed(0)
-    model = Speech2Text(Speech2TextConfig(**S2T_SMALL, tie_word_embeddings=False))
+    dimensions = dict(S2T_SMALL)
+    tokenizer = None
+    if tokenizer_from is not None:
+        tokenizer = Speech2Text.from_pretrained(tokenizer_from).tokenizer
+        dimensions["vocab_size"] = len(tokenizer)
+    model = Speech2Text(Speech2TextConfig(**dimensions, tie_word_embeddings=False), tokenizer=tokenizer)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() > 1:
