@@ -122,7 +122,8 @@ def render(response_format: str, text: str, segments: list[dict], duration: floa
         return PlainTextResponse(text + "\n")
     if response_format == "verbose_json":
         return {"task": task, "language": language, "duration": round(duration, 3), "text": text,
-                "segments": segments}
+                "segments": [{key: finite_or_none(value) if isinstance(value, float) else value
+                              for key, value in segment.items()} for segment in segments]}
     cues = []
     for number, s in enumerate(segments, start=1):
         start, end = timestamp(s["start"], response_format), timestamp(s["end"], response_format)
@@ -132,7 +133,7 @@ def render(response_format: str, text: str, segments: list[dict], duration: floa
 
 
 def finite_or_none(value: float) -> float | None:
-    """JSON has no NaN or Infinity: a score that is not a number is reported as null, not as a 500."""
+    """JSON has no NaN or Infinity: a number that is not finite (a score, say) is reported as null, not as a 500."""
     return value if math.isfinite(value) else None
 
 
@@ -217,7 +218,7 @@ class Speech2TextServer:
         results = await asyncio.gather(*[self.decode_batch((audio[round(a * rate): round(b * rate)], tgt_lang))
                                          for a, b in pieces])
         segments = [{"id": i, "start": round(a, 3), "end": round(b, 3), "text": r.text, "tokens": r.ids,
-                     "avg_logprob": finite_or_none(r.avg_logprob), "temperature": 0.0}
+                     "avg_logprob": r.avg_logprob, "temperature": 0.0}
                     for i, ((a, b), r) in enumerate(zip(pieces, results))]
         text = " ".join(r.text for r in results if r.text)
         return render(response_format, text, segments, duration, task, tgt_lang or "en")

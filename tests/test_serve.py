@@ -337,7 +337,8 @@ def test_docs_follow_auth_and_messages_quote_only_a_prefix(server):
         response = httpx.post(f"{server}/v1/audio/{endpoint}", files={"file": ("a.flac", flac)}, data=data,
                               headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60)
         assert response.status_code == 400 and len(response.json()["error"]["message"]) < 200, response.text[:300]
-    response = post(server, files={"file": (huge[:2000] + ".wav", b"not audio")})  # longer: the multipart parser refuses it
+    # A 2000-character file name (a longer one the multipart parser refuses by itself).
+    response = post(server, files={"file": (huge[:2000] + ".wav", b"not audio")})
     assert response.status_code == 415 and len(response.json()["error"]["message"]) < 300, response.text[:300]
 
 
@@ -349,3 +350,12 @@ def test_a_500_is_a_server_error():
     # Outside a replica the guard has no limits: it fails closed, through the app's last-resort handler.
     response = TestClient(app, raise_server_exceptions=False).get("/healthz")
     assert response.status_code == 500 and response.json()["error"]["type"] == "server_error", response.text
+
+
+def test_verbose_json_carries_no_non_finite_number():
+    from pipeline.serve import render
+
+    segments = [{"id": 0, "start": 0.0, "end": 1.0, "text": "", "tokens": [], "avg_logprob": float("-inf"),
+                 "temperature": 0.0}]
+    body = json.dumps(render("verbose_json", "", segments, 1.0, "transcribe", "en"), allow_nan=False)  # JSON as is
+    assert json.loads(body)["segments"][0]["avg_logprob"] is None
