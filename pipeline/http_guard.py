@@ -13,7 +13,8 @@ body read timeout, and `HTTPOptions.middlewares` was removed. The one proxy hook
 RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH, is read once per cluster from the environment when the proxy starts, and
 knows nothing of an application's key or limits. Serve's proxy reads each request body from the socket as fast as it
 arrives, whatever the replica does (`HTTPProxy.proxy_asgi_receive`, no backpressure), so what bounds its memory is
-that this answer comes early and closes the connection.
+that this answer comes early and closes the connection. What this place costs: a body still arriving holds one of
+the replica's `max_ongoing_requests` slots until it is complete or timed out, hence that option's high default.
 """
 
 from __future__ import annotations
