@@ -84,6 +84,9 @@ def decode_audio(
     if frames is not None and len(samples) < frames:
         raise AudioError("truncated", f"{name}: decoded {len(samples)} of {frames} samples, the file is cut short")
     _check_duration(name, len(samples) / rate, min_duration_s, max_duration_s)
+    # Float formats can hold NaN or Inf, which no feature or score survives (and JSON cannot carry).
+    if not np.isfinite(samples).all():
+        raise AudioError("corrupt", f"{name}: non-finite samples (NaN or Inf)")
     mono = samples.mean(axis=1) if samples.shape[1] > 1 else samples[:, 0]
     if rate != sampling_rate:
         mono = soxr.resample(mono, rate, sampling_rate).astype(np.float32)

@@ -6,13 +6,15 @@
 
 Concurrent requests meet in `@serve.batch` and go through `Speech2Text.transcribe_features` (length-sorted,
 frame-budgeted), the path the Ray Data job uses. Bad input is a 4xx with an OpenAI-shaped JSON error, never a 500.
+The token, the body's size and its arrival are checked first, by `http_guard.RequestGuard` (see there why there).
 """
 
 
 import asyncio
 import hashlib
-import hmac
 import io
+import logging
+import math
 import os
 from typing import Literal
 
@@ -31,6 +33,10 @@ from s2t_model.segment import find_segments
 
 from .audio import AudioError, decode_audio
 from .config import JobConfig
+from .http_guard import GuardLimits, RequestGuard, error_body, quote
+
+logger = logging.getLogger(__name__)
+MULTIPART_OVERHEAD_BYTES = 64 * 1024  # a request body may exceed the upload limit by its form fields and boundaries
 
 
 class ServeConfig(JobConfig):
@@ -44,10 +50,14 @@ class ServeConfig(JobConfig):
     cpus_per_replica: float = Field(1.0, gt=0)
     max_batch_size: int = Field(16, ge=1, description="requests decoded together (1: no batching)")
     batch_wait_ms: float = Field(20.0, ge=0, description="how long a batch waits to fill")
-    max_ongoing_requests: int = Field(64, ge=1, description="requests a replica holds at once")
+    # Uploads still arriving count too: 512 lets a few hundred slow or stalled clients (each dropped after
+    # body_timeout_s) sit beside the good requests, which only a full replica would queue.
+    max_ongoing_requests: int = Field(512, ge=1, description="requests a replica holds at once, uploads in progress "
+                                                             "included")
     max_queued_requests: int = Field(256, ge=-1, description="requests waiting for a replica; more get 503")
     retry_after_s: float = Field(1.0, ge=0, description="the Retry-After a 503 for a full queue carries")
     max_upload_mb: float = Field(25.0, gt=0)
+    body_timeout_s: float = Field(30.0, gt=0, description="a request body that stops arriving for this long gets 408")
     min_duration_s: float = Field(0.1, ge=0)
     max_duration_s: float = Field(1800.0, gt=0, description="longest upload, in seconds of audio")
     max_segment_s: float = Field(20.0, gt=0, description="longer audio is cut at pauses into segments this long")
@@ -81,12 +91,12 @@ class RequestError(Exception):
 
 
 def error_response(status: int, message: str, code: str, headers: dict | None = None) -> JSONResponse:
-    kind = "authentication_error" if status == 401 else "invalid_request_error"
-    return JSONResponse({"error": {"message": message, "type": kind, "code": code, "param": None}},
-                        status_code=status, headers=headers)
+    return JSONResponse(error_body(status, message, code), status_code=status, headers=headers)
 
 
 app = FastAPI(title="Speech2Text", description=__doc__)
+# Every request passes the guard first, /docs and /openapi.json included; each replica sets its limits at start.
+app.add_middleware(RequestGuard, limits=lambda: app.state.guard_limits)
 
 
 @app.exception_handler(RequestError)
@@ -112,13 +122,19 @@ def render(response_format: str, text: str, segments: list[dict], duration: floa
         return PlainTextResponse(text + "\n")
     if response_format == "verbose_json":
         return {"task": task, "language": language, "duration": round(duration, 3), "text": text,
-                "segments": segments}
+                "segments": [{key: finite_or_none(value) if isinstance(value, float) else value
+                              for key, value in segment.items()} for segment in segments]}
     cues = []
     for number, s in enumerate(segments, start=1):
         start, end = timestamp(s["start"], response_format), timestamp(s["end"], response_format)
         cues.append((f"{number}\n" if response_format == "srt" else "") + f"{start} --> {end}\n{s['text']}\n")
     header = "WEBVTT\n\n" if response_format == "vtt" else ""
     return PlainTextResponse(header + "\n".join(cues), media_type="text/vtt" if response_format == "vtt" else None)
+
+
+def finite_or_none(value: float) -> float | None:
+    """JSON has no NaN or Infinity: a number that is not finite (a score, say) is reported as null, not as a 500."""
+    return value if math.isfinite(value) else None
 
 
 def timestamp(seconds: float, response_format: str) -> str:
@@ -129,7 +145,8 @@ def timestamp(seconds: float, response_format: str) -> str:
 
 @app.exception_handler(Exception)
 async def _internal_error(request: Request, error: Exception) -> JSONResponse:
-    return error_response(500, f"internal error: {type(error).__name__}: {error}", "internal_error")
+    logger.exception("500 on %s", request.url.path)  # the details go to the log, not to the client
+    return error_response(500, f"internal error ({type(error).__name__})", "internal_error")
 
 
 # Audio problems -> HTTP status: an unknown format is 415, a too long one 413, the rest 400.
@@ -145,7 +162,9 @@ class Speech2TextServer:
         device = ("cuda" if torch.cuda.is_available() else "cpu") if c.device == "auto" else c.device
         self.model = Speech2Text.from_pretrained(c.model, device=device, dtype=getattr(torch, c.dtype),
                                                  storage_options=c.storage_options or None)
-        self.api_key_sha256 = api_key_sha256
+        app.state.guard_limits = GuardLimits(
+            max_body_bytes=int(c.max_upload_mb * 1024 * 1024) + MULTIPART_OVERHEAD_BYTES,
+            body_timeout_s=c.body_timeout_s, api_key_sha256=api_key_sha256)
         self.decode_batch.set_max_batch_size(c.max_batch_size)
         self.decode_batch.set_batch_wait_timeout_s(c.batch_wait_ms / 1000)
         self.languages = self.model.tokenizer.langs if self.model.tokenizer else []
@@ -165,43 +184,31 @@ class Speech2TextServer:
         features = model.features(waveforms, model.feature_extractor.sampling_rate, c.max_frames)
         return model.transcribe_features(features, tgt_lang=langs, num_beams=c.num_beams, max_frames=c.max_frames)
 
-    def authorize(self, request: Request) -> None:
-        if self.api_key_sha256 is None:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        digest = hashlib.sha256(token.strip().encode()).hexdigest()
-        if scheme.lower() != "bearer" or not hmac.compare_digest(digest, self.api_key_sha256):
-            raise RequestError(401, "a valid API key is required (Authorization: Bearer <key>)", "invalid_api_key",
-                               {"WWW-Authenticate": "Bearer"})
-
-    async def read_audio(self, request: Request, file: UploadFile | None) -> tuple[np.ndarray, float]:
+    async def read_audio(self, file: UploadFile | None) -> tuple[np.ndarray, float]:
         limit = int(self.config.max_upload_mb * 1024 * 1024)
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > limit + 64 * 1024:
-            raise RequestError(413, f"the upload is {int(declared)} bytes, more than {limit}", "upload_too_large")
         if not isinstance(file, AnyUploadFile):
             raise RequestError(400, "no audio: send it as the multipart form field 'file'", "missing_file")
+        name = quote(file.filename or "upload")
         data = await file.read(limit + 1)
         if len(data) > limit:
-            raise RequestError(413, f"{file.filename}: more than {limit} bytes", "upload_too_large")
+            raise RequestError(413, f"{name}: more than {limit} bytes", "upload_too_large")
         if not data:
-            raise RequestError(400, f"{file.filename}: the file is empty", "empty_file")
+            raise RequestError(400, f"{name}: the file is empty", "empty_file")
         rate = self.model.feature_extractor.sampling_rate
         try:
-            audio = await asyncio.to_thread(decode_audio, io.BytesIO(data), file.filename or "upload", rate,
+            audio = await asyncio.to_thread(decode_audio, io.BytesIO(data), name, rate,
                                             min_duration_s=self.config.min_duration_s,
                                             max_duration_s=self.config.max_duration_s)
         except AudioError as error:
             raise RequestError(AUDIO_STATUS.get(error.reason, 400), str(error), error.reason) from None
         return audio, len(audio) / rate
 
-    async def respond(self, request: Request, file, response_format: str, tgt_lang: str | None, task: str):
-        self.authorize(request)
+    async def respond(self, file, response_format: str, tgt_lang: str | None, task: str):
         formats = ("json", "text", "verbose_json", "srt", "vtt")
         if response_format not in formats:
-            raise RequestError(400, f"response_format {response_format!r} is not one of {', '.join(formats)}",
+            raise RequestError(400, f"response_format {quote(response_format)} is not one of {', '.join(formats)}",
                                "invalid_response_format")
-        audio, duration = await self.read_audio(request, file)
+        audio, duration = await self.read_audio(file)
         rate = self.model.feature_extractor.sampling_rate
         # Long uploads are cut at pauses, and each piece joins the batch like any request of its own.
         if duration > self.config.max_segment_s:
@@ -219,7 +226,6 @@ class Speech2TextServer:
     @app.post("/v1/audio/transcriptions")
     async def transcriptions(
         self,
-        request: Request,
         file: UploadFile | None = File(None),
         model: str | None = Form(None),
         language: str | None = Form(None),
@@ -227,12 +233,11 @@ class Speech2TextServer:
         temperature: float | None = Form(None),
         prompt: str | None = Form(None),
     ):
-        return await self.respond(request, file, response_format, None, "transcribe")
+        return await self.respond(file, response_format, None, "transcribe")
 
     @app.post("/v1/audio/translations")
     async def translations(
         self,
-        request: Request,
         file: UploadFile | None = File(None),
         model: str | None = Form(None),
         target_language: str | None = Form(None),
@@ -240,16 +245,14 @@ class Speech2TextServer:
         temperature: float | None = Form(None),
         prompt: str | None = Form(None),
     ):
-        self.authorize(request)
         if target_language not in self.languages:
-            given = "no target_language" if target_language is None else f"target_language {target_language!r}"
+            given = "no target_language" if target_language is None else f"target_language {quote(target_language)}"
             raise RequestError(400, f"{given}: this model translates into {', '.join(self.languages) or 'nothing'}",
                                "invalid_target_language")
-        return await self.respond(request, file, response_format, target_language, "translate")
+        return await self.respond(file, response_format, target_language, "translate")
 
     @app.get("/v1/models")
-    async def models(self, request: Request):
-        self.authorize(request)
+    async def models(self):
         return {"object": "list", "data": [{"id": self.config.model_name, "object": "model", "created": 0,
                                             "owned_by": "s2t-ray", "source": self.config.model,
                                             "languages": self.languages}]}

@@ -7,9 +7,11 @@ import shlex
 import socket
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import numpy as np
 import pytest
 import soundfile
 import yaml
@@ -19,6 +21,7 @@ from pipeline import scoring
 from s2t_model import DEMO_LONG_FORM, DEMO_MODEL, Speech2Text
 
 API_KEY = "test-key-123"
+BODY_TIMEOUT_S = 8.0
 
 
 def free_port() -> int:
@@ -37,7 +40,8 @@ def server(ray_session):
     os.environ["S2T_TEST_API_KEY"] = API_KEY  # read by build_app in this process; replicas only get its hash
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app({"model": DEMO_MODEL, "api_key_env": "S2T_TEST_API_KEY", "max_upload_mb": 3.0,
-                         "max_duration_s": 120.0, "max_batch_size": 8, "batch_wait_ms": 50}),
+                         "max_duration_s": 120.0, "max_batch_size": 8, "batch_wait_ms": 50,
+                         "body_timeout_s": BODY_TIMEOUT_S}),
               name="s2t", route_prefix="/")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
@@ -172,3 +176,186 @@ def test_infra_serve_yaml_is_what_s2t_serve_prints():
                              text=True, check=True).stdout
     with open("infra/serve.yaml") as f:
         assert yaml.safe_load(f) == yaml.safe_load(printed)
+
+
+# Hostile clients, on raw sockets where a polite client (httpx) would not behave so.
+
+def multipart(audio: bytes, filename: str = "a.flac") -> tuple[bytes, str]:
+    """The multipart body and its Content-Type, as httpx (and so the openai client) writes them."""
+    request = httpx.Request("POST", "http://x", files={"file": (filename, audio)})
+    return request.read(), request.headers["content-type"]
+
+
+def open_request(url: str, headers: dict, body: bytes = b"", path: str = "/v1/audio/transcriptions"):
+    """A socket that has sent the request line, `headers` and `body` (which may be a part of the declared one)."""
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=30)
+    head = f"POST {path} HTTP/1.1\r\nHost: {host}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    sock.sendall(head.encode() + b"\r\n" + body)
+    return sock
+
+
+def read_response(sock: socket.socket, timeout: float) -> tuple[int, dict]:
+    """Status and JSON body of the response on `sock`, which must come within `timeout` seconds."""
+    sock.settimeout(timeout)
+    data = b""
+    while b"\r\n\r\n" not in data or len(data.partition(b"\r\n\r\n")[2]) < content_length(data):
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError(f"closed after {data[:200]!r}")
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)
+
+
+def content_length(data: bytes) -> int:
+    lines = data.partition(b"\r\n\r\n")[0].lower().split(b"\r\n")
+    return next((int(line.split(b":")[1]) for line in lines if line.startswith(b"content-length:")), 0)
+
+
+def serve_rss_bytes() -> int:
+    """Resident memory of this session's Serve proxy and replicas (Ray's workers descend from this process)."""
+    parents, names = {}, {}
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                names[int(entry)] = f.read()
+        except (ValueError, OSError):
+            continue
+    ours, total = {os.getpid()}, 0
+    for _ in range(6):  # the tree is shallow: pytest -> raylet -> worker
+        ours |= {pid for pid, parent in parents.items() if parent in ours}
+    for pid in ours:
+        if names.get(pid, b"").startswith((b"ray::ProxyActor", b"ray::ServeReplica")):
+            with open(f"/proc/{pid}/status") as f:
+                total += next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS"))
+    return total
+
+
+def test_stalled_uploads_do_not_block_good_requests_and_are_dropped(server):
+    row = demo_rows(1)[0]
+    flac = open(row["audio_filepath"], "rb").read()
+    body, content_type = multipart(flac)
+    headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": content_type, "Content-Length": len(body)}
+    stalled = [open_request(server, headers, body[: len(body) // 2]) for _ in range(100)]
+    stalled_at = time.monotonic()
+    try:
+        time.sleep(1.0)  # all of them reach the replica and wait there for the rest of their bodies
+        start = time.monotonic()
+        with ThreadPoolExecutor(2) as pool:
+            good = pool.submit(httpx.post, f"{server}/v1/audio/transcriptions", files={"file": ("a.flac", flac)},
+                               headers={"Authorization": f"Bearer {API_KEY}"}, timeout=5)
+            health = pool.submit(httpx.get, f"{server}/healthz", timeout=5)
+            assert good.result().json()["text"] == row["text"] and health.result().status_code == 200
+        assert time.monotonic() - start < 5
+        # Each stalled body is dropped with a 408 once nothing arrived for body_timeout_s, not before: they were
+        # all held while the good request was answered.
+        answers = [read_response(sock, BODY_TIMEOUT_S + 15) for sock in stalled]
+        assert [status for status, _ in answers] == [408] * 100
+        assert time.monotonic() - stalled_at >= BODY_TIMEOUT_S
+        assert answers[0][1]["error"]["code"] == "body_timeout"
+    finally:
+        for sock in stalled:
+            sock.close()
+
+
+def test_a_declared_huge_body_gets_413_before_any_of_it_is_sent(server):
+    headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "multipart/form-data; boundary=x",
+               "Content-Length": 10**12}
+    start = time.monotonic()
+    with open_request(server, headers) as sock:
+        status, body = read_response(sock, timeout=2)
+    assert status == 413 and body["error"]["code"] == "upload_too_large", body
+    assert time.monotonic() - start < 2
+
+
+def test_no_token_gets_401_before_the_body_is_read(server):
+    headers = {"Content-Type": "multipart/form-data; boundary=x", "Content-Length": 400 * 2**20}
+    start = time.monotonic()
+    with open_request(server, headers, b"--x\r\n") as sock:  # 400 MB declared, 5 bytes sent
+        status, body = read_response(sock, timeout=2)
+    assert status == 401 and body["error"]["type"] == "authentication_error", body
+    assert time.monotonic() - start < 2
+
+
+def test_a_200_mb_streamed_body_is_cut_at_the_limit_without_growing_the_server(server):
+    import threading
+
+    baseline, peak, done = serve_rss_bytes(), [0], threading.Event()
+
+    def watch():
+        while not done.is_set():
+            peak[0] = max(peak[0], serve_rss_bytes())
+            time.sleep(0.05)
+
+    sent = [0]
+
+    def chunks():  # chunked transfer: no Content-Length to check up front
+        block = os.urandom(2**20)
+        for _ in range(200):
+            sent[0] += len(block)
+            yield block
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        response = httpx.post(f"{server}/v1/audio/transcriptions", content=chunks(), timeout=60,
+                              headers={"Authorization": f"Bearer {API_KEY}",
+                                       "Content-Type": "multipart/form-data; boundary=x"})
+    finally:
+        done.set()
+        watcher.join()
+    growth = peak[0] - baseline
+    assert growth < 100 * 2**20, f"the server grew by {growth / 2**20:.0f} MB"
+    assert response.status_code == 413 and response.json()["error"]["code"] == "upload_too_large"
+    assert sent[0] < 200 * 2**20  # the connection was closed on the client mid-upload
+
+
+def test_non_finite_audio_is_400_in_every_response_format(server):
+    samples = (0.1 * np.sin(np.arange(16000) / 10)).astype(np.float32)
+    for bad, endpoint in ((np.nan, "transcriptions"), (np.inf, "translations")):
+        wav = io.BytesIO()
+        soundfile.write(wav, np.where(np.arange(16000) == 8000, bad, samples), 16000, format="WAV", subtype="FLOAT")
+        for response_format in ("json", "text", "verbose_json", "srt", "vtt"):
+            response = httpx.post(f"{server}/v1/audio/{endpoint}", files={"file": ("nan.wav", wav.getvalue())},
+                                  data={"response_format": response_format, "target_language": "fr"},
+                                  headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60)
+            assert response.status_code == 400, (bad, response_format, response.text)
+            error = response.json()["error"]
+            assert error["code"] == "corrupt" and "non-finite samples" in error["message"], error
+
+
+def test_docs_follow_auth_and_messages_quote_only_a_prefix(server):
+    for path in ("/docs", "/openapi.json"):
+        assert httpx.get(f"{server}{path}").status_code == 401
+        assert httpx.get(f"{server}{path}", headers={"Authorization": f"Bearer {API_KEY}"}).status_code == 200
+    flac = open(demo_rows(1)[0]["audio_filepath"], "rb").read()
+    huge = "x" * 100_000
+    for endpoint, data in (("translations", {"target_language": huge}), ("transcriptions", {"response_format": huge})):
+        response = httpx.post(f"{server}/v1/audio/{endpoint}", files={"file": ("a.flac", flac)}, data=data,
+                              headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60)
+        assert response.status_code == 400 and len(response.json()["error"]["message"]) < 200, response.text[:300]
+    # A 2000-character file name (a longer one the multipart parser refuses by itself).
+    response = post(server, files={"file": (huge[:2000] + ".wav", b"not audio")})
+    assert response.status_code == 415 and len(response.json()["error"]["message"]) < 300, response.text[:300]
+
+
+def test_a_500_is_a_server_error():
+    from fastapi.testclient import TestClient
+
+    from pipeline.serve import app
+
+    # Outside a replica the guard has no limits: it fails closed, through the app's last-resort handler.
+    response = TestClient(app, raise_server_exceptions=False).get("/healthz")
+    assert response.status_code == 500 and response.json()["error"]["type"] == "server_error", response.text
+
+
+def test_verbose_json_carries_no_non_finite_number():
+    from pipeline.serve import render
+
+    segments = [{"id": 0, "start": 0.0, "end": 1.0, "text": "", "tokens": [], "avg_logprob": float("-inf"),
+                 "temperature": 0.0}]
+    body = json.dumps(render("verbose_json", "", segments, 1.0, "transcribe", "en"), allow_nan=False)  # JSON as is
+    assert json.loads(body)["segments"][0]["avg_logprob"] is None

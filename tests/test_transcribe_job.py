@@ -169,6 +169,7 @@ def test_bad_input_rows_carry_their_reason(ray_session, corpus, tmp_path, featur
     flac = open(rows[3]["audio_filepath"], "rb").read()
     (bad / "truncated.flac").write_bytes(flac[: len(flac) // 2])
     soundfile.write(bad / "tiny.wav", np.zeros(160, np.float32), 16000)  # 10 ms
+    soundfile.write(bad / "nan.wav", np.full(16000, np.nan, np.float32), 16000, subtype="FLOAT")
     long = np.concatenate([soundfile.read(r["audio_filepath"], dtype="float32")[0] for r in demo_rows(20)])
     soundfile.write(bad / "long.flac", long, 16000)
     assert len(long) / 16000 > 30
@@ -179,6 +180,7 @@ def test_bad_input_rows_carry_their_reason(ray_session, corpus, tmp_path, featur
         json.dumps({"id": "truncated", "audio_filepath": str(bad / "truncated.flac"), "text": "x"}),
         json.dumps({"id": "text", "audio_filepath": str(bad / "text.wav"), "text": "x"}),
         json.dumps({"id": "tiny", "audio_filepath": str(bad / "tiny.wav"), "text": "x"}),
+        json.dumps({"id": "nan", "audio_filepath": str(bad / "nan.wav"), "text": "x"}),
         json.dumps({"id": "long", "audio_filepath": str(bad / "long.flac"), "text": "x"}),
         '{"id": "broken", "audio_filepath": ',
     ]
@@ -187,17 +189,18 @@ def test_bad_input_rows_carry_their_reason(ray_session, corpus, tmp_path, featur
     summary, out = job(manifest, tmp_path / "out", max_duration_s=30.0, feature_stage=feature_stage)
     assert len(out) == len(lines) == summary["rows_in"] == summary["rows_out"]
     reasons = {row["id"]: (row["error"] or "").split(":")[0] for row in out}
-    assert reasons.pop("manifest.jsonl:10") == "bad_manifest_line"
+    assert reasons.pop("manifest.jsonl:11") == "bad_manifest_line"
     # libsndfile either loses sync in the cut-off block (corrupt) or returns fewer samples than promised (truncated).
     assert reasons.pop("truncated") in ("corrupt", "truncated")
     assert reasons == {"missing": "missing", "zero": "empty", "text": "unreadable",
-                       "tiny": "too_short", "long": "too_long", **{g["id"]: "" for g in good}}
+                       "tiny": "too_short", "nan": "corrupt", "long": "too_long", **{g["id"]: "" for g in good}}
     errors = {row["id"]: row["error"] for row in out}
     assert str(bad / "nowhere.flac") in errors["missing"] and "30.0 s" in errors["long"]
+    assert "non-finite samples" in errors["nan"]
     assert all(row["text"] is None for row in out if row["error"])
     assert_transcribed([row for row in out if not row["error"]], [g["id"] for g in good],
                        {g["id"]: g["text"] for g in good})
-    assert sum(summary["errors_by_reason"].values()) == 7 and summary["errors_by_reason"]["missing"] == 1
+    assert sum(summary["errors_by_reason"].values()) == 8 and summary["errors_by_reason"]["missing"] == 1
 
 
 def test_manifest_without_audio_column_fails_before_any_work(tmp_path):
