@@ -62,9 +62,10 @@ class ServeConfig(JobConfig):
     max_duration_s: float = Field(1800.0, gt=0, description="longest upload, in seconds of audio")
     max_segment_s: float = Field(20.0, gt=0, description="longer audio is cut at pauses into segments this long")
     num_beams: int = Field(5, ge=1)
-    max_frames: int = Field(24000, ge=1, description="padded feature frames per generation batch")
+    max_frames: int | None = Field(None, ge=1, description="padded feature frames per generation batch (fairseq max_tokens; default: 24,000 on a CPU, 192,000 on a GPU)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    cuda_graphs: bool = Field(True, description="on a GPU, decode with CUDA graphs (false: eagerly)")
     api_key_env: str | None = Field(None, description="environment variable holding the bearer token to require")
     storage_options: dict = Field(default_factory=dict, description="fsspec options for the model URL")
 
@@ -161,7 +162,7 @@ class Speech2TextServer:
         c = self.config
         device = ("cuda" if torch.cuda.is_available() else "cpu") if c.device == "auto" else c.device
         self.model = Speech2Text.from_pretrained(c.model, device=device, dtype=getattr(torch, c.dtype),
-                                                 storage_options=c.storage_options or None)
+                                                 storage_options=c.storage_options or None, cuda_graphs=c.cuda_graphs)
         app.state.guard_limits = GuardLimits(
             max_body_bytes=int(c.max_upload_mb * 1024 * 1024) + MULTIPART_OVERHEAD_BYTES,
             body_timeout_s=c.body_timeout_s, api_key_sha256=api_key_sha256)

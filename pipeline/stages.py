@@ -81,11 +81,12 @@ class GenerateText:
     """
 
     def __init__(self, model_uri: str, model_label: str, device: str = "cpu", dtype: str = "float32",
-                 storage_options: dict | None = None, tgt_lang: str | None = None, **generate_options):
+                 cuda_graphs: bool = True, storage_options: dict | None = None, tgt_lang: str | None = None,
+                 **generate_options):
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = Speech2Text.from_pretrained(model_uri, device=device, dtype=getattr(torch, dtype),
-                                                 storage_options=storage_options)
+                                                 storage_options=storage_options, cuda_graphs=cuda_graphs)
         self.model_label = model_label
         self.tgt_lang = tgt_lang
         self.generate_options = generate_options

@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 from pydantic import Field
 
 from s2t_model import FeatureExtractor, checkpoint
+from s2t_model.batching import CPU_MAX_FRAMES
 
 from . import scoring
 from .config import JobConfig
@@ -41,7 +42,7 @@ class TranscribeConfig(JobConfig):
                                                    "tgt_lang column when the model has that tag, else none: ASR)")
     num_beams: int = Field(5, ge=1)
     max_new_tokens: int | None = Field(None, description="default: the model's max_length - 1")
-    max_frames: int = Field(24000, ge=1, description="padded feature frames per generation batch (fairseq max_tokens)")
+    max_frames: int | None = Field(None, ge=1, description="padded feature frames per generation batch (fairseq max_tokens; default: 24,000 on a CPU, 192,000 on a GPU)")
     batch_size: int = Field(64, ge=1, description="rows handed to a generation actor at a time")
     feature_batch_size: int = Field(32, ge=1, description="rows handed to a feature actor at a time")
     feature_actors: int = Field(2, ge=1, description="most CPU feature actors")
@@ -56,6 +57,7 @@ class TranscribeConfig(JobConfig):
                             "only (no two stages competing for the same cores)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    cuda_graphs: bool = Field(True, description="on a GPU, decode with CUDA graphs (false: eagerly)")
     min_duration_s: float = Field(0.1, ge=0)
     max_duration_s: float = Field(4 * 3600.0, gt=0, description="longest recording, in seconds")
     max_segment_s: float = Field(20.0, gt=0, description="longer recordings are cut at pauses into segments this long")
@@ -121,13 +123,14 @@ def transcription_dataset(rows: pa.Table, config: TranscribeConfig, folder: str,
         min_duration_s=config.min_duration_s,
         max_duration_s=config.max_duration_s,
         storage_options=audio_options,
-        max_frames=config.max_frames,
+        max_frames=config.max_frames or CPU_MAX_FRAMES,  # feature actors run on CPUs
     )
     generation = dict(
         model_uri=config.model,
         model_label=model_label,
         device="cuda" if config.num_gpus > 0 and config.device == "auto" else config.device,
         dtype=config.dtype,
+        cuda_graphs=config.cuda_graphs,
         storage_options=config.options_for(config.model),
         tgt_lang=config.tgt_lang,
         num_beams=config.num_beams,

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from . import checkpoint
-from .batching import frame_budget_batches
+from .batching import default_max_frames, frame_budget_batches
 from .config import Speech2TextConfig
 from .decoding import GenerationOutput, generate
 from .features import FeatureExtractor
@@ -36,9 +36,12 @@ class Speech2Text(Speech2TextModule):
     @classmethod
     def from_pretrained(
         cls, uri: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-        storage_options: dict | None = None,
+        storage_options: dict | None = None, cuda_graphs: bool = True,
     ) -> "Speech2Text":
-        """Load a transformers Speech2Text checkpoint from a local folder or any fsspec URL (s3://, file://, hf://)."""
+        """Load a transformers Speech2Text checkpoint from a local folder or any fsspec URL (s3://, file://, hf://).
+
+        cuda_graphs: on a GPU, decode with the decoder step captured as CUDA graphs (s2t_model/cuda_graphs.py);
+        False decodes eagerly (the same ids in float32; for debugging, or a driver that cannot capture graphs)."""
         folder = checkpoint.local_folder(uri, storage_options)
         config = Speech2TextConfig.from_pretrained(folder)
         feature_extractor = FeatureExtractor.from_pretrained(folder)
@@ -49,6 +52,7 @@ class Speech2Text(Speech2TextModule):
             model = cls(config, feature_extractor, tokenizer)
         checkpoint.load_weights(model, checkpoint.read_state_dict(folder), source=str(uri))
         model.source = str(uri)
+        model.use_cuda_graphs = cuda_graphs
         return model.to(device=device, dtype=dtype).eval()
 
     def save_pretrained(self, folder: str, dtype: torch.dtype | None = None) -> None:
@@ -115,26 +119,28 @@ class Speech2Text(Speech2TextModule):
         sampling_rate: int,
         num_beams: int | None = None,
         tgt_lang: TgtLang = None,
-        max_frames: int = 24000,
+        max_frames: int | None = None,
         **generate_options,
     ) -> list[str]:
-        """Waveforms (a list of 1-D arrays) -> texts, in length-sorted batches of at most `max_frames` padded frames."""
+        """Waveforms (a list of 1-D arrays) -> texts, in length-sorted batches of at most `max_frames` padded frames
+        (default: the device's, s2t_model.batching.default_max_frames)."""
         if isinstance(waveforms, np.ndarray) and waveforms.ndim == 1:
             waveforms = [waveforms]
         results = self.transcribe_features(self.features(waveforms, sampling_rate, max_frames), num_beams=num_beams,
                                            tgt_lang=tgt_lang, max_frames=max_frames, **generate_options)
         return [result.text for result in results]
 
-    def features(self, waveforms: Sequence[np.ndarray], sampling_rate: int, max_frames: int = 24000) -> list[Tensor]:
+    def features(self, waveforms: Sequence[np.ndarray], sampling_rate: int, max_frames: int | None = None) -> list[Tensor]:
         """Waveforms (1-D arrays) -> features (T_i, 80) each, on the model's device, computed in length-sorted batches
         of at most `max_frames` padded frames (a batch pads every waveform to its longest)."""
+        max_frames = max_frames or default_max_frames(self.device)
         return self.feature_extractor.each(waveforms, sampling_rate, max_frames, device=self.device)
 
     def transcribe_features(
         self,
         features: Sequence[Tensor | np.ndarray],
         tgt_lang: TgtLang = None,
-        max_frames: int = 24000,
+        max_frames: int | None = None,
         **generate_options,
     ) -> list[Transcript]:
         """Features of utterances, each (T_i, 80) -> one `Transcript` each, in the order given.
@@ -149,6 +155,7 @@ class Speech2Text(Speech2TextModule):
         if len(langs) != len(features):
             raise ValueError(f"tgt_lang has {len(langs)} entries for {len(features)} utterances")
         results: list[Transcript] = [None] * len(features)  # type: ignore[list-item]
+        max_frames = max_frames or default_max_frames(self.device)
         for batch in frame_budget_batches([len(f) for f in features], max_frames):
             padded, lengths = pad_features([features[i] for i in batch], self.device)
             out = self.generate(padded, lengths, tgt_lang=[langs[i] for i in batch], **generate_options)
