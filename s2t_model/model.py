@@ -91,15 +91,15 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
         return self.out_proj(out.transpose(1, 2).flatten(2))
 
-    def attend_one(self, x: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
-        """One query per row: x (R, 1, D) over k, v (R, H, K, D/H), K possibly a strided view of a cache; mask
-        broadcastable to (R, H, 1, K), True = attend.
+    def attend_few(self, x: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+        """A decoding step's few queries: x (B, Q, D) over k, v (B, H, K, D/H), K possibly a strided view of a cache;
+        mask broadcastable to (B, H, Q, K), True = attend.
 
-        Two plain matmuls: for a single query SDPA's CPU flash kernel cost 3.5 ms a step at s2t-small batch 8,
-        four times these (bench/model.py prints the step against its floor).
+        Two plain matmuls: for one query a row (or a beam's few), SDPA's CPU flash kernel cost 2-3.5 ms of a ~12 ms
+        step at s2t-small batch 8, several times these (bench/model.py prints the step against its floor).
         """
-        q = self.split_heads(self.q_proj(x)) * (k.shape[-1] ** -0.5)  # (R, H, 1, D/H)
-        weights = q @ k.transpose(-1, -2)  # (R, H, 1, K)
+        q = self.split_heads(self.q_proj(x)) * (k.shape[-1] ** -0.5)  # (B, H, Q, D/H)
+        weights = q @ k.transpose(-1, -2)  # (B, H, Q, K)
         if mask is not None:
             weights = weights.masked_fill(~mask, float("-inf"))
         out = weights.softmax(-1) @ v  # (R, H, 1, D/H)
@@ -159,9 +159,10 @@ class DecoderLayer(nn.Module):
         else:
             rows = h.reshape(-1, 1, h.shape[-1])  # (B*Q, 1, D): every beam is its own sequence here
             k, v, mask = cache.write(index, *self.self_attn.keys_values(rows))
-            h = self.self_attn.attend_one(rows, k, v, mask).reshape(x.shape)
+            h = self.self_attn.attend_few(rows, k, v, mask).reshape(x.shape)
         x = x + F.dropout(h, self.dropout, self.training)
-        h = self.encoder_attn.attend(self.encoder_attn_layer_norm(x), *cross_kv, cross_mask)
+        cross_attend = self.encoder_attn.attend if cache is None else self.encoder_attn.attend_few
+        h = cross_attend(self.encoder_attn_layer_norm(x), *cross_kv, cross_mask)
         x = x + F.dropout(h, self.dropout, self.training)
         return x + feed_forward(self, x)
 
@@ -233,8 +234,9 @@ class Decoder(nn.Module):
         self.layer_norm = nn.LayerNorm(config.d_model)
 
     def cross_keys_values(self, encoder_states: Tensor) -> list[tuple[Tensor, Tensor]]:
-        """Every layer's cross-attention keys and values, (B, H, S, D/H) each: computed once per utterance."""
-        return [layer.encoder_attn.keys_values(encoder_states) for layer in self.layers]
+        """Every layer's cross-attention keys and values, (B, H, S, D/H) each: computed once per utterance, and laid
+        out contiguously once, or every step's matmul over them would copy them first."""
+        return [tuple(t.contiguous() for t in layer.encoder_attn.keys_values(encoder_states)) for layer in self.layers]
 
     def forward(
         self,
