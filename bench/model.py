@@ -162,19 +162,30 @@ def weight_read_floor(weights: list[Tensor], rows: int, repeats: int, device: st
     return seconds, sum(w.numel() * w.element_size() for w in copies) / seconds
 
 
-def bench_decoder_step(args, model: Speech2Text) -> None:
-    """One decoder step (rows = utterances x beams) against its floor, the weight reads alone, same process."""
+def bench_decoder_step(args, model: Speech2Text, peer=None) -> None:
+    """One decoder step (rows = utterances x beams) against its floor, the weight reads alone, same process.
+
+    A step also reads every layer's cross-attention keys and values of its utterances (B x S x D x 2 x layers: as
+    many bytes as the weights at batch 8 x 10 s); the second floor adds them at the same bandwidth, as what no
+    implementation of the same arithmetic can avoid. The encoder, the same arithmetic in ours and transformers', is
+    timed beside it: it bounds how much faster whole generation can get by a faster decoder.
+    """
     from s2t_model.decoding import decoder_state
 
     steps = args.max_new_tokens
     features, lengths = model.feature_extractor(synthetic_speech(args.step_batch, args.seconds, seed=2), 16000)
     features, lengths = features.to(args.device), lengths.to(args.device)
     weights = decoder_weights_read_per_step(model)
-    print(f"\nDecoder step: s2t-small dimensions, {args.step_batch} utterances, mean of {steps} steps, "
-          f"{sum(w.numel() * w.element_size() for w in weights) / 1e6:.1f} MB of weights read a step")
+    weight_bytes = sum(w.numel() * w.element_size() for w in weights)
+    with torch.inference_mode():
+        encoder_states, _ = model.encode(features, lengths)
+    c = model.config
+    cross_bytes = encoder_states.numel() * encoder_states.element_size() * 2 * c.decoder_layers
+    print(f"\nDecoder step: s2t-small dimensions, {args.step_batch} utterances x {args.seconds:g} s, mean of {steps} "
+          f"steps; a step reads {weight_bytes / 1e6:.1f} MB of weights and {cross_bytes / 1e6:.1f} MB of "
+          f"cross-attention keys and values")
+    greedy_step = None
     for beams in (1, 5):
-        state_holder = {}
-
         @torch.inference_mode()
         def decode():
             state = decoder_state(model, features, lengths, beams, steps)
@@ -183,7 +194,6 @@ def bench_decoder_step(args, model: Speech2Text) -> None:
                 tokens = state.logits(tokens).argmax(-1)
                 if beams > 1:  # a beam step reorders the cache rows; keep the cost in the figure
                     state.reorder_rows(torch.arange(args.step_batch * beams, device=args.device).roll(1))
-            state_holder["state"] = state
 
         @torch.inference_mode()
         def encode_only():
@@ -193,9 +203,26 @@ def bench_decoder_step(args, model: Speech2Text) -> None:
             t_total, t_encode = best_times([decode, encode_only], args.repeats, args.device)
             floor, bandwidth = weight_read_floor(weights, args.step_batch * beams, args.repeats, args.device)
         step = (t_total - t_encode) / steps
+        greedy_step = greedy_step or step
+        floor_with_cross = floor + cross_bytes / bandwidth
         print(f"  rows {args.step_batch * beams:4d} ({'greedy' if beams == 1 else f'beam {beams}'}): step "
               f"{step * 1e3:7.3f} ms, floor {floor * 1e3:7.3f} ms (weights at {bandwidth / 1e9:6.1f} GB/s): "
-              f"{step / floor:5.2f}x the floor")
+              f"{step / floor:5.2f}x the floor; {step / floor_with_cross:5.2f}x the floor with the cross-attention "
+              f"keys and values ({floor_with_cross * 1e3:.3f} ms)")
+    if peer is not None:
+        mask = torch.ones(features.shape[:2], dtype=torch.long, device=args.device)
+
+        @torch.inference_mode()
+        def ours_encoder():
+            model.encode(features, lengths)
+
+        @torch.inference_mode()
+        def peer_encoder():
+            peer.get_encoder()(input_features=features.to(peer.dtype), attention_mask=mask)
+
+        t_ours, t_peer = best_times([ours_encoder, peer_encoder], args.repeats, args.device)
+        print(f"  encoder, same utterances: ours {t_ours * 1e3:.1f} ms, transformers {t_peer * 1e3:.1f} ms "
+              f"(= {t_ours / (steps * greedy_step):.2f}x the time of {steps} greedy steps)")
 
 
 def bench_generation(args) -> None:
@@ -206,7 +233,7 @@ def bench_generation(args) -> None:
         random_checkpoint(folder)
         ours = Speech2Text.from_pretrained(folder, device=args.device, dtype=dtype)
         peer = Speech2TextForConditionalGeneration.from_pretrained(folder, dtype=dtype).to(args.device).eval()
-    bench_decoder_step(args, ours)
+    bench_decoder_step(args, ours, peer)
     waves = synthetic_speech(args.utterances, args.seconds, seed=1)
     features, lengths = ours.feature_extractor(waves, 16000)
     features, lengths = features.to(args.device), lengths.to(args.device)
