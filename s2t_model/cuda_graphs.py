@@ -70,6 +70,10 @@ class DecoderStepGraph:
         self.cross_mask[:, 0] = True  # an empty slot attends to one zero frame, not to nothing (NaN)
         self.cache = StaticKVCache(c.decoder_layers, slots * rows_per_slot, heads, head_dim, capacity, weight.dtype,
                                    weight.device)
+        self.graph = None
+        if weight.device.type != "cuda":  # the same static buffers, stepped eagerly: how CPU tests check this path
+            self.logits = self.run_step()
+            return
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up outside the graph: lazy initialisation, cuBLAS handles, autotuning
@@ -79,6 +83,13 @@ class DecoderStepGraph:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.logits = self.run_step()  # (U, Q, V) in the model's dtype
+
+    def replay(self) -> None:
+        """One step from the buffers as they are now: the graph's replay, or the step itself without a GPU."""
+        if self.graph is None:
+            self.logits = self.run_step()
+        else:
+            self.graph.replay()
 
     @torch.inference_mode()
     def run_step(self) -> Tensor:
@@ -150,7 +161,7 @@ class GraphedDecoderState:
         """tokens (A, Q) -> logits (A, Q, V) fp32, as DecoderState.logits."""
         self.graph.tokens[self.slots] = tokens
         self.graph.cache.step.fill_(self.steps)
-        self.graph.graph.replay()
+        self.graph.replay()
         self.steps += 1
         return self.graph.logits[self.slots].float()
 

@@ -280,6 +280,24 @@ def test_a_failed_cuda_graph_capture_falls_back_to_eager_decoding(tiny, monkeypa
     assert model.use_cuda_graphs is False and "CUDA graph capture failed" in caplog.text
 
 
+@pytest.mark.parametrize("num_beams", [1, 4])
+def test_the_cuda_graph_path_gives_transformers_ids_on_static_buffers(tiny, num_beams, monkeypatch):
+    """The graph path's logic - slots padded to a power of two, frames and cache capacity to 64, utterances keeping
+    their slot after they finish, beam reordering by slot, a graph's buffers reused by a later batch - stepped
+    eagerly on the CPU, where CI runs (on a GPU the same buffers are replayed as a CUDA graph)."""
+    from s2t_model import cuda_graphs, decoding
+
+    hf, folder = tiny
+    model = Speech2Text.from_pretrained(folder)
+    monkeypatch.setattr(decoding, "uses_cuda_graphs", lambda model, features: True)
+    for seed, frames in ((16, FRAMES), (17, FRAMES[1:4])):
+        features, lengths = padded_features(frames, seed=seed)
+        # early_stopping explicit: this random checkpoint sets none, and the two libraries default differently
+        options = dict(num_beams=num_beams, max_new_tokens=MAX_NEW_TOKENS, early_stopping=True)
+        assert model.generate(features, lengths, **options).ids == reference_ids(hf, features, frames, **options)
+    assert sorted(key[0] for key in cuda_graphs.model_graphs(model).by_bucket) == [4, 8]
+
+
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on a lent GPU machine)")
 
 
