@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from bench import model as bench_model, pipeline as bench_pipeline, serve as bench_serve
+from bench import model as bench_model, pipeline as bench_pipeline, scale as bench_scale, serve as bench_serve
 from demo import corpus, evaluate, train
 
 from . import backfill, serve, transcribe
@@ -25,6 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
             bench_model.add_arguments, bench_model.main)
     command(benchmarks, "pipeline", "the whole Ray Data job vs the model alone on the same corpus: RTFx and ratio",
             bench_pipeline.add_arguments, bench_pipeline.main)
+    command(benchmarks, "scale", "the job's control path at corpus scale: driver memory and time, first run and reruns",
+            bench_scale.add_arguments, bench_scale.main)
     command(benchmarks, "serve", "the Serve endpoint with batching vs without: throughput, p50/p99 by concurrency",
             bench_serve.add_arguments, bench_serve.main)
     command(commands, "transcribe", "transcribe (or translate) a corpus on Ray Data into a Parquet dataset",

@@ -1,7 +1,8 @@
 """Translation backfills: every (id, target language) pair of a manifest that the output lacks, translated and
 appended, partitioned by target language, with the run's id on each row.
 
-    pairs = manifest x tgt_langs - pairs already in the output -> the transcription stages, tgt_lang per row -> write
+    pairs = manifest x tgt_langs - pairs already in the output (a distributed anti-join)
+            -> the transcription stages, tgt_lang per row -> write
 
 A lease file in the output keeps two runs from writing the same pairs; a run killed mid-way leaves complete Parquet
 files (kept: their pairs are done) and perhaps one cut short (removed: its pairs are found again by the next run).
@@ -12,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import socket
 import threading
 import time
@@ -20,18 +20,20 @@ import uuid
 
 import fsspec
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from pydantic import Field
 
 from s2t_model import Speech2Text, checkpoint
 
-from . import scoring
 from .longform import join_segments
-from .manifest import read_manifest
-from .transcribe import TranscribeConfig, arrow_filesystem, scan_output, transcription_dataset
+from .manifest import Manifest
+from .output import arrow_filesystem, footers, rows_dataset, shuffle_partitions
+from .summary import run_summary
+from .transcribe import TranscribeConfig, transcription_dataset
 
 log = logging.getLogger(__name__)
 LEASE = "_lease.json"
-PARTITION = re.compile(r"(?:^|/)tgt_lang=([^/]+)/")
 
 
 class BackfillConfig(TranscribeConfig):
@@ -49,27 +51,49 @@ class LeaseHeld(RuntimeError):
 
 
 class Lease:
-    """`<output>/_lease.json`, renewed by a thread while the run lasts. Another run's lease is respected while it is
-    fresh and its process (when on this host) lives; a stale one is taken over."""
+    """`<output>/_lease.json`, created only if absent (S3 `If-None-Match: *`, a local `O_EXCL`: fsspec's "xb"
+    mode), so of runs starting at the same moment exactly one holds it; renewed by a thread while the run lasts.
+    Another run's lease is respected while it is fresh and its process (when on this host) lives; a stale one is
+    taken over by whichever run first creates `_lease.takeover-<its run id>`, again only if absent."""
 
     def __init__(self, fs: fsspec.AbstractFileSystem, root: str, run_id: str, ttl_s: float):
         self.fs, self.path, self.run_id, self.ttl_s = fs, f"{root.rstrip('/')}/{LEASE}", run_id, ttl_s
+        self.root = root.rstrip("/")
         self.stop = threading.Event()
 
     def __enter__(self) -> "Lease":
-        held = self.read()
-        if held and held["run_id"] != self.run_id and not self.stale(held):
-            raise LeaseHeld(
-                f"{self.path}: run {held['run_id']} (pid {held['pid']} on {held['host']}, started {held['started']}) "
-                f"is filling in this output; try again when it is done, or delete the lease if that run is dead"
-            )
-        self.write()
-        time.sleep(0.05)
-        if (self.read() or {}).get("run_id") != self.run_id:  # another run wrote its lease at the same moment
-            raise LeaseHeld(f"{self.path}: another run took the lease at the same moment")
+        self.fs.makedirs(self.root, exist_ok=True)
+        if not self.create(self.path, self.record()):
+            held = self.read()
+            if held is None:  # let go between our attempt and the read: one more attempt
+                if not self.create(self.path, self.record()):
+                    raise LeaseHeld(f"{self.path}: another run took the lease at the same moment")
+            elif not self.stale(held):
+                raise LeaseHeld(
+                    f"{self.path}: run {held['run_id']} (pid {held['pid']} on {held['host']}, started "
+                    f"{held['started']}) is filling in this output; try again when it is done, or delete the lease if "
+                    f"that run is dead"
+                )
+            elif not self.create(f"{self.root}/_lease.takeover-{held['run_id']}", self.record()):
+                raise LeaseHeld(f"{self.path}: another run is taking over the stale lease of run {held['run_id']}")
+            else:
+                self.write()
         self.thread = threading.Thread(target=self.renew, daemon=True)
         self.thread.start()
         return self
+
+    def create(self, path: str, record: dict) -> bool:
+        """Write `record` to `path` only if no file is there; whether this call created it."""
+        try:
+            with self.fs.open(path, "xb") as f:
+                f.write(json.dumps(record).encode())
+            return True
+        except FileExistsError:
+            return False
+        except OSError as error:  # s3fs reports a failed precondition (HTTP 412) as a plain OSError
+            if "412" in str(error) or "Precondition" in str(error):
+                return False
+            raise
 
     def __exit__(self, *exc) -> None:
         self.stop.set()
@@ -83,12 +107,13 @@ class Lease:
         except (FileNotFoundError, json.JSONDecodeError):
             return None
 
+    def record(self) -> dict:
+        return {"run_id": self.run_id, "host": socket.gethostname(), "pid": os.getpid(),
+                "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "expires": time.time() + self.ttl_s}
+
     def write(self) -> None:
-        self.fs.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         with self.fs.open(self.path, "w") as f:
-            json.dump({"run_id": self.run_id, "host": socket.gethostname(), "pid": os.getpid(),
-                       "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                       "expires": time.time() + self.ttl_s}, f)
+            json.dump(self.record(), f)
 
     def renew(self) -> None:
         while not self.stop.wait(self.ttl_s / 3):
@@ -115,7 +140,7 @@ def run(config: BackfillConfig) -> dict:
     started = time.time()
     run_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
     langs = config.languages()
-    manifest = read_manifest(config.manifest, config.options_for(config.manifest))
+    manifest = Manifest(config.manifest, config.options_for(config.manifest))
     folder = checkpoint.local_folder(config.model, config.options_for(config.model))
     known = Speech2Text.from_pretrained(folder).tokenizer.langs
     unknown = [lang for lang in langs if lang not in known]
@@ -126,22 +151,18 @@ def run(config: BackfillConfig) -> dict:
 
     with Lease(fs, root, run_id, config.lease_ttl_s):
         join_segments(fs, root)  # long recordings a killed run left in segments
-        done, errored = existing_pairs(fs, root)
         if config.retry_errors:
-            drop_rows(fs, root, errored)  # first, so that a retried pair is never in the output twice
-            errored = set()
-        wanted = [(row_id, lang) for lang in langs for row_id in manifest.column("id").to_pylist()]
-        todo_pairs = [pair for pair in wanted if pair not in done and pair not in errored]
-        log.info("%d pairs wanted, %d done, %d errored earlier, %d to do", len(wanted), len(done), len(errored),
-                 len(todo_pairs))
-        todo = pairs_table(manifest, todo_pairs, run_id)
-        if todo.num_rows:
+            drop_errors(fs, root)  # first, so that a retried pair is never in the output twice
+        todo = missing_pairs(manifest, config.rows_per_block, langs, run_id, fs, root).materialize()
+        pairs_found = todo.count()
+        log.info("%d (id, language) pairs to do", pairs_found)
+        if pairs_found:
             job = config.model_copy(update={"tgt_lang": None})  # each row carries its own target language
             dataset = transcription_dataset(todo, job, folder, model_label)
             dataset.write_parquet(root, filesystem=arrow_filesystem(fs), partition_cols=["tgt_lang"],
                                   min_rows_per_file=config.rows_per_file)
             join_segments(fs, root)
-    summary = summarize(fs, root, run_id, todo_pairs, langs, time.time() - started)
+    summary = summarize(fs, root, run_id, pairs_found, langs, time.time() - started)
     summary.update(manifest=config.manifest, output=config.output, model=model_label)
     fs.makedirs(f"{root.rstrip('/')}/_runs", exist_ok=True)
     with fs.open(f"{root.rstrip('/')}/_runs/{run_id}.json", "w") as f:
@@ -149,33 +170,40 @@ def run(config: BackfillConfig) -> dict:
     return summary
 
 
-def existing_pairs(fs, root: str) -> tuple[set, set]:
-    """(pairs done, pairs whose attempt failed), read from every file of the output."""
-    done, errored = set(), set()
-    for path, table in scan_output(fs, root, ["id", "error"]):
-        lang = partition_of(path)
-        for row_id, error in zip(table.column("id").to_pylist(), table.column("error").to_pylist()):
-            (errored if error else done).add((row_id, lang))
-    return done, errored - done
+def missing_pairs(manifest: Manifest, rows_per_block: int, langs: list[str], run_id: str, fs, root: str):
+    """Every (manifest row, language) pair the output holds no row for (done or errored), as a Dataset: the
+    manifest's rows once per language, less the output's (id, tgt_lang) pairs by a distributed anti-join."""
+    pairs = manifest.dataset(rows_per_block, arrow_filesystem(manifest.fs)).map_batches(
+        each_language, fn_kwargs=dict(langs=langs, run_id=run_id), batch_format="pyarrow", batch_size=None)
+    files = list(footers(fs, root))
+    if files:
+        held = rows_dataset(fs, root, files, ["id", "tgt_lang"]).map_batches(
+            lambda batch: batch.set_column(1, "tgt_lang", batch["tgt_lang"].cast(pa.string())),
+            batch_format="pyarrow")
+        pairs = pairs.join(held, join_type="left_anti", num_partitions=shuffle_partitions(), on=("id", "tgt_lang"),
+                           aggregator_ray_remote_args={"num_cpus": 0.01})
+    return pairs.repartition(target_num_rows_per_block=rows_per_block)
 
 
-def partition_of(path: str) -> str | None:
-    match = PARTITION.search(path)
-    return match.group(1) if match else None
+def each_language(batch: pa.Table, langs: list[str], run_id: str) -> pa.Table:
+    """Manifest rows -> one row per (row, language), with the run's id."""
+    index = batch.column_names.index("tgt_lang")
+    tables = [batch.set_column(index, "tgt_lang", pa.array([lang] * batch.num_rows, pa.string())) for lang in langs]
+    table = pa.concat_tables(tables)
+    return table.append_column("run_id", pa.array([run_id] * table.num_rows, pa.string()))
 
 
-def drop_rows(fs, root: str, pairs: set) -> None:
-    """Rewrite the files that hold any of `pairs` without them (a new file first, then the old one goes)."""
-    import pyarrow.parquet as pq
-
-    for path, table in scan_output(fs, root, ["id"]):
-        lang = partition_of(path)
-        keep = [(row_id, lang) not in pairs for row_id in table.column("id").to_pylist()]
-        if all(keep):
+def drop_errors(fs, root: str) -> None:
+    """Rewrite the files that hold failed pairs without them (a new file first, then the old one goes); one file at
+    a time, reading only its error column to decide."""
+    for path in footers(fs, root):
+        with fs.open(path, "rb") as f:
+            errors = pq.read_table(f, columns=["error"]).column("error")
+        if errors.null_count == len(errors):
             continue
         with fs.open(path, "rb") as f:
             full = pq.read_table(f)
-        kept = full.filter(pa.array(keep))
+        kept = full.filter(pc.is_null(full["error"]))
         if kept.num_rows:
             folder, name = path.rsplit("/", 1)
             with fs.open(f"{folder}/retried-{uuid.uuid4().hex[:8]}-{name}", "wb") as f:
@@ -183,33 +211,17 @@ def drop_rows(fs, root: str, pairs: set) -> None:
         fs.rm(path)
 
 
-def pairs_table(manifest: pa.Table, pairs: list[tuple[str, str]], run_id: str) -> pa.Table:
-    index = {row_id: i for i, row_id in enumerate(manifest.column("id").to_pylist())}
-    rows = manifest.take(pa.array([index[row_id] for row_id, _ in pairs], pa.int64()))
-    rows = rows.set_column(rows.column_names.index("tgt_lang"), "tgt_lang",
-                           pa.array([lang for _, lang in pairs], pa.string()))
-    return rows.append_column("run_id", pa.array([run_id] * len(pairs), pa.string()))
-
-
-def summarize(fs, root: str, run_id: str, todo_pairs: list, langs: list[str], wall_s: float) -> dict:
+def summarize(fs, root: str, run_id: str, pairs_found: int, langs: list[str], wall_s: float) -> dict:
     """What this run found and wrote, and BLEU per language of what it wrote (references: text_<lang>, else the
-    manifest's text)."""
-    by_lang: dict[str, list] = {}
-    columns = lambda name: name in ("id", "error", "text", "reference", "run_id") or name.startswith("text_")
-    for path, table in scan_output(fs, root, columns):
-        by_lang.setdefault(partition_of(path), []).extend(r for r in table.to_pylist() if r.get("run_id") == run_id)
-    rows = [row for lang_rows in by_lang.values() for row in lang_rows]
-    errors: dict[str, int] = {}
-    for row in rows:
-        if row["error"]:
-            reason = row["error"].split(":", 1)[0]
-            errors[reason] = errors.get(reason, 0) + 1
-    summary = {"run_id": run_id, "tgt_langs": langs, "pairs_found": len(todo_pairs), "pairs_written": len(rows),
-               "pairs_errored": sum(errors.values()), "errors_by_reason": errors, "wall_s": wall_s, "bleu": {}}
-    for lang, lang_rows in sorted(by_lang.items()):
-        ok = [row for row in lang_rows if not row["error"]]
-        result = scoring.bleu([row.get(f"text_{lang}") or row.get("reference") for row in ok],
-                              [row["text"] for row in ok])
-        if result:
-            summary["bleu"][lang], summary["bleu_signature"] = round(result[0], 2), result[1]
-    return summary
+    manifest's text), by Ray Data aggregations over the output."""
+    written = footers(fs, root)
+    columns = {"id", "error", "text", "reference", "run_id", "tgt_lang", "duration_s"}
+    names = set.intersection(*(set(m.schema.to_arrow_schema().names) | {"tgt_lang"} for m in written.values())) \
+        if written else set()
+    rows = rows_dataset(fs, root, list(written), sorted(n for n in names if n in columns or n.startswith("text_"))) \
+        if written else None
+    figures = run_summary(rows, run_id, langs)
+    return {"run_id": run_id, "tgt_langs": langs, "pairs_found": pairs_found, "pairs_written": figures["rows"],
+            "pairs_errored": sum(figures["errors_by_reason"].values()), "errors_by_reason": figures["errors_by_reason"],
+            "wall_s": wall_s, "bleu": figures["bleu"],
+            **({"bleu_signature": figures["bleu_signature"]} if "bleu_signature" in figures else {})}

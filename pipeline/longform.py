@@ -21,6 +21,7 @@ import soundfile
 from s2t_model.segment import segment_stream
 
 from .audio import AudioError, _check_duration, _open
+from .output import output_files
 
 SEGMENT_FIELDS = [("segment_of", pa.string()), ("segment_index", pa.int32()), ("segment_count", pa.int32()),
                   ("segment_start_s", pa.float64()), ("recording_duration_s", pa.float64())]
@@ -85,8 +86,6 @@ def join_segments(fs: fsspec.AbstractFileSystem, root: str) -> int:
 
     Recordings are told apart by folder too: a partitioned output (the backfill's tgt_lang=xx) holds one per folder.
     """
-    from .transcribe import output_files
-
     parts: dict[tuple[str, str], list[dict]] = {}
     holders: dict[str, pa.Table] = {}
     ids: set[tuple[str, str]] = set()

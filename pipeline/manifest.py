@@ -1,30 +1,36 @@
-"""Manifests of any kind, from any fsspec URL, read into one table with the columns the job works on.
+"""Manifests of any kind, from any fsspec URL, read by Ray Data read tasks into the rows the job works on.
 
 Accepted: NeMo JSONL (`audio_filepath`, `duration`, `offset`, `text`, `id`), fairseq S2T TSV (`id`, `audio`,
 `n_frames`, `tgt_text`, `speaker`, `tgt_lang`; `audio` may be `archive.zip:offset:length`), CSV and Parquet with
-either naming, or a glob of audio files. Every input row becomes exactly one row of the table:
+either naming, or a glob of audio files. Every input row becomes exactly one row:
 
     id, audio, offset_s, duration_s, reference, tgt_lang, error, and the manifest's other columns unchanged
 
-A line that cannot be parsed keeps its place as a row whose `error` says why, so the output accounts for it.
+A manifest may be sharded: a glob or brace list whose files are manifests (`manifests/part-*.jsonl`,
+`manifest_{000..127}.jsonl`, NeMo's `manifest__OP_0..127_CL_.json`) is one manifest read in parallel, one read task
+per file, each streaming its file in blocks. What a pattern names is decided by the files' extensions: manifest
+extensions (.jsonl, .json, .tsv, .csv, .parquet) make shards, anything else is a glob of audio files; a mix is an
+error. A line that cannot be parsed keeps its place as a row whose `error` is `bad_manifest_line: <file>:<line>: ...`.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
-import io
 import json
 import os
 import posixpath
+from typing import Iterable, Iterator
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
+from ray.data.datasource import FileBasedDatasource
 
 AUDIO_COLUMNS = ("audio_filepath", "audio", "path", "file")
 REFERENCE_COLUMNS = ("text", "tgt_text", "transcript", "sentence")
 TGT_LANG_COLUMNS = ("tgt_lang", "target_lang")
+MANIFEST_SUFFIXES = ("jsonl", "json", "tsv", "csv", "parquet")
 # Columns the job writes itself; a manifest column of the same name is passed through as manifest_<name>.
 OUTPUT_COLUMNS = ("id", "audio", "offset_s", "duration_s", "reference", "text", "tgt_lang", "num_tokens",
                   "avg_logprob", "error", "model", "segments", "segment_of", "segment_index", "segment_count",
@@ -32,6 +38,7 @@ OUTPUT_COLUMNS = ("id", "audio", "offset_s", "duration_s", "reference", "text", 
 SCHEMA = pa.schema([("id", pa.string()), ("audio", pa.string()), ("offset_s", pa.float64()),
                     ("duration_s", pa.float64()), ("reference", pa.string()), ("tgt_lang", pa.string()),
                     ("error", pa.string())])
+PEEK_ROWS = 100  # records of the first file read on the driver to fail early on a manifest that cannot work
 
 
 class ManifestError(ValueError):
@@ -39,65 +46,183 @@ class ManifestError(ValueError):
 
 
 def is_glob(uri: str) -> bool:
-    return any(c in uri for c in "*?[")
+    return any(c in uri for c in "*?[{") or "_OP_" in uri
 
 
-def read_manifest(uri: str, storage_options: dict | None = None) -> pa.Table:
-    fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
-    if is_glob(uri):
-        files = sorted(fs.glob(path))
+def suffix_of(path: str) -> str:
+    name = posixpath.basename(path).lower().removesuffix(".gz")
+    return name.rsplit(".", 1)[-1] if "." in name else ""
+
+
+class Manifest:
+    """Where a manifest's rows come from: its files (`kind` "manifest": each a manifest shard; "audio": each an
+    audio file, one row apiece), listed on the driver (file names only, never rows)."""
+
+    def __init__(self, uri: str, storage_options: dict | None = None):
+        self.uri = uri
+        self.fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+        self.remote = "://" in uri and not uri.startswith("file://")
+        self.files = self._expand(path) if is_glob(uri) else self._single(path)
+        kinds = {suffix_of(f) in MANIFEST_SUFFIXES for f in self.files}
+        if len(kinds) > 1:
+            raise ManifestError(f"{uri}: the pattern matches both manifests ({', '.join(MANIFEST_SUFFIXES)}) and "
+                                f"other files; name either manifest shards or audio files")
+        self.kind = "manifest" if kinds == {True} else "audio"
+        if self.kind == "manifest":
+            self.check_columns()
+
+    def _expand(self, path: str) -> list[str]:
+        import braceexpand
+
+        # NeMo writes `{` and `}` as _OP_ and _CL_ in its shard lists.
+        pattern = path.replace("_OP_", "{").replace("_CL_", "}")
+        files = sorted({f for each in braceexpand.braceexpand(pattern)
+                        for f in (self.fs.glob(each) if any(c in each for c in "*?[") else
+                                  [each] if self.fs.exists(each) else [])})
         if not files:
-            raise ManifestError(f"{uri}: the glob matches no files")
-        audio = [fs.unstrip_protocol(f) if "://" in uri else f for f in files]
-        return normalise([{"audio": a} for a in audio], uri, base=None)
-    if not fs.exists(path):
-        raise ManifestError(f"{uri}: no such manifest")
-    suffix = path.rsplit(".", 1)[-1].lower()
-    if suffix == "parquet":
-        records = pq.read_table(path, filesystem=fs).to_pylist()
-    else:
-        with fs.open(path, "rt", encoding="utf-8") as f:
-            text = f.read()
-        if suffix in ("jsonl", "json"):
-            records = _json_lines(text)
-        elif suffix in ("tsv", "csv"):
-            records = _delimited(text, "\t" if suffix == "tsv" else ",")
-        else:
-            raise ManifestError(f"{uri}: unknown manifest type .{suffix} (use .jsonl, .json, .tsv, .csv or .parquet)")
-    base = fs.unstrip_protocol(posixpath.dirname(path)) if "://" in uri else os.path.dirname(os.path.abspath(path))
-    return normalise(records, uri, base)
+            raise ManifestError(f"{self.uri}: the pattern matches no files")
+        return files
+
+    def _single(self, path: str) -> list[str]:
+        if not self.fs.exists(path):
+            raise ManifestError(f"{self.uri}: no such manifest")
+        if suffix_of(path) not in MANIFEST_SUFFIXES:
+            raise ManifestError(f"{self.uri}: unknown manifest type .{suffix_of(path)} "
+                                f"(use .jsonl, .json, .tsv, .csv or .parquet)")
+        return [path]
+
+    def url(self, path: str) -> str:
+        return self.fs.unstrip_protocol(path) if self.remote else path
+
+    def check_columns(self) -> None:
+        """Fail before any work when the first file's first records name no audio column."""
+        with self.fs.open(self.files[0], "rb", compression="infer") as f:
+            for table in read_blocks(f, self.url(self.files[0]), PEEK_ROWS, self.base(self.files[0])):
+                return
+
+    def base(self, path: str) -> str:
+        """The folder relative audio paths of this file are read from."""
+        folder = posixpath.dirname(path)
+        return self.fs.unstrip_protocol(folder) if self.remote else os.path.dirname(os.path.abspath(path))
+
+    def dataset(self, rows_per_block: int, filesystem):
+        """The rows as a Ray Dataset: one read task per file, each streaming its file in blocks."""
+        import ray
+
+        if self.kind == "audio":
+            rows = [{"audio": self.url(f), "_line": i + 1} for i, f in enumerate(self.files)]
+            table = normalise(rows, self.uri, base=None)
+            return ray.data.from_arrow([table.slice(i, rows_per_block) for i in range(0, len(table), rows_per_block)])
+        return ray.data.read_datasource(
+            ManifestDatasource(self.files, filesystem=filesystem, rows_per_block=rows_per_block,
+                               bases={f: self.base(f) for f in self.files}, urls={f: self.url(f) for f in self.files}),
+            override_num_blocks=len(self.files),
+        )
 
 
-def _json_lines(text: str) -> list[dict]:
-    records = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
+class ManifestDatasource(FileBasedDatasource):
+    """Ray Data's file datasource for manifest shards: read tasks per file (Ray's listing, retries, filesystem),
+    each parsing its file line by line into blocks of `rows_per_block` rows."""
+
+    def __init__(self, paths: list[str], *, rows_per_block: int, bases: dict, urls: dict, **kwargs):
+        super().__init__(paths, **kwargs)
+        self.rows_per_block, self.bases, self.urls = rows_per_block, bases, urls
+
+    def _read_stream(self, f, path: str) -> Iterator[pa.Table]:
+        yield from read_blocks(f, self.urls.get(path, path), self.rows_per_block, self.bases.get(path))
+
+    def _open_input_source(self, filesystem, path, **open_args):
+        if suffix_of(path) == "parquet":  # a footer first: random access, not a stream
+            return filesystem.open_input_file(path)
+        return super()._open_input_source(filesystem, path, **open_args)
+
+
+def read_blocks(f, uri: str, rows_per_block: int, base: str | None) -> Iterator[pa.Table]:
+    """One manifest file (an open binary stream) -> tables of at most `rows_per_block` normalised rows."""
+    kind = suffix_of(uri)
+    records = (_parquet_records(f) if kind == "parquet" else
+               _delimited_records(_lines(f), "\t" if kind == "tsv" else ",", uri) if kind in ("tsv", "csv") else
+               _json_records(_lines(f), uri))
+    seen = Repeats()
+    block = []
+    for record in records:
+        block.append(record)
+        if len(block) == rows_per_block:
+            yield normalise(block, uri, base, seen)
+            block = []
+    if block:
+        yield normalise(block, uri, base, seen)
+
+
+def _lines(f) -> Iterator[str | None]:
+    """Lines of a binary stream, decoded; a line that is not UTF-8 comes as None (a bad line, not a failed file)."""
+    rest = b""
+    while chunk := f.read(1 << 20):
+        lines = (rest + chunk).split(b"\n")
+        rest = lines.pop()
+        yield from (_decode(line) for line in lines)
+    if rest:
+        yield _decode(rest)
+
+
+def _decode(line: bytes) -> str | None:
+    try:
+        return line.decode("utf-8").rstrip("\r")
+    except UnicodeDecodeError:
+        return None
+
+
+def _json_records(lines: Iterable[str | None], uri: str) -> Iterator[dict]:
+    for number, line in enumerate(lines, start=1):
+        if line is not None and not line.strip():
             continue
         try:
+            if line is None:
+                raise ValueError("not UTF-8 text")
             record = json.loads(line)
             if not isinstance(record, dict):
                 raise ValueError(f"a JSON {type(record).__name__}, not an object")
         except ValueError as error:
-            record = {"_bad_line": f"line {number} is not a JSON object ({error}): {line[:80]!r}"}
-        records.append(record)
-    return records
+            record = {"_bad_line": f"not a JSON object ({error}): {(line or '')[:80]!r}"}
+        record["_line"] = number
+        yield record
 
 
-def _delimited(text: str, delimiter: str) -> list[dict]:
+def _delimited_records(lines: Iterable[str | None], delimiter: str, uri: str) -> Iterator[dict]:
     # fairseq writes its TSVs unquoted (csv.QUOTE_NONE); CSV files follow the usual quoting.
     quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
-    rows = list(csv.reader(io.StringIO(text), delimiter=delimiter, quoting=quoting))
-    if not rows:
-        return []
-    header, records = rows[0], []
-    for number, row in enumerate(rows[1:], start=2):
+    reader = csv.reader((line if line is not None else "\x00" for line in lines), delimiter=delimiter,
+                        quoting=quoting)
+    header = next(reader, None)
+    for row in reader:
         if not row:
             continue
         if len(row) != len(header):
-            records.append({"_bad_line": f"line {number} has {len(row)} fields, the header has {len(header)}"})
+            yield {"_bad_line": f"{len(row)} fields, the header has {len(header)}", "_line": reader.line_num}
         else:
-            records.append(dict(zip(header, row)))
-    return records
+            yield {**dict(zip(header, row)), "_line": reader.line_num}
+
+
+def _parquet_records(f) -> Iterator[dict]:
+    number = 0
+    for batch in pq.ParquetFile(f).iter_batches(batch_size=4096):
+        for record in batch.to_pylist():
+            number += 1
+            record["_line"] = number
+            yield record
+
+
+class Repeats:
+    """Repeated ids of one file, numbered in file order: the second `x` becomes `x#2`. Holds 8 bytes of hash per
+    id of the file (in the read task, not the driver); ids repeated across shards are counted by the summary."""
+
+    def __init__(self):
+        self.counts: dict[bytes, int] = {}
+
+    def number(self, row_id: str) -> str:
+        key = hashlib.blake2b(row_id.encode(), digest_size=8).digest()
+        count = self.counts[key] = self.counts.get(key, 0) + 1
+        return row_id if count == 1 else f"{row_id}#{count}"
 
 
 def _first(record: dict, names: tuple[str, ...]):
@@ -107,24 +232,23 @@ def _first(record: dict, names: tuple[str, ...]):
     return None
 
 
-def normalise(records: list[dict], uri: str, base: str | None) -> pa.Table:
-    """Records as read -> the job's table; raises ManifestError when no row could name its audio."""
-    columns = {name for record in records for name in record if name != "_bad_line"}
+def normalise(records: list[dict], uri: str, base: str | None, repeats: Repeats | None = None) -> pa.Table:
+    """Records as read (each with its `_line`) -> the job's table; raises ManifestError when no row could name
+    its audio."""
+    repeats = repeats or Repeats()
+    columns = {name for record in records for name in record if name not in ("_bad_line", "_line")}
     audio_column = next((name for name in AUDIO_COLUMNS if name in columns), None)
-    if records and audio_column is None:
+    if audio_column is None and any("_bad_line" not in record for record in records):
         raise ManifestError(
             f"{uri}: no audio column; a manifest needs one of {', '.join(AUDIO_COLUMNS)} "
             f"(it has {', '.join(sorted(columns)) or 'no columns'})"
         )
     used = {audio_column, "id", "offset", "duration", *REFERENCE_COLUMNS[:2], *TGT_LANG_COLUMNS}
     passthrough = sorted(columns - used)
-    rows, seen = [], {}
-    for number, record in enumerate(records):
-        row = _normalise_row(record, number, uri, base)
-        # Ids must be unique for resuming to be exact: a repeated one gets #2, #3, ... in manifest order.
-        seen[row["id"]] = seen.get(row["id"], 0) + 1
-        if seen[row["id"]] > 1:
-            row["id"] = f"{row['id']}#{seen[row['id']]}"
+    rows = []
+    for record in records:
+        row = _normalise_row(record, uri, base)
+        row["id"] = repeats.number(row["id"])
         for name in passthrough:
             value = record.get(name)
             key = f"manifest_{name}" if name in OUTPUT_COLUMNS else name
@@ -137,10 +261,12 @@ def normalise(records: list[dict], uri: str, base: str | None) -> pa.Table:
                                  for n in table.column_names]))
 
 
-def _normalise_row(record: dict, number: int, uri: str, base: str | None) -> dict:
+def _normalise_row(record: dict, uri: str, base: str | None) -> dict:
+    where = f"{uri}:{record['_line']}"
     if "_bad_line" in record:
-        return {"id": f"{os.path.basename(uri)}:{number + 1}", "audio": None, "offset_s": None, "duration_s": None,
-                "reference": None, "tgt_lang": None, "error": f"bad_manifest_line: {uri}: {record['_bad_line']}"}
+        return {"id": f"{posixpath.basename(uri)}:{record['_line']}", "audio": None, "offset_s": None,
+                "duration_s": None, "reference": None, "tgt_lang": None,
+                "error": f"bad_manifest_line: {where}: {record['_bad_line']}"}
     audio = _first(record, AUDIO_COLUMNS)
     error = None
     try:
@@ -148,14 +274,15 @@ def _normalise_row(record: dict, number: int, uri: str, base: str | None) -> dic
         duration = float(record["duration"]) if record.get("duration") not in (None, "") else None
     except (TypeError, ValueError) as exc:
         offset, duration = 0.0, None
-        error = f"bad_manifest_line: {uri}: row {number + 1}: offset/duration are not numbers ({exc})"
+        error = f"bad_manifest_line: {where}: offset/duration are not numbers ({exc})"
     if audio is None:
-        error = f"bad_manifest_line: {uri}: row {number + 1} names no audio file"
+        error = f"bad_manifest_line: {where}: names no audio file"
     else:
         audio = resolve(str(audio), base)
     reference = _first(record, REFERENCE_COLUMNS[:2])
     return {
-        "id": str(record["id"]) if record.get("id") not in (None, "") else derive_id(audio, offset, number),
+        "id": str(record["id"]) if record.get("id") not in (None, "") else
+        derive_id(audio, offset) if audio is not None else f"{posixpath.basename(uri)}:{record['_line']}",
         "audio": audio,
         "offset_s": offset,
         "duration_s": duration,
@@ -172,10 +299,21 @@ def resolve(audio: str, base: str | None) -> str:
     return posixpath.join(base, audio) if "://" in base else os.path.join(base, audio)
 
 
-def derive_id(audio: str | None, offset: float, number: int) -> str:
+def derive_id(audio: str, offset: float) -> str:
     """A stable id from the audio path and offset: `<file stem>-<8 hex of sha1(path@offset)>`."""
-    if audio is None:
-        return f"row-{number + 1}"
     stem = posixpath.basename(audio.split(".zip:")[0] if ".zip:" in audio else audio).rsplit(".", 1)[0]
     digest = hashlib.sha1(f"{audio}@{offset:.6f}".encode()).hexdigest()[:8]
     return f"{stem}-{digest}"
+
+
+def read_manifest(uri: str, storage_options: dict | None = None) -> pa.Table:
+    """The whole manifest as one table, read here: for small manifests, tests and tools (the job streams instead)."""
+    manifest = Manifest(uri, storage_options)
+    if manifest.kind == "audio":
+        return normalise([{"audio": manifest.url(f), "_line": i + 1} for i, f in enumerate(manifest.files)],
+                         uri, base=None)
+    tables = []
+    for path in manifest.files:
+        with manifest.fs.open(path, "rb", compression="infer") as f:
+            tables.extend(read_blocks(f, manifest.url(path), 1 << 16, manifest.base(path)))
+    return pa.concat_tables(tables, promote_options="default") if tables else SCHEMA.empty_table()

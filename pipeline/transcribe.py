@@ -1,10 +1,11 @@
 """The corpus transcription job: manifest -> CPU feature actors -> generation actor pool -> Parquet, plus a summary.
 
-    read_manifest -> from_arrow -> map_batches(ComputeFeatures) -> map_batches(GenerateText) -> write_parquet
+    read (manifest read tasks) -> left_anti join with the output's ids -> split_long_audio -> ComputeFeatures
+    -> GenerateText -> write_parquet;  then join_segments, and the summary by Ray Data aggregations
 
-Resuming is an id anti-join: rows whose id the output already holds are not read again, so re-running the same
-command after a crash writes only what is missing. A Parquet file cut short by the crash is unreadable; it is removed
-and its rows are done again, so nothing is lost and nothing doubled.
+The driver holds no rows: it lists files and reads Parquet footers. Resuming is a distributed anti-join on id:
+re-running the same command after a crash writes only what is missing. A Parquet file cut short by the crash has no
+footer; it is removed and its rows are done again, so nothing is lost and nothing doubled.
 """
 
 from __future__ import annotations
@@ -12,21 +13,23 @@ from __future__ import annotations
 import json
 import logging
 import time
+import uuid
 from typing import Literal
 
 import fsspec
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import Field
 
 from s2t_model import FeatureExtractor, checkpoint
 from s2t_model.batching import CPU_MAX_FRAMES
 
-from . import scoring
 from .config import JobConfig
 from .longform import join_segments, split_long_audio
-from .manifest import read_manifest
+from .manifest import Manifest
+from .output import (arrow_filesystem, footers, holds_segments, read_output, rows_dataset, scan_output,  # noqa: F401
+                     shuffle_partitions)
+from .summary import corpus_summary
 from .stages import ComputeFeatures, GenerateText, TranscribeAudio
 
 log = logging.getLogger(__name__)
@@ -80,39 +83,75 @@ class TranscribeConfig(JobConfig):
 def run(config: TranscribeConfig) -> dict:
     """Run the job to completion (or resume it) and return its summary, also written as <output>/_summary.json."""
     started = time.time()
-    manifest = read_manifest(config.manifest, config.options_for(config.manifest))
+    run_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+    manifest = Manifest(config.manifest, config.options_for(config.manifest))
     folder = checkpoint.local_folder(config.model, config.options_for(config.model))
     model_label = f"{config.model}@sha256:{checkpoint.content_hash(folder)[:16]}"
     fs, root = fsspec.core.url_to_fs(config.output, **(config.options_for(config.output) or {}))
     join_segments(fs, root)  # what a run killed after its write left unjoined
-    done = existing_ids(fs, root)
-    todo = manifest.filter(pc.invert(pc.is_in(manifest["id"], value_set=pa.array(done, pa.string()))))
-    log.info("%d manifest rows, %d already in %s, %d to do", manifest.num_rows, len(done), config.output, todo.num_rows)
+    done = footers(fs, root)  # and files it left cut short are removed here
+    rows = manifest.dataset(config.rows_per_block, arrow_filesystem(manifest.fs)).map_batches(
+        with_run_id, fn_kwargs=dict(run_id=run_id), batch_format="pyarrow", batch_size=None)
+    # Blocks of rows_per_block rows again after the read tasks (which merge theirs) and the join: the unit the
+    # actor pools share out (a streaming split, not a shuffle).
+    todo = not_done(rows, fs, root, list(done)).repartition(target_num_rows_per_block=config.rows_per_block)
+    fs.makedirs(root, exist_ok=True)
+    segments_done = [path for path, metadata in done.items() if holds_segments(metadata)]
+    dataset = transcription_dataset(todo, config, folder, model_label,
+                                    done=lambda split: not_done(split, fs, root, segments_done))
+    dataset.write_parquet(root, filesystem=arrow_filesystem(fs), min_rows_per_file=config.rows_per_file)
+    join_segments(fs, root)
 
-    if todo.num_rows:
-        fs.makedirs(root, exist_ok=True)
-        dataset = transcription_dataset(todo, config, folder, model_label, done_segments=segment_ids(done))
-        dataset.write_parquet(root, filesystem=arrow_filesystem(fs), min_rows_per_file=config.rows_per_file)
-        join_segments(fs, root)
-
-    summary = summarize(fs, root, manifest, todo, time.time() - started)
-    summary.update(manifest=config.manifest, output=config.output, model=model_label)
+    written = footers(fs, root)
+    out = rows_dataset(fs, root, list(written), summary_columns(written)) if written else None
+    summary = corpus_summary(manifest.dataset(config.rows_per_block, arrow_filesystem(manifest.fs)), out, run_id)
+    wall_s = time.time() - started
+    summary.update(wall_s=wall_s, rtfx=summary["audio_hours_this_run"] * 3600 / wall_s if wall_s > 0 else None,
+                   manifest=config.manifest, output=config.output, model=model_label, run_id=run_id)
     with fs.open(f"{root.rstrip('/')}/{SUMMARY}", "w") as f:
         json.dump(summary, f, indent=2)
     return summary
 
 
-def transcription_dataset(rows: pa.Table, config: TranscribeConfig, folder: str, model_label: str,
-                          done_segments: frozenset = frozenset()):
+def with_run_id(batch: pa.Table, run_id: str) -> pa.Table:
+    return batch.append_column("run_id", pa.array([run_id] * batch.num_rows, pa.string()))
+
+
+def not_done(rows, fs, root: str, files: list[str]):
+    """`rows` less those whose id `files` of the output already hold: a distributed anti-join (hash shuffle of
+    both sides by id), so neither the driver nor any one process holds all the ids.
+
+    Chosen over Ray's CheckpointConfig (beta), which keeps its own record of ids beside the output (ours is the
+    output itself, so outputs of earlier runs and files removed after a crash stay right), loads every checkpointed
+    id into each filter actor, and cannot follow a row whose id changes (long recordings' segments)."""
+    if not files:
+        return rows
+    import ray
+
+    done = rows_dataset(fs, root, files, ["id"])
+    # The join's aggregators live as long as the job: a whole CPU each would starve the actor pools after them.
+    return rows.join(done, join_type="left_anti", num_partitions=shuffle_partitions(), on=("id",),
+                     aggregator_ray_remote_args={"num_cpus": 0.01})
+
+
+def summary_columns(written: dict[str, pq.FileMetaData]) -> list[str]:
+    """The output's columns the summary reads (those every file has): translation references sit in text_<lang>
+    columns (as in the demo corpus), else in the manifest's text."""
+    names = set.intersection(*(set(metadata.schema.to_arrow_schema().names) for metadata in written.values()))
+    wanted = {"id", "error", "duration_s", "text", "tgt_lang", "reference", "run_id"}
+    return sorted(n for n in names if n in wanted or n.startswith("text_"))
+
+
+def transcription_dataset(rows, config: TranscribeConfig, folder: str, model_label: str, done=None):
     """The stages over manifest rows: long recordings cut into segments (tasks), then CPU feature actors feeding the
     generation actor pool, or (`fused_features`) generation actors that compute their own features.
 
     folder: the checkpoint, fetched locally (the feature actors need only its preprocessor config).
-    done_segments: ids of segments already in the output, not to be done again.
+    rows: a Ray Dataset of manifest rows.
+    done: Dataset -> the Dataset less the segments already in the output (not to be done again).
     """
     import ray
 
-    blocks = [rows.slice(i, config.rows_per_block) for i in range(0, rows.num_rows, config.rows_per_block)]
     generation_pool = ray.data.ActorPoolStrategy(
         min_size=config.generation_actors,
         max_size=max(config.generation_actors, config.max_generation_actors or config.generation_actors),
@@ -137,13 +176,15 @@ def transcription_dataset(rows: pa.Table, config: TranscribeConfig, folder: str,
         max_new_tokens=config.max_new_tokens,
         max_frames=config.max_frames,
     )
-    dataset = ray.data.from_arrow(blocks).map_batches(
+    dataset = rows.map_batches(
         split_long_audio,
         batch_format="pyarrow",
         batch_size=None,
         fn_kwargs=dict(max_segment_s=config.max_segment_s, max_duration_s=config.max_duration_s,
-                       storage_options=audio_options, done=done_segments),
+                       storage_options=audio_options),
     )
+    if done is not None:
+        dataset = done(dataset)
     generation_options = dict(batch_format="pyarrow", batch_size=config.batch_size, compute=generation_pool,
                               num_gpus=config.num_gpus, num_cpus=config.generation_cpus)
     if fused_features(config):
@@ -162,97 +203,6 @@ def transcription_dataset(rows: pa.Table, config: TranscribeConfig, folder: str,
 def fused_features(config: TranscribeConfig) -> bool:
     """Whether the generation actors compute their own features (see `TranscribeConfig.feature_stage`)."""
     return config.feature_stage == "fused" or (config.feature_stage == "auto" and config.num_gpus == 0)
-
-
-def segment_ids(ids: list[str]) -> frozenset:
-    return frozenset(i for i in ids if "~" in i)
-
-
-def arrow_filesystem(fs: fsspec.AbstractFileSystem):
-    import pyarrow.fs
-
-    if isinstance(fs, fsspec.implementations.local.LocalFileSystem):
-        return pyarrow.fs.LocalFileSystem()
-    return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
-
-
-def output_files(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
-    if not fs.exists(root):
-        return []
-    return sorted(p for p in fs.find(root) if p.endswith(".parquet"))
-
-
-def existing_ids(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
-    """Ids the output already holds."""
-    return [i for _, table in scan_output(fs, root, ["id"]) for i in table.column("id").to_pylist()]
-
-
-def scan_output(fs: fsspec.AbstractFileSystem, root: str, wanted) -> list[tuple[str, pa.Table]]:
-    """(path, its columns that `wanted` names) for every output file; `wanted` is a list of names or a predicate.
-
-    A file a killed run left half-written has no readable footer: it is removed, and its rows count as not done,
-    so they are done again."""
-    accept = wanted if callable(wanted) else set(wanted).__contains__
-    tables = []
-    for path in output_files(fs, root):
-        try:
-            with fs.open(path, "rb") as f:
-                parquet = pq.ParquetFile(f)
-                tables.append((path, parquet.read(columns=[c for c in parquet.schema_arrow.names if accept(c)])))
-        except (pa.ArrowInvalid, OSError) as error:
-            log.warning("removing %s, left unfinished by an earlier run (%s); its rows are done again", path, error)
-            fs.rm(path)
-    return tables
-
-
-def read_output(fs: fsspec.AbstractFileSystem, root: str, wanted) -> pa.Table:
-    """The output's columns that `wanted` names (a list or a predicate), from every file."""
-    tables = [table for _, table in scan_output(fs, root, wanted)]
-    return pa.concat_tables(tables, promote_options="default") if tables else pa.table({"id": pa.array([], pa.string())})
-
-
-def summarize(fs, root: str, manifest: pa.Table, todo: pa.Table, wall_s: float) -> dict:
-    """Counts over the manifest's rows as the output now holds them, and speed over the rows this run did."""
-    ids = manifest.column("id").to_pylist()
-    # Translation references sit in text_<lang> columns (as in the demo corpus), else in the manifest's text.
-    columns = {"id", "error", "duration_s", "text", "tgt_lang", "reference"}
-    out = read_output(fs, root, lambda name: name in columns or name.startswith("text_"))
-    out = out.filter(pc.is_in(out["id"], value_set=pa.array(ids, pa.string())))
-    rows = out.to_pylist()
-    errors: dict[str, int] = {}
-    for row in rows:
-        if row["error"]:
-            reason = row["error"].split(":", 1)[0]
-            errors[reason] = errors.get(reason, 0) + 1
-    ok = [row for row in rows if not row["error"]]
-    this_run = set(todo.column("id").to_pylist())
-    audio_s = sum(row["duration_s"] or 0.0 for row in ok)
-    run_audio_s = sum(row["duration_s"] or 0.0 for row in ok if row["id"] in this_run)
-    summary = {
-        "rows_in": len(ids),
-        "rows_out": len(rows),
-        "rows_missing": len(set(ids) - {row["id"] for row in rows}),
-        "rows_duplicated": len(rows) - len({row["id"] for row in rows}),
-        "rows_ok": len(ok),
-        "rows_error": len(rows) - len(ok),
-        "errors_by_reason": dict(sorted(errors.items())),
-        "rows_this_run": len(this_run),
-        "audio_hours": audio_s / 3600,
-        "audio_hours_this_run": run_audio_s / 3600,
-        "wall_s": wall_s,
-        "rtfx": run_audio_s / wall_s if wall_s > 0 else None,
-    }
-    asr = [row for row in ok if row["tgt_lang"] is None]
-    summary["wer"] = scoring.wer([row["reference"] for row in asr], [row["text"] for row in asr])
-    bleu = {}
-    for lang in sorted({row["tgt_lang"] for row in ok} - {None}):
-        rows_lang = [row for row in ok if row["tgt_lang"] == lang]
-        references = [row.get(f"text_{lang}") or row["reference"] for row in rows_lang]
-        result = scoring.bleu(references, [row["text"] for row in rows_lang])
-        if result:
-            bleu[lang], summary["bleu_signature"] = round(result[0], 2), result[1]
-    summary["bleu"] = bleu
-    return summary
 
 
 def summary_line(summary: dict) -> str:
