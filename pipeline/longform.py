@@ -4,7 +4,7 @@ A row longer than `max_segment_s` becomes one row per segment (id `<row id>~<ind
 so the segments of a 1-hour file spread over the feature and generation actors like any utterances. The recording is
 read in blocks to find the segments, and each segment reads only its own slice: memory stays bounded.
 
-After the write, `join_segments` replaces the segment rows of each recording whose segments are all there with one
+After the write, `join_segments` (a Ray Data group-by) replaces the segment rows of each recording whose segments are all there with one
 row: the joined `text`, a `segments` list (`start_s`, `end_s`, `text`, in the recording's time), and the first
 segment error if any. It runs again at the start of every run, so a run killed between the two steps is completed.
 """
@@ -15,13 +15,14 @@ import uuid
 
 import fsspec
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import soundfile
 
 from s2t_model.segment import segment_stream
 
 from .audio import AudioError, _check_duration, _open
-from .output import output_files
+from .output import arrow_filesystem, footers, holds_segments, plain_strings, shuffle_partitions
 
 SEGMENT_FIELDS = [("segment_of", pa.string()), ("segment_index", pa.int32()), ("segment_count", pa.int32()),
                   ("segment_start_s", pa.float64()), ("recording_duration_s", pa.float64())]
@@ -84,41 +85,68 @@ def split_row(row: dict, max_segment_s: float, max_duration_s: float, storage_op
 def join_segments(fs: fsspec.AbstractFileSystem, root: str) -> int:
     """Replace the segment rows of every complete recording with its joined row; returns how many were joined.
 
-    Recordings are told apart by folder too: a partitioned output (the backfill's tgt_lang=xx) holds one per folder.
-    """
-    parts: dict[tuple[str, str], list[dict]] = {}
-    holders: dict[str, pa.Table] = {}
-    ids: set[tuple[str, str]] = set()
-    for path in output_files(fs, root):
-        folder = path.rsplit("/", 1)[0]
-        with fs.open(path, "rb") as f:
-            parquet = pq.ParquetFile(f)
-            ids.update((folder, i) for i in parquet.read(columns=["id"]).column("id").to_pylist())
-            if "segment_of" not in parquet.schema_arrow.names:
-                continue
-            segment_of = parquet.read(columns=["segment_of"]).column("segment_of")
-            if segment_of.null_count == len(segment_of):
-                continue
-            table = holders[path] = parquet.read()
-        for row in table.filter(pa.compute.is_valid(table.column("segment_of"))).to_pylist():
-            parts.setdefault((folder, row["segment_of"]), []).append(row)
-    # One row per segment index (a segment redone after a crash may be there twice).
-    parts = {key: sorted({r["segment_index"]: r for r in rows}.values(), key=lambda r: r["segment_index"])
-             for key, rows in parts.items()}
-    complete = {key: rows for key, rows in parts.items() if len(rows) == rows[0]["segment_count"]}
-    by_folder: dict[str, list[dict]] = {}
-    for (folder, parent), rows in complete.items():
-        if (folder, parent) not in ids:  # else joined by a run killed before it removed the parts
-            by_folder.setdefault(folder, []).append(joined_row(rows))
-    schema = next(iter(holders.values())).schema if holders else None
-    for folder, joined in by_folder.items():
-        columns = [c for c in joined[0] if c != "segments"]
-        fields = [schema.field(c) for c in columns] + [pa.field("segments", SEGMENTS_TYPE)]
-        with fs.open(f"{folder}/joined-{uuid.uuid4().hex}.parquet", "wb") as f:
-            pq.write_table(pa.Table.from_pylist(joined, schema=pa.schema(fields)), f)
+    Only files whose footer statistics show segment rows are read, by Ray Data read tasks; recordings are joined by
+    a distributed group-by on (folder, recording id) — folder too, as a partitioned output (the backfill's
+    tgt_lang=xx) holds one per folder — and a recording a killed run already joined (its id is in the output) is
+    found by an anti-join, not written twice."""
+    written = footers(fs, root)
+    holders = [path for path, metadata in written.items() if holds_segments(metadata)]
+    if not holders:
+        return 0
+    parts = with_folders(fs, holders).map_batches(segment_rows, batch_format="pyarrow")
+    complete = parts.groupby(["folder", "segment_of"], num_partitions=shuffle_partitions()).map_groups(
+        join_recording, batch_format="pyarrow").materialize()  # held by the object store, used twice below
+    if not complete.count():
+        return 0
+    others = [path for path in written if path not in holders]
+    new = complete if not others else complete.join(
+        with_folders(fs, others).select_columns(["folder", "id"]), join_type="left_anti",
+        num_partitions=shuffle_partitions(), on=("folder", "id"))  # else joined by a run killed before the removal
+    joined = 0
+    for folder in sorted(complete.unique("folder")):
+        mine = new.map_batches(rows_of_folder, fn_kwargs=dict(folder=folder), batch_format="pyarrow")
+        joined += mine.count()
+        mine.write_parquet(folder, filesystem=arrow_filesystem(fs))
     # Only then do the parts go: a run killed in between finds the recording joined and removes them next time.
-    remove_segments(fs, holders, set(complete))
-    return sum(len(joined) for joined in by_folder.values())
+    done = {(row["folder"], row["segment_of"]) for row in complete.select_columns(["folder", "segment_of"]).take_all()}
+    remove_segments(fs, holders, done)
+    return joined
+
+
+def segment_rows(batch: pa.Table) -> pa.Table:
+    return batch.filter(pc.is_valid(batch["segment_of"]))
+
+
+def rows_of_folder(batch: pa.Table, folder: str) -> pa.Table:
+    return batch.filter(pc.equal(batch["folder"], folder)).drop_columns(["folder", "segment_of"])
+
+
+def with_folders(fs, files: list[str]):
+    """The rows of `files` with a `folder` column (the file's folder), as a Ray Dataset."""
+    return read_parquet_files(fs, files).map_batches(folder_column, batch_format="pyarrow", batch_size=None)
+
+
+def read_parquet_files(fs, files: list[str]):
+    import ray
+
+    return ray.data.read_parquet(files, filesystem=arrow_filesystem(fs), include_paths=True, partitioning=None)
+
+
+def folder_column(batch: pa.Table) -> pa.Table:
+    folders = pa.array([path.rsplit("/", 1)[0] for path in batch["path"].to_pylist()], pa.string())
+    return plain_strings(batch.drop_columns(["path"]).append_column("folder", folders))
+
+
+def join_recording(group: pa.Table) -> pa.Table:
+    """The segment rows of one recording -> its joined row (with `folder`, and `segment_of` kept as its key),
+    or no row while segments are missing."""
+    # One row per segment index (a segment redone after a crash may be there twice).
+    rows = sorted({r["segment_index"]: r for r in group.to_pylist()}.values(), key=lambda r: r["segment_index"])
+    fields = [f for f in group.schema if f.name not in SEGMENT_COLUMNS] + [pa.field("segments", SEGMENTS_TYPE),
+                                                                          pa.field("segment_of", pa.string())]
+    if len(rows) != rows[0]["segment_count"]:
+        return pa.Table.from_pylist([], schema=pa.schema(fields))
+    return pa.Table.from_pylist([{**joined_row(rows), "segment_of": rows[0]["segment_of"]}], schema=pa.schema(fields))
 
 
 def joined_row(parts: list[dict]) -> dict:
@@ -143,9 +171,12 @@ def joined_row(parts: list[dict]) -> dict:
     return row
 
 
-def remove_segments(fs, holders: dict[str, pa.Table], done: set[tuple[str, str]]) -> None:
-    for path, table in holders.items():
-        folder = path.rsplit("/", 1)[0]
+def remove_segments(fs, holders: list[str], done: set[tuple[str, str]]) -> None:
+    """Rewrite each file holding segments without those of the `done` recordings (one file at a time)."""
+    for path in holders:
+        folder, name = path.rsplit("/", 1)
+        with fs.open(path, "rb") as f:
+            table = pq.read_table(f)
         keep = pa.array([(folder, p) not in done for p in table.column("segment_of").to_pylist()])
         kept = table.filter(keep)
         if kept.num_rows == table.num_rows:
@@ -153,6 +184,5 @@ def remove_segments(fs, holders: dict[str, pa.Table], done: set[tuple[str, str]]
         # Removed before the rest is written again: a run killed in between redoes those rows, never doubles them.
         fs.rm(path)
         if kept.num_rows:
-            folder, name = path.rsplit("/", 1)
             with fs.open(f"{folder}/rest-{uuid.uuid4().hex[:8]}-{name}", "wb") as f:
                 pq.write_table(kept, f)

@@ -131,11 +131,11 @@ def test_summary_figures_equal_jiwer_and_sacrebleu(ray_session, tmp_path):
     rows = demo_rows()
     hyp = lambda text, i: " ".join(w for k, w in enumerate(text.split()) if (k + i) % 4) + (" extra" * (i % 3))
     asr = [dict(id=r["id"], error=None, duration_s=r["duration"], text=hyp(r["text"], i), tgt_lang=None,
-                reference=r["text"], run_id="now") for i, r in enumerate(rows)]
+                reference=r["text"], run_id="now", text_fr=None) for i, r in enumerate(rows)]
     fr = [dict(id=r["id"] + "-fr", error=None, duration_s=r["duration"], text=hyp(r["text_fr"], i), tgt_lang="fr",
                reference=r["text"], run_id="before", text_fr=r["text_fr"]) for i, r in enumerate(rows)]
     failed = [dict(id="gone", error="missing: gone.flac", duration_s=None, text=None, tgt_lang=None, reference="x",
-                   run_id="now")]
+                   run_id="now", text_fr=None)]
     foreign = [dict(asr[0], id="not-in-the-manifest", text="nothing alike")]
     output = pa.Table.from_pylist(asr + fr + failed + foreign + [asr[1]])  # asr[1] written twice
     manifest_ids = [r["id"] for r in asr + fr + failed] + ["never-written"]
@@ -151,7 +151,7 @@ def test_summary_figures_equal_jiwer_and_sacrebleu(ray_session, tmp_path):
     assert summary["rows_in"] == len(manifest_ids) and summary["rows_out"] == len(asr) + len(fr) + 2
     assert summary["rows_missing"] == 1 and summary["rows_duplicated"] == 1
     assert summary["rows_error"] == 1 and summary["errors_by_reason"] == {"missing": 1}
-    assert summary["rows_this_run"] == len(asr) + 1
+    assert summary["rows_this_run"] == len(asr) + 2  # with the failed row and the doubled one; not the foreign one
     assert summary["audio_hours"] == pytest.approx((2 * sum(r["duration"] for r in rows) + rows[1]["duration"]) / 3600)
 
 
@@ -167,12 +167,29 @@ def s3_endpoint():
     server.stop()
 
 
+class SlowWrites:
+    """A filesystem whose writes land `delay_s` late, as from a client on a slow link."""
+
+    def __init__(self, fs, delay_s: float):
+        self.fs, self.delay_s = fs, delay_s
+
+    def __getattr__(self, name):
+        return getattr(self.fs, name)
+
+    def open(self, path, mode="rb", **kwargs):
+        if "w" in mode or "x" in mode:
+            time.sleep(self.delay_s)
+        return self.fs.open(path, mode, **kwargs)
+
+
 def race(fs, root: str, runs: int) -> list[str]:
-    """`runs` leases taken at once (threads released together); the run ids that got one."""
+    """`runs` leases taken at once (threads released together), every other one over a slow link; the run ids
+    that got one."""
     start, holders = threading.Barrier(runs), []
 
     def take(run_id):
-        lease = Lease(fs, root, run_id, ttl_s=60)
+        slow = int(run_id.split("-")[1]) % 2
+        lease = Lease(SlowWrites(fs, 0.3) if slow else fs, root, run_id, ttl_s=60)
         start.wait()
         try:
             lease.__enter__()
