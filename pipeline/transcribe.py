@@ -37,8 +37,8 @@ SUMMARY = "_summary.json"
 
 
 class TranscribeConfig(JobConfig):
-    manifest: str = Field(description="manifest (NeMo .jsonl, fairseq .tsv, .csv, .parquet) or glob of audio files, "
-                                      "any fsspec URL")
+    manifest: str = Field(description="manifest (NeMo .jsonl, fairseq .tsv, .csv, .parquet), a glob or brace list of "
+                                      "manifest shards, or a glob of audio files; any fsspec URL")
     output: str = Field(description="Parquet dataset folder, any fsspec URL")
     model: str = Field(description="Speech2Text checkpoint folder, any fsspec URL")
     tgt_lang: str | None = Field(None, description="target language tag for every row (default: the row's "
