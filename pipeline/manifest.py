@@ -213,8 +213,9 @@ def _parquet_records(f) -> Iterator[dict]:
 
 
 class Repeats:
-    """Repeated ids of one file, numbered in file order: the second `x` becomes `x#2`. Holds 8 bytes of hash per
-    id of the file (in the read task, not the driver); ids repeated across shards are counted by the summary."""
+    """Repeated ids of one file, numbered in file order: the second `x` becomes `x#2`. Holds an 8-byte digest per id
+    of the file (~100 bytes with the dict's overhead; in the read task, not the driver: shard a manifest of tens of
+    millions of rows). Ids repeated across shards are left as they are; the summary counts per manifest row."""
 
     def __init__(self):
         self.counts: dict[bytes, int] = {}
