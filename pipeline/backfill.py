@@ -28,7 +28,7 @@ from s2t_model import Speech2Text, checkpoint
 
 from .longform import join_segments
 from .manifest import Manifest
-from .output import arrow_filesystem, footers, rows_dataset, shuffle_partitions
+from .output import arrow_filesystem, footers, plain_strings, rows_dataset, shuffle_partitions
 from .summary import run_summary
 from .transcribe import TranscribeConfig, transcription_dataset
 
@@ -181,7 +181,8 @@ def missing_pairs(manifest: Manifest, rows_per_block: int, langs: list[str], run
             lambda batch: batch.set_column(1, "tgt_lang", batch["tgt_lang"].cast(pa.string())),
             batch_format="pyarrow")
         pairs = pairs.join(held, join_type="left_anti", num_partitions=shuffle_partitions(), on=("id", "tgt_lang"),
-                           aggregator_ray_remote_args={"num_cpus": 0.01})
+                           aggregator_ray_remote_args={"num_cpus": 0.01}).map_batches(
+            plain_strings, batch_format="pyarrow", batch_size=None)  # the join (polars) gives large_string
     return pairs.repartition(target_num_rows_per_block=rows_per_block)
 
 

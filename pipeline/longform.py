@@ -101,7 +101,8 @@ def join_segments(fs: fsspec.AbstractFileSystem, root: str) -> int:
     others = [path for path in written if path not in holders]
     new = complete if not others else complete.join(
         with_folders(fs, others).select_columns(["folder", "id"]), join_type="left_anti",
-        num_partitions=shuffle_partitions(), on=("folder", "id"))  # else joined by a run killed before the removal
+        num_partitions=shuffle_partitions(), on=("folder", "id")  # else joined by a run killed before the removal
+    ).map_batches(plain_strings, batch_format="pyarrow", batch_size=None)
     joined = 0
     for folder in sorted(complete.unique("folder")):
         mine = new.map_batches(rows_of_folder, fn_kwargs=dict(folder=folder), batch_format="pyarrow")

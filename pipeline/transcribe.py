@@ -27,8 +27,8 @@ from s2t_model.batching import CPU_MAX_FRAMES
 from .config import JobConfig
 from .longform import join_segments, split_long_audio
 from .manifest import Manifest
-from .output import (arrow_filesystem, footers, holds_segments, read_output, rows_dataset, scan_output,  # noqa: F401
-                     shuffle_partitions)
+from .output import (arrow_filesystem, footers, holds_segments, plain_strings, read_output,  # noqa: F401
+                     rows_dataset, scan_output, shuffle_partitions)
 from .summary import corpus_summary
 from .stages import ComputeFeatures, GenerateText, TranscribeAudio
 
@@ -131,7 +131,8 @@ def not_done(rows, fs, root: str, files: list[str]):
     done = rows_dataset(fs, root, files, ["id"])
     # The join's aggregators live as long as the job: a whole CPU each would starve the actor pools after them.
     return rows.join(done, join_type="left_anti", num_partitions=shuffle_partitions(), on=("id",),
-                     aggregator_ray_remote_args={"num_cpus": 0.01})
+                     aggregator_ray_remote_args={"num_cpus": 0.01}).map_batches(
+        plain_strings, batch_format="pyarrow", batch_size=None)  # the join (polars) gives large_string
 
 
 def summary_columns(written: dict[str, pq.FileMetaData]) -> list[str]:
