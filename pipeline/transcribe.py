@@ -123,7 +123,9 @@ def not_done(rows, fs, root: str, files: list[str]):
 
     Chosen over Ray's CheckpointConfig (beta), which keeps its own record of ids beside the output (ours is the
     output itself, so outputs of earlier runs and files removed after a crash stay right), loads every checkpointed
-    id into each filter actor, and cannot follow a row whose id changes (long recordings' segments)."""
+    id into each filter actor, and cannot follow a row whose id changes (long recordings' segments). Not yet measured
+    against it: `s2t bench scale` measures this join only (2 M rows, loaded 2-core machine: a rerun with nothing to
+    do took 179 s, driver peak 452 MB)."""
     if not files:
         return rows
     import ray
