@@ -1,0 +1,131 @@
+"""Speech detection with Silero VAD (the `silero-vad` package's model and its own timestamp rules), batched over rows.
+
+Silero VAD v6 looks at 512-sample windows (32 ms at 16 kHz) each with the 64 samples before it: a small convolutional
+encoder per window, then one LSTM cell carried from window to window. The package runs it one window per call
+(`get_speech_timestamps`: 15 audio-s/s on one core here) or several streams per call (the JIT model with a (B, 512)
+input: 412 audio-s/s at 64 streams, 660 at 1,024). Only the LSTM is sequential, so this module runs the encoder on
+every window of every row in one batched call and the LSTM as `torch.nn.LSTM` over the rows' windows, with the
+weights of the JIT model the wheel ships (no download, no ONNX runtime). Its probabilities match the JIT
+model's to 1e-5 (tests/test_vad.py); speech regions come from the package's own `get_speech_timestamps_from_probs`.
+`s2t bench vad` measures the three forms.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+SAMPLE_RATE = 16000
+WINDOW = 512  # samples a probability covers at 16 kHz
+CONTEXT = 64  # samples of the previous window each one sees
+ENCODER_BATCH = 8192  # windows per encoder call: bounds its memory (~40 MB) whatever the batch holds
+
+
+@dataclasses.dataclass(frozen=True)
+class VadOptions:
+    """`get_speech_timestamps` options (the package's defaults, but for `speech_pad_ms`: see its comment)."""
+
+    threshold: float = 0.5
+    min_speech_duration_ms: int = 250
+    min_silence_duration_ms: int = 100
+    # faster-whisper raised its pad from 30 to 400 ms: a short pad clips word onsets (its PR #179).
+    speech_pad_ms: int = 200
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeechRegion:
+    start_s: float
+    end_s: float
+
+
+class SileroVAD(nn.Module):
+    """Silero VAD v6 (16 kHz) as a plain torch module: `speech_probs` for many rows at once, `speech_regions`."""
+
+    def __init__(self):
+        super().__init__()
+        self.stft_conv = nn.Conv1d(1, 258, kernel_size=256, stride=128, bias=False)
+        self.conv1 = nn.Conv1d(129, 128, kernel_size=3, padding=1)
+        self.conv2 = nn.Conv1d(128, 64, kernel_size=3, stride=2, padding=1)
+        self.conv3 = nn.Conv1d(64, 64, kernel_size=3, stride=2, padding=1)
+        self.conv4 = nn.Conv1d(64, 128, kernel_size=3, padding=1)
+        self.lstm = nn.LSTM(128, 128, batch_first=True)
+        self.final_conv = nn.Conv1d(128, 1, kernel_size=1)
+
+    @classmethod
+    def load(cls) -> "SileroVAD":
+        """The model `load_silero_vad()` gives (the JIT file the wheel ships; nothing is downloaded), as plain torch.
+
+        Its weights, not the wheel's silero_vad_16k.safetensors: those are another version (probabilities off by 0.8).
+        """
+        from silero_vad import load_silero_vad
+
+        jit = load_silero_vad()._model.state_dict()
+        names = {"stft.forward_basis_buffer": "stft_conv.weight", "decoder.decoder.2.weight": "final_conv.weight",
+                 "decoder.decoder.2.bias": "final_conv.bias"}
+        for i in range(4):
+            names.update({f"encoder.{i}.reparam_conv.{k}": f"conv{i + 1}.{k}" for k in ("weight", "bias")})
+        for k in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):  # its LSTMCell is our one-layer LSTM
+            names[f"decoder.rnn.{k}"] = f"lstm.{k}_l0"
+        model = cls()
+        model.load_state_dict({ours: jit[theirs] for theirs, ours in names.items()})
+        return model.eval().requires_grad_(False)
+
+    def encode(self, windows: torch.Tensor) -> torch.Tensor:
+        """(N, CONTEXT + WINDOW) samples -> (N, 128): each window on its own (the package's per-call front end)."""
+        x = nn.functional.pad(windows.unsqueeze(1), (0, CONTEXT), mode="reflect")
+        x = self.stft_conv(x)
+        x = (x[:, :129].square() + x[:, 129:].square()).sqrt()
+        for conv in (self.conv1, self.conv2, self.conv3, self.conv4):
+            x = conv(x).relu()
+        return x.squeeze(-1)
+
+    @torch.inference_mode()
+    def speech_probs(self, waveforms: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """16 kHz float waveforms -> each one's speech probability per 512-sample window (the last zero-padded)."""
+        counts = [-(-len(w) // WINDOW) for w in waveforms]
+        if not waveforms or max(counts) == 0:
+            return [np.zeros(0, np.float32) for _ in waveforms]
+        windows = torch.cat([self._windows(w, n) for w, n in zip(waveforms, counts)])  # (sum counts, 576)
+        encoded = torch.cat([self.encode(part) for part in windows.split(ENCODER_BATCH)])
+        # One LSTM call over every row: padded to the longest, packed so that no row steps through another's padding.
+        rows = nn.utils.rnn.pad_sequence(encoded.split(counts), batch_first=True)  # (B, T_max, 128)
+        packed = nn.utils.rnn.pack_padded_sequence(rows, torch.tensor(counts), batch_first=True, enforce_sorted=False)
+        hidden, _ = nn.utils.rnn.pad_packed_sequence(self.lstm(packed)[0], batch_first=True)
+        probs = self.final_conv(hidden.relu().transpose(1, 2)).sigmoid().squeeze(1)  # (B, T_max)
+        return [p[:n].numpy() for p, n in zip(probs, counts)]
+
+    @staticmethod
+    def _windows(wave: np.ndarray, count: int) -> torch.Tensor:
+        """(count, CONTEXT + WINDOW): each window with the CONTEXT samples before it (zeros before the first)."""
+        padded = np.zeros(CONTEXT + count * WINDOW, np.float32)
+        padded[CONTEXT:CONTEXT + len(wave)] = wave
+        return torch.from_numpy(padded).unfold(0, CONTEXT + WINDOW, WINDOW)
+
+    def speech_regions(self, waveforms: Sequence[np.ndarray], options: VadOptions = VadOptions()
+                       ) -> list[list[SpeechRegion]]:
+        """16 kHz waveforms -> each one's speech regions, by the package's own rules on our probabilities."""
+        return [regions_from_probs(p, len(w), options) for p, w in zip(self.speech_probs(waveforms), waveforms)]
+
+
+def regions_from_probs(probs: np.ndarray, num_samples: int, options: VadOptions = VadOptions()) -> list[SpeechRegion]:
+    from silero_vad.utils_vad import get_speech_timestamps_from_probs
+
+    stamps = get_speech_timestamps_from_probs(probs.tolist(), sampling_rate=SAMPLE_RATE,
+                                              audio_length_samples=num_samples, **dataclasses.asdict(options))
+    return [SpeechRegion(s["start"] / SAMPLE_RATE, s["end"] / SAMPLE_RATE) for s in stamps]
+
+
+def speech_seconds(regions: Sequence[SpeechRegion]) -> float:
+    return sum(r.end_s - r.start_s for r in regions)
+
+
+@functools.lru_cache(maxsize=1)
+def shared_vad() -> SileroVAD:
+    """One model per process (an actor, a replica): loading takes ~50 ms and 1.2 MB."""
+    return SileroVAD.load()
