@@ -30,6 +30,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from s2t_model import Speech2Text, Transcript
 from s2t_model.segment import find_segments
+from s2t_model.speech2text import MIN_AVG_LOGPROB
+from s2t_model.vad import shared_vad, speech_features
 
 from .audio import AudioError, decode_audio
 from .config import JobConfig
@@ -62,6 +64,9 @@ class ServeConfig(JobConfig):
     max_duration_s: float = Field(1800.0, gt=0, description="longest upload, in seconds of audio")
     max_segment_s: float = Field(20.0, gt=0, description="longer audio is cut at pauses into segments this long")
     num_beams: int = Field(5, ge=1)
+    vad: Literal["silero", "off"] = Field("silero", description="speech detection: no speech, no words")
+    min_avg_logprob: float | None = Field(MIN_AVG_LOGPROB, description="segments whose mean log-probability per "
+                                                                       "token is lower are flagged low_confidence")
     max_frames: int | None = Field(None, ge=1, description="padded feature frames per generation batch (fairseq max_tokens; default: 24,000 on a CPU, 192,000 on a GPU)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
@@ -169,6 +174,7 @@ class Speech2TextServer:
         self.decode_batch.set_max_batch_size(c.max_batch_size)
         self.decode_batch.set_batch_wait_timeout_s(c.batch_wait_ms / 1000)
         self.languages = self.model.tokenizer.langs if self.model.tokenizer else []
+        self.vad = shared_vad() if c.vad == "silero" else None
 
     def check_health(self) -> None:
         if self.model is None:
@@ -182,8 +188,10 @@ class Speech2TextServer:
 
     def transcribe(self, waveforms: list[np.ndarray], langs: list[str | None]) -> list[Transcript]:
         c, model = self.config, self.model
-        features = model.features(waveforms, model.feature_extractor.sampling_rate, c.max_frames)
-        return model.transcribe_features(features, tgt_lang=langs, num_beams=c.num_beams, max_frames=c.max_frames)
+        features, _ = speech_features(model.feature_extractor, waveforms, model.feature_extractor.sampling_rate,
+                                      c.max_frames, self.vad, model.device)
+        return model.transcribe_features(features, tgt_lang=langs, num_beams=c.num_beams, max_frames=c.max_frames,
+                                         min_avg_logprob=c.min_avg_logprob)
 
     async def read_audio(self, file: UploadFile | None) -> tuple[np.ndarray, float]:
         limit = int(self.config.max_upload_mb * 1024 * 1024)
@@ -218,9 +226,10 @@ class Speech2TextServer:
             pieces = [(0.0, duration)]
         results = await asyncio.gather(*[self.decode_batch((audio[round(a * rate): round(b * rate)], tgt_lang))
                                          for a, b in pieces])
+        heard = [(piece, r) for piece, r in zip(pieces, results) if r.speech]  # no speech: no segment
         segments = [{"id": i, "start": round(a, 3), "end": round(b, 3), "text": r.text, "tokens": r.ids,
-                     "avg_logprob": r.avg_logprob, "temperature": 0.0}
-                    for i, ((a, b), r) in enumerate(zip(pieces, results))]
+                     "avg_logprob": r.avg_logprob, "low_confidence": r.low_confidence, "temperature": 0.0}
+                    for i, ((a, b), r) in enumerate(heard)]
         text = " ".join(r.text for r in results if r.text)
         return render(response_format, text, segments, duration, task, tgt_lang or "en")
 

@@ -12,6 +12,7 @@ import pyarrow as pa
 import torch
 
 from s2t_model import FeatureExtractor, Speech2Text
+from s2t_model.vad import shared_vad, speech_features
 
 from .audio import AudioError, load_audio
 
@@ -33,11 +34,13 @@ def features_column(batch: pa.Table, n_mels: int) -> list[np.ndarray | None]:
 
 
 class ComputeFeatures:
-    """Decode each row's audio slice and compute its fbank + CMVN features (T, 80), stored flat as float32 lists."""
+    """Decode each row's audio slice, find its speech (`speech_s`) and compute its fbank + CMVN features (T, 80),
+    stored flat as float32 lists; null for a row without speech, which the generation stage gives the text ""."""
 
     def __init__(self, feature_config: dict, min_duration_s: float, max_duration_s: float,
-                 storage_options: dict | None = None, max_frames: int = 24000):
+                 storage_options: dict | None = None, max_frames: int = 24000, vad: str = "silero"):
         self.extractor = FeatureExtractor.from_dict(feature_config)
+        self.vad = shared_vad() if vad == "silero" else None
         self.limits = dict(min_duration_s=min_duration_s, max_duration_s=max_duration_s)
         self.storage_options = storage_options
         self.max_frames = max_frames
@@ -48,7 +51,8 @@ class ComputeFeatures:
         return set_column(batch, "features", flat, pa.list_(pa.float32()))
 
     def compute(self, batch: pa.Table) -> tuple[pa.Table, list[np.ndarray | None]]:
-        """-> the batch with `error` and `duration_s` filled in, and each row's features (T, 80), None for errors."""
+        """-> the batch with `error`, `duration_s` and `speech_s` filled in, and each row's features (T, 80), None
+        for errors and rows without speech."""
         rows = batch.select(["audio", "offset_s", "duration_s", "error"]).to_pylist()
         rate = self.extractor.sampling_rate
         waves: dict[int, np.ndarray] = {}
@@ -66,10 +70,13 @@ class ComputeFeatures:
             except Exception as error:  # a file system or codec failure of this row only
                 errors[i] = f"unreadable: {row['audio']}: {type(error).__name__}: {error}"
         features: list[np.ndarray | None] = [None] * len(rows)
+        speech: list[float | None] = [None] * len(rows)
         good = sorted(waves)
-        for i, row in zip(good, self.extractor.each([waves[i] for i in good], rate, self.max_frames)):
-            features[i] = row.numpy()
+        computed, seconds = speech_features(self.extractor, [waves[i] for i in good], rate, self.max_frames, self.vad)
+        for i, row, row_speech in zip(good, computed, seconds):
+            features[i], speech[i] = None if row is None else row.numpy(), row_speech
         batch = set_column(batch, "error", errors, pa.string())
+        batch = set_column(batch, "speech_s", speech, pa.float64())
         return set_column(batch, "duration_s", durations, pa.float64()), features
 
 
@@ -95,19 +102,22 @@ class GenerateText:
         return self.generate(batch.drop_columns(["features"]), features_column(batch, self.model.config.input_feat_per_channel))
 
     def generate(self, batch: pa.Table, features: list[np.ndarray | None]) -> pa.Table:
-        """The batch with text, tgt_lang, num_tokens, avg_logprob, error and model set; features: each row's (T, 80)."""
+        """The batch with text, tgt_lang, num_tokens, avg_logprob, low_confidence, error and model set; features: each
+        row's (T, 80), None for a row without speech (text "")."""
         errors = batch.column("error").to_pylist()
         langs = self._target_languages(batch, errors)
         todo = [i for i, error in enumerate(errors) if error is None]
         results = self._transcribe([features[i] for i in todo], [langs[i] for i in todo])
-        texts, num_tokens, scores = [None] * len(errors), [None] * len(errors), [None] * len(errors)
+        texts, num_tokens, scores, low = ([None] * len(errors) for _ in range(4))
         for i, result in zip(todo, results):
             if isinstance(result, str):
                 errors[i] = result
             else:
                 texts[i], num_tokens[i], scores[i] = result.text, len(result.ids), result.avg_logprob
+                low[i] = result.low_confidence
         for name, values, type in [("text", texts, pa.string()), ("tgt_lang", langs, pa.string()),
                                    ("num_tokens", num_tokens, pa.int32()), ("avg_logprob", scores, pa.float32()),
+                                   ("low_confidence", low, pa.bool_()),
                                    ("error", errors, pa.string()), ("model", [self.model_label] * len(errors),
                                                                     pa.string())]:
             batch = set_column(batch, name, values, type)

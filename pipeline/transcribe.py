@@ -23,6 +23,7 @@ from pydantic import Field
 
 from s2t_model import FeatureExtractor, checkpoint
 from s2t_model.batching import CPU_MAX_FRAMES
+from s2t_model.speech2text import MIN_AVG_LOGPROB
 
 from .config import JobConfig
 from .longform import join_segments, split_long_audio
@@ -61,6 +62,10 @@ class TranscribeConfig(JobConfig):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     cuda_graphs: bool = Field(True, description="on a GPU, decode with CUDA graphs (false: eagerly)")
+    vad: Literal["silero", "off"] = Field("silero", description="speech detection: a row without speech gets the "
+                                                                "text \"\" without running the model")
+    min_avg_logprob: float | None = Field(MIN_AVG_LOGPROB, description="rows whose mean log-probability per token "
+                                                                       "is lower are flagged low_confidence")
     min_duration_s: float = Field(0.1, ge=0)
     max_duration_s: float = Field(4 * 3600.0, gt=0, description="longest recording, in seconds")
     max_segment_s: float = Field(20.0, gt=0, description="longer recordings are cut at pauses into segments this long")
@@ -166,6 +171,7 @@ def transcription_dataset(rows, config: TranscribeConfig, folder: str, model_lab
         max_duration_s=config.max_duration_s,
         storage_options=audio_options,
         max_frames=config.max_frames or CPU_MAX_FRAMES,  # feature actors run on CPUs
+        vad=config.vad,
     )
     generation = dict(
         model_uri=config.model,
@@ -178,6 +184,7 @@ def transcription_dataset(rows, config: TranscribeConfig, folder: str, model_lab
         num_beams=config.num_beams,
         max_new_tokens=config.max_new_tokens,
         max_frames=config.max_frames,
+        min_avg_logprob=config.min_avg_logprob,
     )
     dataset = rows.map_batches(
         split_long_audio,

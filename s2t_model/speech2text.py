@@ -19,6 +19,8 @@ from .model import Speech2TextModule
 from .tokenizer import Tokenizer
 
 TgtLang = str | None | Sequence[str | None]
+# Default of the jobs' --min-avg-logprob (see README, "Speech detection"): measured on the demo corpus and on non-speech.
+MIN_AVG_LOGPROB = -1.0
 
 
 class Speech2Text(Speech2TextModule):
@@ -138,12 +140,17 @@ class Speech2Text(Speech2TextModule):
 
     def transcribe_features(
         self,
-        features: Sequence[Tensor | np.ndarray],
+        features: Sequence[Tensor | np.ndarray | None],
         tgt_lang: TgtLang = None,
         max_frames: int | None = None,
+        min_avg_logprob: float | None = None,
         **generate_options,
     ) -> list[Transcript]:
         """Features of utterances, each (T_i, 80) -> one `Transcript` each, in the order given.
+
+        None stands for an utterance without speech (see `vad.speech_features`): its transcript is empty, and the
+        model does not run on it. A transcript whose mean log-probability is below `min_avg_logprob` is flagged
+        `low_confidence`.
 
         The one path from features to text that the batch job, the Serve endpoint and `transcribe` share: utterances
         are sorted by length and cut into batches of at most `max_frames` padded frames (fairseq's max_tokens), so a
@@ -154,13 +161,16 @@ class Speech2Text(Speech2TextModule):
         langs = [tgt_lang] * len(features) if tgt_lang is None or isinstance(tgt_lang, str) else list(tgt_lang)
         if len(langs) != len(features):
             raise ValueError(f"tgt_lang has {len(langs)} entries for {len(features)} utterances")
-        results: list[Transcript] = [None] * len(features)  # type: ignore[list-item]
+        results = [Transcript("", [], None, speech=False) for _ in features]
+        heard = [i for i, f in enumerate(features) if f is not None]
         max_frames = max_frames or default_max_frames(self.device)
-        for batch in frame_budget_batches([len(f) for f in features], max_frames):
+        for batch in frame_budget_batches([len(features[i]) for i in heard], max_frames):
+            batch = [heard[j] for j in batch]
             padded, lengths = pad_features([features[i] for i in batch], self.device)
             out = self.generate(padded, lengths, tgt_lang=[langs[i] for i in batch], **generate_options)
             for i, ids, score in zip(batch, out.ids, out.scores):
-                results[i] = Transcript(self.tokenizer.decode(ids), ids, score)
+                low = min_avg_logprob is not None and score < min_avg_logprob
+                results[i] = Transcript(self.tokenizer.decode(ids), ids, score, low_confidence=low)
         return results
 
 
@@ -168,7 +178,9 @@ class Speech2Text(Speech2TextModule):
 class Transcript:
     text: str
     ids: list[int]  # generated tokens, </s> included when it was reached
-    avg_logprob: float  # mean log-probability per generated token
+    avg_logprob: float | None  # mean log-probability per generated token; None without speech
+    low_confidence: bool = False  # avg_logprob below the caller's min_avg_logprob
+    speech: bool = True  # False: speech detection found none, and the model did not run
 
 
 def pad_features(features: Sequence[Tensor | np.ndarray], device: torch.device) -> tuple[Tensor, Tensor]:

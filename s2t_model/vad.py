@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 from typing import Sequence
 
 import numpy as np
+import soxr
 import torch
 from torch import nn
+
+from .batching import default_max_frames
+from .features import FeatureExtractor
 
 SAMPLE_RATE = 16000
 WINDOW = 512  # samples a probability covers at 16 kHz
@@ -63,9 +66,11 @@ class SileroVAD(nn.Module):
 
         Its weights, not the wheel's silero_vad_16k.safetensors: those are another version (probabilities off by 0.8).
         """
-        from silero_vad import load_silero_vad
+        threads = torch.get_num_threads()
+        from silero_vad import load_silero_vad  # its import calls torch.set_num_threads(1) for the whole process
 
         jit = load_silero_vad()._model.state_dict()
+        torch.set_num_threads(threads)
         names = {"stft.forward_basis_buffer": "stft_conv.weight", "decoder.decoder.2.weight": "final_conv.weight",
                  "decoder.decoder.2.bias": "final_conv.bias"}
         for i in range(4):
@@ -129,3 +134,23 @@ def speech_seconds(regions: Sequence[SpeechRegion]) -> float:
 def shared_vad() -> SileroVAD:
     """One model per process (an actor, a replica): loading takes ~50 ms and 1.2 MB."""
     return SileroVAD.load()
+
+
+def speech_features(
+    extractor: FeatureExtractor, waveforms: Sequence[np.ndarray], sampling_rate: int, max_frames: int | None = None,
+    vad: SileroVAD | None = None, device: torch.device | str | None = None,
+) -> tuple[list[torch.Tensor | None], list[float | None]]:
+    """Waveforms -> each one's features (T_i, 80), None where `vad` finds no speech (no model needs to run on it),
+    and its seconds of speech (None without `vad`). The one step from audio to features of the job and of Serve.
+    max_frames: padded frames per feature batch (default: the device's)."""
+    max_frames = max_frames or default_max_frames(device or "cpu")
+    if vad is None:
+        return extractor.each(waveforms, sampling_rate, max_frames, device=device), [None] * len(waveforms)
+    at_16k = waveforms if sampling_rate == SAMPLE_RATE else [
+        soxr.resample(np.asarray(w, np.float32), sampling_rate, SAMPLE_RATE) for w in waveforms]
+    speech = [speech_seconds(regions) for regions in vad.speech_regions(at_16k)]
+    heard = [i for i, seconds in enumerate(speech) if seconds > 0]
+    features: list[torch.Tensor | None] = [None] * len(waveforms)
+    for i, row in zip(heard, extractor.each([waveforms[i] for i in heard], sampling_rate, max_frames, device=device)):
+        features[i] = row
+    return features, speech

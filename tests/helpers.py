@@ -93,3 +93,35 @@ def demo_rows(count: int | None = None) -> list[dict]:
     for row in rows:
         row["audio_filepath"] = os.path.join(DEMO_CORPUS, row["audio_filepath"])
     return rows[:count]
+
+
+def non_speech(seconds: float = 5.0, rate: int = 16000) -> dict[str, "np.ndarray"]:
+    """Audio without speech, made on the spot: noise of three colours at three levels, tones, a chord, clicks, mains
+    hum, dither of one 16-bit step, exact zeros. float32 in [-1, 1)."""
+    import numpy as np
+
+    rng = np.random.default_rng(16)
+    n = int(seconds * rate)
+    t = np.arange(n) / rate
+
+    def coloured(exponent: float) -> np.ndarray:  # power ~ 1/f**exponent: 0 white, 1 pink, 2 brown
+        spectrum = np.fft.rfft(rng.standard_normal(n))
+        spectrum[1:] /= np.arange(1, len(spectrum)) ** (exponent / 2)
+        x = np.fft.irfft(spectrum, n)
+        return x / np.sqrt(np.mean(x ** 2))
+
+    def at_dbfs(x: np.ndarray, dbfs: float) -> np.ndarray:
+        return x / np.sqrt(np.mean(x ** 2)) * 10 ** (dbfs / 20)
+
+    clips = {f"{colour}-{level}dB": at_dbfs(coloured(exponent), level)
+             for colour, exponent in (("white", 0), ("pink", 1), ("brown", 2)) for level in (-60, -40, -20)}
+    clips["tone-440"] = 0.3 * np.sin(2 * np.pi * 440 * t)
+    clips["tone-1k-sweep"] = 0.3 * np.sin(2 * np.pi * (200 + 300 * t) * t)
+    clips["chord-c-major"] = sum(0.1 * np.sin(2 * np.pi * f * t) for f in (261.63, 329.63, 392.0, 523.25))
+    clicks = np.zeros(n)
+    clicks[:: rate // 4] = 0.8
+    clips["clicks"] = clicks
+    clips["hum-50"] = sum(0.05 / k * np.sin(2 * np.pi * 50 * k * t) for k in (1, 2, 3, 5))
+    clips["lsb-dither"] = np.round(rng.standard_normal(n)) / 32768
+    clips["zeros"] = np.zeros(n)
+    return {name: x.astype(np.float32) for name, x in clips.items()}
