@@ -169,6 +169,18 @@ def test_long_upload_is_cut_at_pauses_with_timestamps(server):
     assert vtt.count(" --> ") == len(verbose.segments) >= len(recording["segments"]) - 2
 
 
+def test_non_speech_gets_no_words_and_no_segments(server):
+    from helpers import non_speech
+
+    for name, audio in non_speech(3.0).items():
+        upload = io.BytesIO()
+        soundfile.write(upload, audio, 16000, format="WAV", subtype="FLOAT")
+        files = {"file": (f"{name}.wav", upload.getvalue())}
+        assert post(server, files=files).json() == {"text": ""}, name
+        verbose = post(server, files=files, data={"response_format": "verbose_json"}).json()
+        assert (verbose["text"], verbose["segments"]) == ("", []), name
+
+
 def test_infra_serve_yaml_is_what_s2t_serve_prints():
     with open("infra/serve.yaml") as f:
         command = f.read().split("\n")[1].removeprefix("#   s2t ")

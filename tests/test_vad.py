@@ -12,6 +12,7 @@ import torch
 from helpers import demo_rows, non_speech
 from pipeline import scoring
 from s2t_model import DEMO_MODEL, Speech2Text
+from s2t_model.speech2text import MIN_AVG_LOGPROB
 from s2t_model.vad import SileroVAD, shared_vad, speech_features, speech_seconds
 
 
@@ -70,8 +71,10 @@ def test_no_speech_no_words_and_the_model_does_not_run(model, clips, monkeypatch
     assert [r.text for r in results[-2:]] == [r["text"] for r in clips[0][:2]]
     assert sum(calls) == 2  # only the two clips went through the model
     # Without detection the same model invents words for most of them (the reason for all this).
-    invented = model.transcribe_features(model.features(generated, 16000))
+    invented = model.transcribe_features(model.features(generated, 16000), min_avg_logprob=MIN_AVG_LOGPROB)
     assert sum(bool(r.text) for r in invented) >= len(generated) // 2
+    # ... which the confidence guard flags, while the clips pass it.
+    assert all(r.low_confidence for r in invented if r.text) and not any(r.low_confidence for r in results)
 
 
 def test_digital_silence_padding_costs_at_most_one_point_of_wer(model, clips):
