@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from bench import model as bench_model, pipeline as bench_pipeline, scale as bench_scale, serve as bench_serve
+from bench import (model as bench_model, pipeline as bench_pipeline, scale as bench_scale, serve as bench_serve,
+                   vad as bench_vad)
 from demo import corpus, evaluate, train
 
 from . import backfill, serve, transcribe
@@ -29,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
             bench_scale.add_arguments, bench_scale.main)
     command(benchmarks, "serve", "the Serve endpoint with batching vs without: throughput, p50/p99 by concurrency",
             bench_serve.add_arguments, bench_serve.main)
+    command(benchmarks, "vad", "speech detection: audio-s/s per core, ours vs silero-vad's own forms, share of the job",
+            bench_vad.add_arguments, bench_vad.main)
     command(commands, "transcribe", "transcribe (or translate) a corpus on Ray Data into a Parquet dataset",
             transcribe.add_arguments, transcribe.main)
     command(commands, "backfill", "translate the (id, language) pairs a partitioned output lacks",

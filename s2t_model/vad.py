@@ -27,6 +27,7 @@ from .features import FeatureExtractor
 SAMPLE_RATE = 16000
 WINDOW = 512  # samples a probability covers at 16 kHz
 CONTEXT = 64  # samples of the previous window each one sees
+STFT_SIZE, STFT_HOP = 256, 128  # the model's front end: |STFT| with a periodic Hann window, 4 frames per window
 ENCODER_BATCH = 8192  # windows per encoder call: bounds its memory (~40 MB) whatever the batch holds
 
 
@@ -52,7 +53,7 @@ class SileroVAD(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.stft_conv = nn.Conv1d(1, 258, kernel_size=256, stride=128, bias=False)
+        self.register_buffer("stft_window", torch.hann_window(STFT_SIZE), persistent=False)
         self.conv1 = nn.Conv1d(129, 128, kernel_size=3, padding=1)
         self.conv2 = nn.Conv1d(128, 64, kernel_size=3, stride=2, padding=1)
         self.conv3 = nn.Conv1d(64, 64, kernel_size=3, stride=2, padding=1)
@@ -71,8 +72,8 @@ class SileroVAD(nn.Module):
 
         jit = load_silero_vad()._model.state_dict()
         torch.set_num_threads(threads)
-        names = {"stft.forward_basis_buffer": "stft_conv.weight", "decoder.decoder.2.weight": "final_conv.weight",
-                 "decoder.decoder.2.bias": "final_conv.bias"}
+        check_stft_basis(jit["stft.forward_basis_buffer"])
+        names = {"decoder.decoder.2.weight": "final_conv.weight", "decoder.decoder.2.bias": "final_conv.bias"}
         for i in range(4):
             names.update({f"encoder.{i}.reparam_conv.{k}": f"conv{i + 1}.{k}" for k in ("weight", "bias")})
         for k in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):  # its LSTMCell is our one-layer LSTM
@@ -83,9 +84,11 @@ class SileroVAD(nn.Module):
 
     def encode(self, windows: torch.Tensor) -> torch.Tensor:
         """(N, CONTEXT + WINDOW) samples -> (N, 128): each window on its own (the package's per-call front end)."""
-        x = nn.functional.pad(windows.unsqueeze(1), (0, CONTEXT), mode="reflect")
-        x = self.stft_conv(x)
-        x = (x[:, :129].square() + x[:, 129:].square()).sqrt()
+        x = nn.functional.pad(windows.unsqueeze(1), (0, CONTEXT), mode="reflect").squeeze(1)
+        # The package runs its STFT as a convolution with a (258, 256) basis: 2/3 of the model's work on one core.
+        # That basis is a Hann-windowed DFT (checked at load), so an FFT gives the same magnitudes for ~1/20 of it.
+        frames = x.unfold(-1, STFT_SIZE, STFT_HOP) * self.stft_window  # (N, 4, 256)
+        x = torch.fft.rfft(frames).abs().transpose(1, 2)  # (N, 129, 4)
         for conv in (self.conv1, self.conv2, self.conv3, self.conv4):
             x = conv(x).relu()
         return x.squeeze(-1)
@@ -116,6 +119,16 @@ class SileroVAD(nn.Module):
                        ) -> list[list[SpeechRegion]]:
         """16 kHz waveforms -> each one's speech regions, by the package's own rules on our probabilities."""
         return [regions_from_probs(p, len(w), options) for p, w in zip(self.speech_probs(waveforms), waveforms)]
+
+
+def check_stft_basis(basis: torch.Tensor) -> None:
+    """The package's STFT basis (258, 1, 256) must be the Hann-windowed DFT `encode` computes with an FFT."""
+    n = torch.arange(STFT_SIZE, dtype=torch.float64)
+    angle = 2 * torch.pi * torch.arange(STFT_SIZE // 2 + 1, dtype=torch.float64)[:, None] * n / STFT_SIZE
+    window = torch.hann_window(STFT_SIZE, dtype=torch.float64)
+    expected = torch.cat([window * torch.cos(angle), -window * torch.sin(angle)]).float()
+    if basis.shape != (2 * (STFT_SIZE // 2 + 1), 1, STFT_SIZE) or (basis[:, 0] - expected).abs().max() > 1e-4:
+        raise ValueError("this silero-vad version's front end is not the Hann-windowed STFT s2t_model.vad computes")
 
 
 def regions_from_probs(probs: np.ndarray, num_samples: int, options: VadOptions = VadOptions()) -> list[SpeechRegion]:
