@@ -36,7 +36,7 @@ def split_long_audio(batch: pa.Table, max_segment_s: float, max_duration_s: floa
     """Rows -> the same rows, each long one replaced by its segments not yet in `done` (ids already written)."""
     rows = []
     for row in batch.to_pylist():
-        row.update(dict.fromkeys(SEGMENT_COLUMNS))
+        row.update(dict.fromkeys(SEGMENT_COLUMNS + ["speech_s"]))
         if row["error"] is None:
             try:
                 rows.extend(split_row(row, max_segment_s, max_duration_s, storage_options, done))
@@ -47,7 +47,7 @@ def split_long_audio(batch: pa.Table, max_segment_s: float, max_duration_s: floa
                 row["error"] = f"unreadable: {row['audio']}: {type(error).__name__}: {error}"
         rows.append(row)
     schema = batch.schema
-    for name, kind in SEGMENT_FIELDS:
+    for name, kind in SEGMENT_FIELDS + [("speech_s", pa.float64())]:
         schema = schema.append(pa.field(name, kind))
     return pa.Table.from_pylist(rows, schema=schema)
 
@@ -68,9 +68,8 @@ def split_row(row: dict, max_segment_s: float, max_duration_s: float, storage_op
             blocks = sound.blocks(blocksize=round(BLOCK_S * sound.samplerate), frames=round(seconds * sound.samplerate),
                                   dtype="float32", always_2d=True)
             segments = list(segment_stream(blocks, sound.samplerate, max_segment_s))
-    if not segments:
-        row["error"] = f"no_speech: {row['audio']}: {seconds:.1f} s without a segment of speech"
-        return [row]
+    if not segments:  # no speech: the later stages give it the text "" without reading it again
+        return [{**row, "duration_s": seconds, "speech_s": 0.0}]
     pieces = []
     for index, segment in enumerate(segments):
         piece_id = f"{row['id']}~{index:05d}"
@@ -164,6 +163,8 @@ def joined_row(parts: list[dict]) -> dict:
         num_tokens=None if failed else tokens,
         avg_logprob=None if failed or not tokens else
         sum((p["avg_logprob"] or 0.0) * (p["num_tokens"] or 0) for p in parts) / tokens,
+        speech_s=None if any(p.get("speech_s") is None for p in parts) else sum(p["speech_s"] for p in parts),
+        low_confidence=None if failed else any(p.get("low_confidence") for p in parts),
         error=None if not failed else failed["error"].replace(":", f": segment {failed['segment_index']} at "
                                                                    f"{failed['segment_start_s']:.1f} s:", 1),
         segments=[{"start_s": p["segment_start_s"], "end_s": p["segment_start_s"] + p["duration_s"],

@@ -219,9 +219,11 @@ class Speech2TextServer:
                                "invalid_response_format")
         audio, duration = await self.read_audio(file)
         rate = self.model.feature_extractor.sampling_rate
-        # Long uploads are cut at pauses, and each piece joins the batch like any request of its own.
+        # Long uploads are cut where the VAD hears pauses (in a thread: seconds for 30 min), and each piece joins the
+        # batch like any request of its own.
         if duration > self.config.max_segment_s:
-            pieces = [(s.start_s, s.end_s) for s in find_segments(audio, rate, self.config.max_segment_s)]
+            found = await asyncio.to_thread(find_segments, audio, rate, self.config.max_segment_s)
+            pieces = [(s.start_s, s.end_s) for s in found]
         else:
             pieces = [(0.0, duration)]
         results = await asyncio.gather(*[self.decode_batch((audio[round(a * rate): round(b * rate)], tgt_lang))

@@ -53,13 +53,15 @@ class ComputeFeatures:
     def compute(self, batch: pa.Table) -> tuple[pa.Table, list[np.ndarray | None]]:
         """-> the batch with `error`, `duration_s` and `speech_s` filled in, and each row's features (T, 80), None
         for errors and rows without speech."""
-        rows = batch.select(["audio", "offset_s", "duration_s", "error"]).to_pylist()
+        known = [c for c in ("speech_s",) if c in batch.column_names]  # 0.0: a long recording found silent
+        rows = batch.select(["audio", "offset_s", "duration_s", "error", *known]).to_pylist()
         rate = self.extractor.sampling_rate
         waves: dict[int, np.ndarray] = {}
         errors = [row["error"] for row in rows]
         durations = [row["duration_s"] for row in rows]
+        speech: list[float | None] = [row.get("speech_s") for row in rows]
         for i, row in enumerate(rows):
-            if row["error"] is not None:
+            if row["error"] is not None or speech[i] == 0.0:
                 continue
             try:
                 waves[i] = load_audio(row["audio"], rate, row["offset_s"] or 0.0, row["duration_s"],
@@ -70,7 +72,6 @@ class ComputeFeatures:
             except Exception as error:  # a file system or codec failure of this row only
                 errors[i] = f"unreadable: {row['audio']}: {type(error).__name__}: {error}"
         features: list[np.ndarray | None] = [None] * len(rows)
-        speech: list[float | None] = [None] * len(rows)
         good = sorted(waves)
         computed, seconds = speech_features(self.extractor, [waves[i] for i in good], rate, self.max_frames, self.vad)
         for i, row, row_speech in zip(good, computed, seconds):

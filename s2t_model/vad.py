@@ -100,13 +100,19 @@ class SileroVAD(nn.Module):
         if not waveforms or max(counts) == 0:
             return [np.zeros(0, np.float32) for _ in waveforms]
         windows = torch.cat([self._windows(w, n) for w, n in zip(waveforms, counts)])  # (sum counts, 576)
-        encoded = torch.cat([self.encode(part) for part in windows.split(ENCODER_BATCH)])
+        encoded = self.encode_all(windows)
         # One LSTM call over every row: padded to the longest, packed so that no row steps through another's padding.
         rows = nn.utils.rnn.pad_sequence(encoded.split(counts), batch_first=True)  # (B, T_max, 128)
         packed = nn.utils.rnn.pack_padded_sequence(rows, torch.tensor(counts), batch_first=True, enforce_sorted=False)
         hidden, _ = nn.utils.rnn.pad_packed_sequence(self.lstm(packed)[0], batch_first=True)
-        probs = self.final_conv(hidden.relu().transpose(1, 2)).sigmoid().squeeze(1)  # (B, T_max)
-        return [p[:n].numpy() for p, n in zip(probs, counts)]
+        return [p[:n].numpy() for p, n in zip(self.decode(hidden), counts)]
+
+    def encode_all(self, windows: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.encode(part) for part in windows.split(ENCODER_BATCH)])
+
+    def decode(self, hidden: torch.Tensor) -> torch.Tensor:
+        """LSTM outputs (B, T, 128) -> speech probabilities (B, T)."""
+        return self.final_conv(hidden.relu().transpose(1, 2)).sigmoid().squeeze(1)
 
     @staticmethod
     def _windows(wave: np.ndarray, count: int) -> torch.Tensor:
@@ -121,6 +127,38 @@ class SileroVAD(nn.Module):
         return [regions_from_probs(p, len(w), options) for p, w in zip(self.speech_probs(waveforms), waveforms)]
 
 
+class ProbabilityStream:
+    """One recording's speech probabilities from consecutive 16 kHz blocks of any size, the same as `speech_probs`
+    of the whole: the LSTM state, the last window's context and a part-window carry over from block to block."""
+
+    def __init__(self, vad: SileroVAD):
+        self.vad = vad
+        self.state: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.pending = np.zeros(CONTEXT, np.float32)  # context of the next window, then samples not yet in one
+        self.probs: list[np.ndarray] = []
+        self.num_samples = 0
+
+    @torch.inference_mode()
+    def push(self, samples: np.ndarray, last: bool = False) -> None:
+        self.num_samples += len(samples)
+        data = np.concatenate([self.pending, samples.astype(np.float32, copy=False)])
+        count = (len(data) - CONTEXT) // WINDOW
+        if last and (len(data) - CONTEXT) % WINDOW:  # the package zero-pads the last window
+            count += 1
+            data = np.concatenate([data, np.zeros(CONTEXT + count * WINDOW - len(data), np.float32)])
+        if count == 0:
+            self.pending = data
+            return
+        windows = torch.from_numpy(data[: CONTEXT + count * WINDOW]).unfold(0, CONTEXT + WINDOW, WINDOW)
+        hidden, self.state = self.vad.lstm(self.vad.encode_all(windows).unsqueeze(0), self.state)
+        self.probs.append(self.vad.decode(hidden)[0].numpy())
+        self.pending = data[count * WINDOW:].copy()  # the last window's CONTEXT samples and what followed
+
+    def finish(self) -> np.ndarray:
+        self.push(np.zeros(0, np.float32), last=True)
+        return np.concatenate(self.probs) if self.probs else np.zeros(0, np.float32)
+
+
 def check_stft_basis(basis: torch.Tensor) -> None:
     """The package's STFT basis (258, 1, 256) must be the Hann-windowed DFT `encode` computes with an FFT."""
     n = torch.arange(STFT_SIZE, dtype=torch.float64)
@@ -131,11 +169,15 @@ def check_stft_basis(basis: torch.Tensor) -> None:
         raise ValueError("this silero-vad version's front end is not the Hann-windowed STFT s2t_model.vad computes")
 
 
-def regions_from_probs(probs: np.ndarray, num_samples: int, options: VadOptions = VadOptions()) -> list[SpeechRegion]:
+def regions_from_probs(probs: np.ndarray, num_samples: int, options: VadOptions = VadOptions(),
+                       max_speech_duration_s: float = float("inf")) -> list[SpeechRegion]:
+    """Probabilities of a recording of `num_samples` at 16 kHz -> its speech regions, by the package's own rules
+    (a region longer than max_speech_duration_s, pads included, is cut in its longest pause)."""
     from silero_vad.utils_vad import get_speech_timestamps_from_probs
 
     stamps = get_speech_timestamps_from_probs(probs.tolist(), sampling_rate=SAMPLE_RATE,
-                                              audio_length_samples=num_samples, **dataclasses.asdict(options))
+                                              audio_length_samples=num_samples,
+                                              max_speech_duration_s=max_speech_duration_s, **dataclasses.asdict(options))
     return [SpeechRegion(s["start"] / SAMPLE_RATE, s["end"] / SAMPLE_RATE) for s in stamps]
 
 
