@@ -39,11 +39,12 @@ def test_long_recordings_are_joined_with_segments(ray_session, tmp_path):
         segments = row["segments"]
         assert all(s["end_s"] - s["start_s"] <= 20.0 for s in segments)
         assert row["text"] == " ".join(s["text"] for s in segments if s["text"])
-        # Boundaries fall in pauses: every true utterance lies inside one segment, to within 0.3 s.
+        # Boundaries fall in pauses: every true utterance lies inside one segment, to within 0.45 s (a clip's own
+        # leading silence, where the VAD's segment starts 150 ms before the speech).
         for truth in recording["segments"]:
             middle = (truth["start_s"] + truth["end_s"]) / 2
             segment = next(s for s in segments if s["start_s"] <= middle <= s["end_s"])
-            assert segment["start_s"] <= truth["start_s"] + 0.3 and truth["end_s"] - 0.3 <= segment["end_s"]
+            assert segment["start_s"] <= truth["start_s"] + 0.45 and truth["end_s"] - 0.45 <= segment["end_s"]
         # Long-form WER at most 2 points above the same utterances cut at their true times, one by one.
         audio, rate = soundfile.read(os.path.join(DEMO_LONG_FORM, recording["audio_filepath"]), dtype="float32")
         clips = [audio[round(t["start_s"] * rate): round(t["end_s"] * rate)] for t in recording["segments"]]
@@ -78,4 +79,4 @@ def test_an_hour_is_split_in_blocks_with_bounded_memory(tmp_path):
     assert {r["segment_of"] for r in rows} == {"hour"} and {r["segment_count"] for r in rows} == {count}
     starts = np.array([r["segment_start_s"] for r in rows])
     true_starts = (rate + np.arange(count) * len(unit)) / rate
-    assert np.abs(starts - true_starts).max() < 0.3
+    assert np.abs(starts - true_starts).max() < 0.45  # the clip's own leading silence, less the VAD's pad

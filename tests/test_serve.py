@@ -160,11 +160,12 @@ def test_long_upload_is_cut_at_pauses_with_timestamps(server):
     assert scoring.wer([recording["text"]], [verbose.text]) <= 10.0
     starts = [s.start for s in verbose.segments]
     assert starts == sorted(starts) and all(s.end - s.start <= 20.0 for s in verbose.segments)
-    # Each true utterance's middle falls inside a segment whose text is that utterance's.
+    # Each true utterance's middle falls inside a segment whose text is that utterance's; a boundary may lie 0.45 s
+    # into it (the clip's own leading silence, where the VAD's segment starts 150 ms before the speech).
     for truth in recording["segments"]:
         middle = (truth["start_s"] + truth["end_s"]) / 2
         segment = next(s for s in verbose.segments if s.start <= middle <= s.end)
-        assert truth["end_s"] - 0.3 <= segment.end and segment.start <= truth["start_s"] + 0.3
+        assert truth["end_s"] - 0.45 <= segment.end and segment.start <= truth["start_s"] + 0.45
     vtt = client.audio.transcriptions.create(model="s2t", file=("long.flac", audio), response_format="vtt")
     assert vtt.count(" --> ") == len(verbose.segments) >= len(recording["segments"]) - 2
 

@@ -95,6 +95,9 @@ def test_job_gives_non_speech_rows_empty_text_and_speech_seconds(ray_session, cl
     for name, audio in non_speech(3.0).items():
         soundfile.write(tmp_path / f"{name}.wav", audio, 16000, subtype="FLOAT")
         entries.append({"audio_filepath": str(tmp_path / f"{name}.wav"), "id": name})
+    # A long recording without speech (longer than --max-segment-s: the split stage finds no segment in it).
+    soundfile.write(tmp_path / "long-noise.wav", np.resize(non_speech(3.0)["pink--40dB"], 25 * 16000), 16000)
+    entries.append({"audio_filepath": str(tmp_path / "long-noise.wav"), "id": "long-noise"})
     speech_rows = clips[0][:2]
     entries += [{"audio_filepath": r["audio_filepath"], "id": r["id"], "text": r["text"]} for r in speech_rows]
     manifest = tmp_path / "manifest.jsonl"
@@ -102,7 +105,7 @@ def test_job_gives_non_speech_rows_empty_text_and_speech_seconds(ray_session, cl
     summary = run(TranscribeConfig(manifest=str(manifest), output=str(tmp_path / "out"), model=DEMO_MODEL))
     rows = {r["id"]: r for r in pq.read_table(tmp_path / "out").to_pylist()}
     assert summary["rows_ok"] == len(entries) and len(rows) == len(entries)
-    for name in non_speech(3.0):
+    for name in [*non_speech(3.0), "long-noise"]:
         assert (rows[name]["text"], rows[name]["error"], rows[name]["speech_s"]) == ("", None, 0.0)
     for r in speech_rows:
         assert rows[r["id"]]["text"] == r["text"] and 0 < rows[r["id"]]["speech_s"] <= r["duration"] + 1e-3
