@@ -155,19 +155,22 @@ def read_blocks(f, uri: str, rows_per_block: int, base: str | None) -> Iterator[
 
 
 def _lines(f) -> Iterator[str | None]:
-    """Lines of a binary stream, decoded; a line that is not UTF-8 comes as None (a bad line, not a failed file)."""
-    rest = b""
+    """Lines of a binary stream, decoded; a line that is not UTF-8 comes as None (a bad line, not a failed file).
+    The first line is read as utf-8-sig: Excel and Notepad start their exports with a byte-order mark."""
+    rest, encoding = b"", "utf-8-sig"
     while chunk := f.read(1 << 20):
         lines = (rest + chunk).split(b"\n")
         rest = lines.pop()
-        yield from (_decode(line) for line in lines)
+        for line in lines:
+            yield _decode(line, encoding)
+            encoding = "utf-8"
     if rest:
-        yield _decode(rest)
+        yield _decode(rest, encoding)
 
 
-def _decode(line: bytes) -> str | None:
+def _decode(line: bytes, encoding: str = "utf-8") -> str | None:
     try:
-        return line.decode("utf-8").rstrip("\r")
+        return line.decode(encoding).rstrip("\r")
     except UnicodeDecodeError:
         return None
 

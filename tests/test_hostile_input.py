@@ -1,0 +1,38 @@
+"""The job under hostile input (issue 14): manifests with a UTF-8 BOM, colliding renamed ids, bad manifest numbers,
+empty or malformed manifests, an output path that is a file, audio shorter than the manifest or its header claims,
+two runs on one output at once, and foreign files in the output folder."""
+
+import csv
+import io
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import soundfile
+
+from helpers import demo_rows
+from pipeline.manifest import read_manifest
+
+BOM = "\ufeff"
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "csv", "tsv"])
+def test_manifests_with_a_utf8_bom_lose_no_row(tmp_path, kind):
+    """Excel and Notepad write a byte-order mark before the first line."""
+    rows = [{"id": f"r{i}", "audio": f"{i}.flac", "text": f"line {i}"} for i in range(3)]
+    if kind == "jsonl":
+        text = "".join(json.dumps(r) + "\n" for r in rows)
+    else:
+        out = io.StringIO()
+        writer = csv.DictWriter(out, ["id", "audio", "text"], delimiter="," if kind == "csv" else "\t",
+                                lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        text = out.getvalue()
+    (tmp_path / f"m.{kind}").write_text(BOM + text, encoding="utf-8")
+    table = read_manifest(str(tmp_path / f"m.{kind}"))
+    assert table["id"].to_pylist() == ["r0", "r1", "r2"]
+    assert table["error"].to_pylist() == [None] * 3
+    assert table["audio"].to_pylist() == [str(tmp_path / f"{i}.flac") for i in range(3)]
