@@ -216,17 +216,30 @@ def _parquet_records(f) -> Iterator[dict]:
 
 
 class Repeats:
-    """Repeated ids of one file, numbered in file order: the second `x` becomes `x#2`. Holds an 8-byte digest per id
-    of the file (~100 bytes with the dict's overhead; in the read task, not the driver: shard a manifest of tens of
-    millions of rows). Ids repeated across shards are left as they are; the summary counts per manifest row."""
+    """Repeated ids of one file, numbered in file order: the second `x` becomes `x#2`, or the next `x#<n>` no row
+    of the file has taken yet (so `x, x, x#2` give `x, x#2, x#2#2`). Holds 8-byte digests of each id given and each
+    id's next number (~200 bytes a row with the dicts' overhead; in the read task, not the driver: shard a manifest
+    of tens of millions of rows). Ids repeated across shards are left as they are; the summary counts per manifest
+    row."""
 
     def __init__(self):
         self.counts: dict[bytes, int] = {}
+        self.given: set[bytes] = set()
 
     def number(self, row_id: str) -> str:
-        key = hashlib.blake2b(row_id.encode(), digest_size=8).digest()
-        count = self.counts[key] = self.counts.get(key, 0) + 1
-        return row_id if count == 1 else f"{row_id}#{count}"
+        key = _digest(row_id)
+        count = self.counts.get(key, 1)
+        numbered = row_id if count == 1 else f"{row_id}#{count}"
+        while _digest(numbered) in self.given:
+            count += 1
+            numbered = f"{row_id}#{count}"
+        self.counts[key] = count
+        self.given.add(_digest(numbered))
+        return numbered
+
+
+def _digest(text: str) -> bytes:
+    return hashlib.blake2b(text.encode(), digest_size=8).digest()
 
 
 def _first(record: dict, names: tuple[str, ...]):

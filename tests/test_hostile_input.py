@@ -36,3 +36,13 @@ def test_manifests_with_a_utf8_bom_lose_no_row(tmp_path, kind):
     assert table["id"].to_pylist() == ["r0", "r1", "r2"]
     assert table["error"].to_pylist() == [None] * 3
     assert table["audio"].to_pylist() == [str(tmp_path / f"{i}.flac") for i in range(3)]
+
+
+@pytest.mark.parametrize("order", [["x", "x", "x#2"], ["x#2", "x", "x"], ["x", "x#2", "x", "x#2#2", "x#2"]])
+def test_renamed_duplicate_ids_never_collide(tmp_path, order):
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps({"id": i, "audio": f"{n}.flac"}) + "\n"
+                                              for n, i in enumerate(order)))
+    ids = read_manifest(str(tmp_path / "m.jsonl"))["id"].to_pylist()
+    assert len(set(ids)) == len(order)
+    assert ids[0] == order[0]  # the first of each stays as it is
+    assert read_manifest(str(tmp_path / "m.jsonl"))["id"].to_pylist() == ids  # the same on every read
