@@ -61,17 +61,9 @@ def decode_audio(
         detail = getattr(error, "error_string", error)
         raise AudioError("unreadable", f"{name}: not audio that libsndfile can read ({detail})") from None
     with sound:
-        start = round(offset_s * sound.samplerate)
-        available = sound.frames - start if sound.frames > 0 else None  # some formats do not know their length
-        frames = round(duration_s * sound.samplerate) if duration_s is not None else available
+        start, frames = slice_frames(sound, name, offset_s, duration_s)
         if frames is not None:
             _check_duration(name, frames / sound.samplerate, min_duration_s, max_duration_s)
-        if available is not None and frames is not None and frames > available:
-            # Manifests round durations: a slice that overshoots the end by a little is read to the end.
-            if frames - available > ROUNDING_S * sound.samplerate:
-                raise AudioError("truncated", f"{name}: the manifest asks for {frames / sound.samplerate:.2f} s "
-                                              f"from {offset_s} s, the file has {available / sound.samplerate:.2f} s there")
-            frames = available
         try:
             if start:
                 sound.seek(start)
@@ -91,6 +83,27 @@ def decode_audio(
     if rate != sampling_rate:
         mono = soxr.resample(mono, rate, sampling_rate).astype(np.float32)
     return np.ascontiguousarray(mono)
+
+
+def slice_frames(sound: soundfile.SoundFile, name: str, offset_s: float, duration_s: float | None
+                 ) -> tuple[int, int | None]:
+    """(first frame, frame count) of [offset_s, offset_s + duration_s) of an open file, the count None when neither
+    the manifest nor the file knows it. The one rule for audio that is not there: an offset at or past the end is
+    the manifest's mistake (bad_manifest_line); a slice reaching more than ROUNDING_S past the end is truncated."""
+    rate = sound.samplerate
+    start = round(offset_s * rate)
+    frames = round(duration_s * rate) if duration_s is not None else None
+    if sound.frames <= 0:  # some formats do not know their length
+        return start, frames
+    if start > 0 and start >= sound.frames:
+        raise AudioError("bad_manifest_line", f"{name}: offset {offset_s:.6g} s is past the end of the file "
+                                              f"({sound.frames / rate:.2f} s)")
+    available = sound.frames - start
+    if frames is not None and frames - available > ROUNDING_S * rate:
+        raise AudioError("truncated", f"{name}: the manifest asks for {frames / rate:.2f} s from {offset_s:.6g} s, "
+                                      f"the file has {available / rate:.2f} s there")
+    # Manifests round durations: a slice that overshoots the end by a little is read to the end.
+    return start, available if frames is None else min(frames, available)
 
 
 def _check_duration(uri: str, seconds: float, min_s: float, max_s: float) -> None:

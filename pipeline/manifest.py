@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import math
 import os
 import posixpath
 from typing import Iterable, Iterator
@@ -38,6 +39,7 @@ OUTPUT_COLUMNS = ("id", "audio", "offset_s", "duration_s", "reference", "text", 
 SCHEMA = pa.schema([("id", pa.string()), ("audio", pa.string()), ("offset_s", pa.float64()),
                     ("duration_s", pa.float64()), ("reference", pa.string()), ("tgt_lang", pa.string()),
                     ("error", pa.string())])
+MAX_SECONDS = 1e7  # ~116 days: an offset or duration beyond it is a mistake, not a recording
 PEEK_ROWS = 100  # records of the first file read on the driver to fail early on a manifest that cannot work
 
 
@@ -287,11 +289,11 @@ def _normalise_row(record: dict, uri: str, base: str | None) -> dict:
     audio = _first(record, AUDIO_COLUMNS)
     error = None
     try:
-        offset = float(record.get("offset") or 0.0)
-        duration = float(record["duration"]) if record.get("duration") not in (None, "") else None
-    except (TypeError, ValueError) as exc:
+        offset = _seconds(record, "offset") or 0.0
+        duration = _seconds(record, "duration")
+    except BadNumber as exc:
         offset, duration = 0.0, None
-        error = f"bad_manifest_line: {where}: offset/duration are not numbers ({exc})"
+        error = f"bad_manifest_line: {where}: {exc}"
     if audio is None:
         error = f"bad_manifest_line: {where}: names no audio file"
     else:
@@ -307,6 +309,30 @@ def _normalise_row(record: dict, uri: str, base: str | None) -> dict:
         "tgt_lang": _first(record, TGT_LANG_COLUMNS),
         "error": error,
     }
+
+
+class BadNumber(ValueError):
+    pass
+
+
+def _seconds(record: dict, name: str) -> float | None:
+    """A manifest's offset or duration in seconds (None when absent); BadNumber says, briefly, what is wrong."""
+    value = record.get(name)
+    if value in (None, ""):
+        return None
+    shown = json.dumps(value)[:20] if isinstance(value, (bool, float)) else repr(value)[:20]
+    try:
+        seconds = float(value) if not isinstance(value, bool) else math.nan  # JSON's true is no duration
+    except (TypeError, ValueError):
+        seconds = math.nan
+    if not math.isfinite(seconds):
+        raise BadNumber(f"{name} {shown} is not a number of seconds")
+    shown = f"{seconds:.6g} s"
+    if seconds > MAX_SECONDS:
+        raise BadNumber(f"{name} {shown} is longer than any recording")
+    if seconds < 0 or (name == "duration" and seconds == 0):
+        raise BadNumber(f"{name} {shown} is {'negative' if seconds < 0 else 'not positive'}")
+    return seconds
 
 
 def resolve(audio: str, base: str | None) -> str:

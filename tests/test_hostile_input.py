@@ -46,3 +46,33 @@ def test_renamed_duplicate_ids_never_collide(tmp_path, order):
     assert len(set(ids)) == len(order)
     assert ids[0] == order[0]  # the first of each stays as it is
     assert read_manifest(str(tmp_path / "m.jsonl"))["id"].to_pylist() == ids  # the same on every read
+
+
+@pytest.mark.parametrize("field, value, says", [
+    ("offset", -1, "offset -1 s is negative"),
+    ("offset", float("nan"), "offset NaN is not a number of seconds"),
+    ("duration", float("nan"), "duration NaN is not a number of seconds"),
+    ("duration", float("inf"), "duration Infinity is not a number of seconds"),
+    ("duration", True, "duration true is not a number of seconds"),
+    ("duration", 1e308, "duration 1e+308 s is longer than any recording"),
+    ("offset", 1e308, "offset 1e+308 s is longer than any recording"),
+    ("duration", 0, "duration 0 s is not positive"),
+    ("duration", "ten", "duration 'ten' is not a number of seconds"),
+])
+def test_bad_manifest_numbers_are_bad_manifest_lines(tmp_path, field, value, says):
+    lines = [{"id": "good", "audio": "a.flac", "offset": 1.5, "duration": 2}, {"id": "bad", "audio": "a.flac", field: value}]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    table = read_manifest(str(tmp_path / "m.jsonl"))
+    assert table["error"].to_pylist() == [None, f"bad_manifest_line: {tmp_path / 'm.jsonl'}:2: {says}"]
+    assert table["offset_s"][0].as_py() == 1.5 and table["duration_s"][0].as_py() == 2.0
+
+
+def test_an_offset_past_the_end_of_the_file_is_a_bad_manifest_line(tmp_path):
+    from pipeline.audio import AudioError, load_audio
+
+    soundfile.write(tmp_path / "a.wav", np.zeros(16000, np.float32), 16000)
+    for duration in (None, 1.0):
+        with pytest.raises(AudioError) as caught:
+            load_audio(str(tmp_path / "a.wav"), 16000, offset_s=97.5, duration_s=duration)
+        assert caught.value.reason == "bad_manifest_line"
+        assert str(caught.value) == f"bad_manifest_line: {tmp_path / 'a.wav'}: offset 97.5 s is past the end of the file (1.00 s)"
