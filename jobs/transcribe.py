@@ -10,7 +10,9 @@ import argparse
 import logging
 import sys
 
-from pipeline.transcribe import TranscribeConfig, run, summary_line
+from pipeline.manifest import ManifestError
+from pipeline.output import OutputError
+from pipeline.transcribe import TranscribeConfig, check_inputs, run, summary_line
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,6 +30,10 @@ def init_ray() -> None:
 def main(args: argparse.Namespace) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     config = TranscribeConfig.from_args(args)
+    try:
+        check_inputs(config)  # before Ray starts: what cannot work is said in one line
+    except (ManifestError, OutputError) as error:
+        sys.exit(f"s2t transcribe: {error}")
     init_ray()
     summary = run(config)
     print(summary_line(summary))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -98,9 +99,13 @@ class Manifest:
 
     def check_columns(self) -> None:
         """Fail before any work when the first file's first records name no audio column."""
+        uri = self.url(self.files[0])
         with self.fs.open(self.files[0], "rb", compression="infer") as f:
-            for table in read_blocks(f, self.url(self.files[0]), PEEK_ROWS, self.base(self.files[0])):
-                return
+            records = list(itertools.islice(_records(f, uri), PEEK_ROWS))
+        if records and all("_bad_line" in record for record in records):  # not a manifest of this kind at all
+            raise ManifestError(f"{uri}: no line of the first {len(records)} is a manifest row "
+                                f"(line {records[0]['_line']}: {records[0]['_bad_line']})")
+        normalise(records, uri, self.base(self.files[0]))
 
     def base(self, path: str) -> str:
         """The folder relative audio paths of this file are read from."""
@@ -141,19 +146,23 @@ class ManifestDatasource(FileBasedDatasource):
 
 def read_blocks(f, uri: str, rows_per_block: int, base: str | None) -> Iterator[pa.Table]:
     """One manifest file (an open binary stream) -> tables of at most `rows_per_block` normalised rows."""
-    kind = suffix_of(uri)
-    records = (_parquet_records(f) if kind == "parquet" else
-               _delimited_records(_lines(f), "\t" if kind == "tsv" else ",", uri) if kind in ("tsv", "csv") else
-               _json_records(_lines(f), uri))
     seen = Repeats()
     block = []
-    for record in records:
+    for record in _records(f, uri):
         block.append(record)
         if len(block) == rows_per_block:
             yield normalise(block, uri, base, seen)
             block = []
     if block:
         yield normalise(block, uri, base, seen)
+
+
+def _records(f, uri: str) -> Iterator[dict]:
+    """The records of one manifest file, each with its `_line`, and `_bad_line` when it could not be parsed."""
+    kind = suffix_of(uri)
+    return (_parquet_records(f) if kind == "parquet" else
+            _delimited_records(_lines(f), "\t" if kind == "tsv" else ",", uri) if kind in ("tsv", "csv") else
+            _json_records(_lines(f), uri))
 
 
 def _lines(f) -> Iterator[str | None]:

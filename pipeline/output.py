@@ -22,6 +22,15 @@ def arrow_filesystem(fs: fsspec.AbstractFileSystem):
     return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
 
 
+class OutputError(ValueError):
+    """The output folder cannot be used (raised before any work starts)."""
+
+
+def check_output(fs: fsspec.AbstractFileSystem, root: str, uri: str) -> None:
+    if fs.isfile(root):
+        raise OutputError(f"{uri}: the output is a file, not a folder")
+
+
 def output_files(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
     if not fs.exists(root):
         return []

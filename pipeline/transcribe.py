@@ -28,7 +28,7 @@ from s2t_model.speech2text import MIN_AVG_LOGPROB
 from .config import JobConfig
 from .longform import join_segments, split_long_audio
 from .manifest import Manifest
-from .output import (arrow_filesystem, footers, holds_segments, plain_strings, read_output,  # noqa: F401
+from .output import (arrow_filesystem, check_output, footers, holds_segments, plain_strings, read_output,  # noqa: F401
                      rows_dataset, scan_output, shuffle_partitions)
 from .summary import corpus_summary
 from .stages import ComputeFeatures, GenerateText, TranscribeAudio
@@ -89,10 +89,9 @@ def run(config: TranscribeConfig) -> dict:
     """Run the job to completion (or resume it) and return its summary, also written as <output>/_summary.json."""
     started = time.time()
     run_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
-    manifest = Manifest(config.manifest, config.options_for(config.manifest))
+    manifest, fs, root = check_inputs(config)
     folder = checkpoint.local_folder(config.model, config.options_for(config.model))
     model_label = f"{config.model}@sha256:{checkpoint.content_hash(folder)[:16]}"
-    fs, root = fsspec.core.url_to_fs(config.output, **(config.options_for(config.output) or {}))
     join_segments(fs, root)  # what a run killed after its write left unjoined
     done = footers(fs, root)  # and files it left cut short are removed here
     rows = manifest.dataset(config.rows_per_block, arrow_filesystem(manifest.fs)).map_batches(
@@ -116,6 +115,15 @@ def run(config: TranscribeConfig) -> dict:
     with fs.open(f"{root.rstrip('/')}/{SUMMARY}", "w") as f:
         json.dump(summary, f, indent=2)
     return summary
+
+
+def check_inputs(config: TranscribeConfig) -> tuple[Manifest, fsspec.AbstractFileSystem, str]:
+    """The manifest and the output folder, checked on the driver before any work (and before Ray starts, from the
+    command line): ManifestError or OutputError say in one line what cannot work."""
+    manifest = Manifest(config.manifest, config.options_for(config.manifest))
+    fs, root = fsspec.core.url_to_fs(config.output, **(config.options_for(config.output) or {}))
+    check_output(fs, root, config.output)
+    return manifest, fs, root
 
 
 def with_run_id(batch: pa.Table, run_id: str) -> pa.Table:

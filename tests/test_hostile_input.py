@@ -3,6 +3,8 @@ empty or malformed manifests, an output path that is a file, audio shorter than 
 two runs on one output at once, and foreign files in the output folder."""
 
 import csv
+import subprocess
+import sys
 import io
 import json
 
@@ -76,3 +78,39 @@ def test_an_offset_past_the_end_of_the_file_is_a_bad_manifest_line(tmp_path):
             load_audio(str(tmp_path / "a.wav"), 16000, offset_s=97.5, duration_s=duration)
         assert caught.value.reason == "bad_manifest_line"
         assert str(caught.value) == f"bad_manifest_line: {tmp_path / 'a.wav'}: offset 97.5 s is past the end of the file (1.00 s)"
+
+
+def s2t_transcribe(manifest, output) -> subprocess.CompletedProcess:
+    from s2t_model import DEMO_MODEL
+
+    return subprocess.run([sys.executable, "-m", "jobs.cli", "transcribe", str(manifest), str(output), "--model",
+                           DEMO_MODEL], capture_output=True, text=True, timeout=300)
+
+
+def test_a_jsonl_of_json_arrays_is_refused_in_one_line_before_ray_starts(tmp_path):
+    (tmp_path / "m.jsonl").write_text('["a.flac", "one"]\n["b.flac", "two"]\n')
+    done = s2t_transcribe(tmp_path / "m.jsonl", tmp_path / "out")
+    assert done.returncode != 0 and done.stdout == ""
+    assert done.stderr.splitlines() == [
+        f"s2t transcribe: {tmp_path / 'm.jsonl'}: no line of the first 2 is a manifest row "
+        f"(line 1: not a JSON object (a JSON list, not an object): '[\"a.flac\", \"one\"]')"]
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_output_path_that_is_a_file_is_refused_in_one_line_before_ray_starts(tmp_path):
+    (tmp_path / "m.jsonl").write_text(json.dumps({"audio": "a.flac"}) + "\n")
+    (tmp_path / "out").write_text("not a folder")
+    done = s2t_transcribe(tmp_path / "m.jsonl", tmp_path / "out")
+    assert done.returncode != 0 and done.stdout == ""
+    assert done.stderr.splitlines() == [f"s2t transcribe: {tmp_path / 'out'}: the output is a file, not a folder"]
+
+
+@pytest.mark.parametrize("text", ["", "id,audio\n"])
+def test_an_empty_manifest_gives_a_summary_of_no_rows(ray_session, tmp_path, text):
+    from pipeline.transcribe import TranscribeConfig, run
+    from s2t_model import DEMO_MODEL
+
+    (tmp_path / "m.csv").write_text(text)
+    summary = run(TranscribeConfig(manifest=str(tmp_path / "m.csv"), output=str(tmp_path / "out"), model=DEMO_MODEL))
+    assert summary["rows_in"] == summary["rows_out"] == summary["rows_missing"] == 0
+    assert json.loads((tmp_path / "out" / "_summary.json").read_text())["rows_in"] == 0
