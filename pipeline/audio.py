@@ -18,6 +18,7 @@ import soxr
 ZIP_MEMBER = re.compile(r"^(?P<path>.+\.zip):(?P<offset>\d+):(?P<length>\d+)$")
 
 
+DATA_CHUNK_LOG = re.compile(r"^data\s*:\s*(?P<claimed>\d+) \(should be (?P<there>\d+)\)", re.MULTILINE)
 ROUNDING_S = 0.1  # how far past the end of a file a manifest's offset + duration may reach
 
 
@@ -95,6 +96,10 @@ def slice_frames(sound: soundfile.SoundFile, name: str, offset_s: float, duratio
     frames = round(duration_s * rate) if duration_s is not None else None
     if sound.frames <= 0:  # some formats do not know their length
         return start, frames
+    promised = header_frames(sound)
+    if promised - sound.frames > ROUNDING_S * rate:
+        raise AudioError("truncated", f"{name}: the header promises {promised / rate:.2f} s, the file holds "
+                                      f"{sound.frames / rate:.2f} s")
     if start > 0 and start >= sound.frames:
         raise AudioError("bad_manifest_line", f"{name}: offset {offset_s:.6g} s is past the end of the file "
                                               f"({sound.frames / rate:.2f} s)")
@@ -104,6 +109,16 @@ def slice_frames(sound: soundfile.SoundFile, name: str, offset_s: float, duratio
                                       f"the file has {available / rate:.2f} s there")
     # Manifests round durations: a slice that overshoots the end by a little is read to the end.
     return start, available if frames is None else min(frames, available)
+
+
+def header_frames(sound: soundfile.SoundFile) -> int:
+    """The frames the file's header promises. libsndfile trims a WAV data chunk that runs past the end of the file
+    to what is there, and says so only in its log (`data : <header's bytes> (should be <bytes there>)`)."""
+    claimed = DATA_CHUNK_LOG.search(sound.extra_info)
+    if claimed is None or sound.format not in ("WAV", "WAVEX", "RF64"):
+        return sound.frames
+    there = int(claimed["there"])
+    return round(sound.frames * int(claimed["claimed"]) / there) if there else sound.frames
 
 
 def _check_duration(uri: str, seconds: float, min_s: float, max_s: float) -> None:

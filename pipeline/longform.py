@@ -21,7 +21,7 @@ import soundfile
 
 from s2t_model.segment import segment_stream
 
-from .audio import AudioError, _check_duration, _open
+from .audio import AudioError, _check_duration, _open, slice_frames
 from .output import arrow_filesystem, footers, holds_segments, plain_strings, shuffle_partitions
 
 SEGMENT_FIELDS = [("segment_of", pa.string()), ("segment_index", pa.int32()), ("segment_count", pa.int32()),
@@ -60,12 +60,15 @@ def split_row(row: dict, max_segment_s: float, max_duration_s: float, storage_op
             return [row]  # the feature stage reads it again and says what is wrong with it
         with sound:
             offset = row["offset_s"] or 0.0
-            seconds = row["duration_s"] if row["duration_s"] is not None else sound.frames / sound.samplerate - offset
+            start, frames = slice_frames(sound, row["audio"], offset, row["duration_s"])  # what is not there: truncated
+            if frames is None:
+                return [row]  # a length neither the manifest nor the file knows: the feature stage reads it whole
+            seconds = frames / sound.samplerate
             if seconds <= max_segment_s:
                 return [row]
             _check_duration(row["audio"], seconds, 0.0, max_duration_s)
-            sound.seek(round(offset * sound.samplerate))
-            blocks = sound.blocks(blocksize=round(BLOCK_S * sound.samplerate), frames=round(seconds * sound.samplerate),
+            sound.seek(start)
+            blocks = sound.blocks(blocksize=round(BLOCK_S * sound.samplerate), frames=frames,
                                   dtype="float32", always_2d=True)
             segments = list(segment_stream(blocks, sound.samplerate, max_segment_s))
     if not segments:  # no speech: the later stages give it the text "" without reading it again

@@ -114,3 +114,45 @@ def test_an_empty_manifest_gives_a_summary_of_no_rows(ray_session, tmp_path, tex
     summary = run(TranscribeConfig(manifest=str(tmp_path / "m.csv"), output=str(tmp_path / "out"), model=DEMO_MODEL))
     assert summary["rows_in"] == summary["rows_out"] == summary["rows_missing"] == 0
     assert json.loads((tmp_path / "out" / "_summary.json").read_text())["rows_in"] == 0
+
+
+def wav_claiming_more_data(path, samples: np.ndarray, rate: int, factor: int) -> None:
+    """A 16-bit WAV whose RIFF and data chunk sizes claim `factor` times the samples it holds (a copy cut short)."""
+    buffer = io.BytesIO()
+    soundfile.write(buffer, samples, rate, format="WAV", subtype="PCM_16")
+    data = bytearray(buffer.getvalue())
+    at = data.index(b"data")
+    size = int.from_bytes(data[at + 4:at + 8], "little")
+    data[at + 4:at + 8] = (size * factor).to_bytes(4, "little")
+    data[4:8] = (len(data) - 8 + size * (factor - 1)).to_bytes(4, "little")
+    path.write_bytes(bytes(data))
+
+
+def test_audio_that_is_not_there_is_truncated_by_one_rule(ray_session, tmp_path):
+    """A duration past the end of the file, below and above --max-segment-s, and a WAV header claiming far more data
+    than the file holds: each row is `truncated`, none is transcribed from what exists."""
+    from pipeline.transcribe import TranscribeConfig, run
+    from s2t_model import DEMO_MODEL
+
+    clips = [soundfile.read(r["audio_filepath"], dtype="float32")[0] for r in demo_rows(1)]
+    audio = np.concatenate(clips * 2)
+    seconds = len(audio) / 16000
+    assert 5 < seconds < 14
+    soundfile.write(tmp_path / "a.wav", audio, 16000)
+    wav_claiming_more_data(tmp_path / "lying.wav", clips[0][:32000], 16000, factor=10)
+    lines = [{"id": "whole", "audio": "a.wav", "duration": round(seconds, 2)},
+             {"id": "past_end_15", "audio": "a.wav", "duration": 15.0},
+             {"id": "past_end_25", "audio": "a.wav", "duration": 25.0},
+             {"id": "past_end_offset", "audio": "a.wav", "offset": 2.0, "duration": seconds},
+             {"id": "lying_header", "audio": "lying.wav"}]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    summary = run(TranscribeConfig(manifest=str(tmp_path / "m.jsonl"), output=str(tmp_path / "out"),
+                                   model=DEMO_MODEL, num_beams=1, max_segment_s=20.0))
+    rows = {row["id"]: row for f in (tmp_path / "out").rglob("*.parquet") for row in pq.read_table(f).to_pylist()}
+    assert sorted(rows) == sorted(line["id"] for line in lines)
+    assert rows["whole"]["error"] is None and rows["whole"]["text"]
+    for name in ("past_end_15", "past_end_25", "past_end_offset", "lying_header"):
+        assert (rows[name]["error"] or "").startswith("truncated: "), (name, rows[name]["error"])
+        assert rows[name]["text"] is None
+    assert summary["errors_by_reason"] == {"truncated": 4}
+    assert summary["audio_hours"] * 3600 == pytest.approx(seconds, abs=0.1)
