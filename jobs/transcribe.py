@@ -10,6 +10,7 @@ import argparse
 import logging
 import sys
 
+from pipeline.lease import LeaseHeld
 from pipeline.manifest import ManifestError
 from pipeline.output import OutputError
 from pipeline.transcribe import TranscribeConfig, check_inputs, run, summary_line
@@ -35,7 +36,10 @@ def main(args: argparse.Namespace) -> dict:
     except (ManifestError, OutputError) as error:
         sys.exit(f"s2t transcribe: {error}")
     init_ray()
-    summary = run(config)
+    try:
+        summary = run(config)
+    except LeaseHeld as error:
+        sys.exit(f"s2t transcribe: {error}")
     print(summary_line(summary))
     if args.show:
         show(config, args.show)

@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import socket
-import threading
 import time
 import uuid
 
@@ -26,6 +23,7 @@ from pydantic import Field
 
 from s2t_model import Speech2Text, checkpoint
 
+from .lease import Lease, LeaseHeld  # noqa: F401 (LeaseHeld: what a refused run raises)
 from .longform import join_segments
 from .manifest import Manifest
 from .output import arrow_filesystem, footers, plain_strings, rows_dataset, shuffle_partitions
@@ -33,107 +31,15 @@ from .summary import run_summary
 from .transcribe import TranscribeConfig, transcription_dataset
 
 log = logging.getLogger(__name__)
-LEASE = "_lease.json"
 
 
 class BackfillConfig(TranscribeConfig):
     hidden_options = ("tgt_lang",)  # each pair carries its own
     tgt_langs: str = Field("fr,de,es", description="comma-separated target languages to fill in")
     retry_errors: bool = Field(False, description="translate again the pairs whose earlier attempt failed")
-    lease_ttl_s: float = Field(600.0, gt=0, description="a lease not renewed for this long is taken over")
 
     def languages(self) -> list[str]:
         return [lang.strip() for lang in self.tgt_langs.split(",") if lang.strip()]
-
-
-class LeaseHeld(RuntimeError):
-    pass
-
-
-class Lease:
-    """`<output>/_lease.json`, created only if absent (S3 `If-None-Match: *`, a local `O_EXCL`: fsspec's "xb"
-    mode), so of runs starting at the same moment exactly one holds it; renewed by a thread while the run lasts.
-    Another run's lease is respected while it is fresh and its process (when on this host) lives; a stale one is
-    taken over by whichever run first creates `_lease.takeover-<its run id>`, again only if absent."""
-
-    def __init__(self, fs: fsspec.AbstractFileSystem, root: str, run_id: str, ttl_s: float):
-        self.fs, self.path, self.run_id, self.ttl_s = fs, f"{root.rstrip('/')}/{LEASE}", run_id, ttl_s
-        self.root = root.rstrip("/")
-        self.stop = threading.Event()
-
-    def __enter__(self) -> "Lease":
-        self.fs.makedirs(self.root, exist_ok=True)
-        if not self.create(self.path, self.record()):
-            held = self.read()
-            if held is None:  # let go between our attempt and the read: one more attempt
-                if not self.create(self.path, self.record()):
-                    raise LeaseHeld(f"{self.path}: another run took the lease at the same moment")
-            elif not self.stale(held):
-                raise LeaseHeld(
-                    f"{self.path}: run {held['run_id']} (pid {held['pid']} on {held['host']}, started "
-                    f"{held['started']}) is filling in this output; try again when it is done, or delete the lease if "
-                    f"that run is dead"
-                )
-            elif not self.create(f"{self.root}/_lease.takeover-{held['run_id']}", self.record()):
-                raise LeaseHeld(f"{self.path}: another run is taking over the stale lease of run {held['run_id']}")
-            else:
-                self.write()
-        self.thread = threading.Thread(target=self.renew, daemon=True)
-        self.thread.start()
-        return self
-
-    def create(self, path: str, record: dict) -> bool:
-        """Write `record` to `path` only if no file is there; whether this call created it."""
-        try:
-            with self.fs.open(path, "xb") as f:
-                f.write(json.dumps(record).encode())
-            return True
-        except FileExistsError:
-            return False
-        except OSError as error:  # s3fs reports a failed precondition (HTTP 412) as a plain OSError
-            if "412" in str(error) or "Precondition" in str(error):
-                return False
-            raise
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        if (self.read() or {}).get("run_id") == self.run_id:
-            self.fs.rm(self.path)
-
-    def read(self) -> dict | None:
-        try:
-            with self.fs.open(self.path, "r") as f:
-                return json.load(f)
-        except (FileNotFoundError, json.JSONDecodeError):
-            return None
-
-    def record(self) -> dict:
-        return {"run_id": self.run_id, "host": socket.gethostname(), "pid": os.getpid(),
-                "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "expires": time.time() + self.ttl_s}
-
-    def write(self) -> None:
-        with self.fs.open(self.path, "w") as f:
-            json.dump(self.record(), f)
-
-    def renew(self) -> None:
-        while not self.stop.wait(self.ttl_s / 3):
-            try:
-                self.write()
-            except Exception as error:  # a failed write must not end the renewals: the next one may succeed
-                log.warning("could not renew %s: %s", self.path, error)
-
-    @staticmethod
-    def stale(held: dict) -> bool:
-        if held.get("expires", 0) < time.time():
-            return True
-        if held.get("host") == socket.gethostname():
-            try:
-                os.kill(held["pid"], 0)
-            except ProcessLookupError:
-                return True  # its process is gone: killed before it could let go
-            except PermissionError:
-                pass
-        return False
 
 
 def run(config: BackfillConfig) -> dict:

@@ -26,6 +26,7 @@ from s2t_model.batching import CPU_MAX_FRAMES
 from s2t_model.speech2text import MIN_AVG_LOGPROB
 
 from .config import JobConfig
+from .lease import Lease
 from .longform import join_segments, split_long_audio
 from .manifest import Manifest
 from .output import (arrow_filesystem, check_output, footers, holds_segments, plain_strings, read_output,  # noqa: F401
@@ -71,6 +72,8 @@ class TranscribeConfig(JobConfig):
     max_segment_s: float = Field(20.0, gt=0, description="longer recordings are cut at pauses into segments this long")
     rows_per_file: int = Field(10000, ge=1, description="rows per Parquet file (the last ones may have fewer)")
     rows_per_block: int = Field(256, ge=1, description="manifest rows per Ray Data block")
+    lease_ttl_s: float = Field(600.0, gt=0, description="a run's lease on its output not renewed for this long is "
+                                                       "taken over")
     s3_endpoint_url: str | None = Field(None, description="S3 endpoint (MinIO, Ceph, ...); AWS_* variables work too")
     storage_options: dict = Field(default_factory=dict, description="fsspec options for every URL")
 
@@ -92,28 +95,31 @@ def run(config: TranscribeConfig) -> dict:
     manifest, fs, root = check_inputs(config)
     folder = checkpoint.local_folder(config.model, config.options_for(config.model))
     model_label = f"{config.model}@sha256:{checkpoint.content_hash(folder)[:16]}"
-    join_segments(fs, root)  # what a run killed after its write left unjoined
-    done = footers(fs, root)  # and files it left cut short are removed here
-    rows = manifest.dataset(config.rows_per_block, arrow_filesystem(manifest.fs)).map_batches(
-        with_run_id, fn_kwargs=dict(run_id=run_id), batch_format="pyarrow", batch_size=None)
-    # Blocks of rows_per_block rows again after the read tasks (which merge theirs) and the join: the unit the
-    # actor pools share out (a streaming split, not a shuffle).
-    todo = not_done(rows, fs, root, list(done)).repartition(target_num_rows_per_block=config.rows_per_block)
-    fs.makedirs(root, exist_ok=True)
-    segments_done = [path for path, metadata in done.items() if holds_segments(metadata)]
-    dataset = transcription_dataset(todo, config, folder, model_label,
-                                    done=lambda split: not_done(split, fs, root, segments_done))
-    dataset.write_parquet(root, filesystem=arrow_filesystem(fs), min_rows_per_file=config.rows_per_file)
-    join_segments(fs, root)
+    # One run at a time on an output: a second is refused (LeaseHeld names the first), else both would write every
+    # row that neither had yet.
+    with Lease(fs, root, run_id, config.lease_ttl_s):
+        join_segments(fs, root)  # what a run killed after its write left unjoined
+        done = footers(fs, root)  # and files it left cut short are removed here
+        rows = manifest.dataset(config.rows_per_block, arrow_filesystem(manifest.fs)).map_batches(
+            with_run_id, fn_kwargs=dict(run_id=run_id), batch_format="pyarrow", batch_size=None)
+        # Blocks of rows_per_block rows again after the read tasks (which merge theirs) and the join: the unit the
+        # actor pools share out (a streaming split, not a shuffle).
+        todo = not_done(rows, fs, root, list(done)).repartition(target_num_rows_per_block=config.rows_per_block)
+        fs.makedirs(root, exist_ok=True)
+        segments_done = [path for path, metadata in done.items() if holds_segments(metadata)]
+        dataset = transcription_dataset(todo, config, folder, model_label,
+                                        done=lambda split: not_done(split, fs, root, segments_done))
+        dataset.write_parquet(root, filesystem=arrow_filesystem(fs), min_rows_per_file=config.rows_per_file)
+        join_segments(fs, root)
 
-    written = footers(fs, root)
-    out = rows_dataset(fs, root, list(written), summary_columns(written)) if written else None
-    summary = corpus_summary(manifest.dataset(config.rows_per_block, arrow_filesystem(manifest.fs)), out, run_id)
-    wall_s = time.time() - started
-    summary.update(wall_s=wall_s, rtfx=summary["audio_hours_this_run"] * 3600 / wall_s if wall_s > 0 else None,
-                   manifest=config.manifest, output=config.output, model=model_label, run_id=run_id)
-    with fs.open(f"{root.rstrip('/')}/{SUMMARY}", "w") as f:
-        json.dump(summary, f, indent=2)
+        written = footers(fs, root)
+        out = rows_dataset(fs, root, list(written), summary_columns(written)) if written else None
+        summary = corpus_summary(manifest.dataset(config.rows_per_block, arrow_filesystem(manifest.fs)), out, run_id)
+        wall_s = time.time() - started
+        summary.update(wall_s=wall_s, rtfx=summary["audio_hours_this_run"] * 3600 / wall_s if wall_s > 0 else None,
+                       manifest=config.manifest, output=config.output, model=model_label, run_id=run_id)
+        with fs.open(f"{root.rstrip('/')}/{SUMMARY}", "w") as f:
+            json.dump(summary, f, indent=2)
     return summary
 
 

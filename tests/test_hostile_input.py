@@ -156,3 +156,26 @@ def test_audio_that_is_not_there_is_truncated_by_one_rule(ray_session, tmp_path)
         assert rows[name]["text"] is None
     assert summary["errors_by_reason"] == {"truncated": 4}
     assert summary["audio_hours"] * 3600 == pytest.approx(seconds, abs=0.1)
+
+
+def test_two_runs_started_at_once_on_one_output_write_every_id_once(ray_session, tmp_path):
+    """The second run is refused, naming the first (the lease `s2t backfill` takes)."""
+    import os
+
+    from s2t_model import DEMO_MODEL
+
+    rows = demo_rows(12)
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    command = [sys.executable, "-m", "jobs.transcribe", str(tmp_path / "m.jsonl"), str(tmp_path / "out"), "--model",
+               DEMO_MODEL, "--num-beams", "1", "--rows-per-file", "2", "--batch-size", "2"]
+    env = {**os.environ, "RAY_ADDRESS": ray_session}
+    runs = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for _ in range(2)]
+    results = [(run.wait(timeout=300), *run.communicate()) for run in runs]
+    ids = [i for f in (tmp_path / "out").rglob("*.parquet") for i in pq.read_table(f, columns=["id"])["id"].to_pylist()]
+    assert sorted(ids) == sorted(r["id"] for r in rows)  # every id exactly once
+    assert sorted(rc for rc, _, _ in results) == [0, 1], [err[-2000:] for _, _, err in results]
+    first_run_id = json.loads((tmp_path / "out" / "_summary.json").read_text())["run_id"]
+    refused = next(err for rc, _, err in results if rc)
+    assert refused.strip().splitlines()[-1].startswith(f"s2t transcribe: {tmp_path / 'out' / '_lease.json'}: run "
+                                                       f"{first_run_id} (pid ")
