@@ -26,7 +26,7 @@ from s2t_model import Speech2Text, checkpoint
 from .lease import Lease, LeaseHeld  # noqa: F401 (LeaseHeld: what a refused run raises)
 from .longform import join_segments
 from .manifest import Manifest
-from .output import arrow_filesystem, footers, plain_strings, rows_dataset, shuffle_partitions
+from .output import OutputNames, arrow_filesystem, footers, plain_strings, rows_dataset, shuffle_partitions
 from .summary import run_summary
 from .transcribe import TranscribeConfig, transcription_dataset
 
@@ -66,6 +66,7 @@ def run(config: BackfillConfig) -> dict:
             job = config.model_copy(update={"tgt_lang": None})  # each row carries its own target language
             dataset = transcription_dataset(todo, job, folder, model_label)
             dataset.write_parquet(root, filesystem=arrow_filesystem(fs), partition_cols=["tgt_lang"],
+                                  filename_provider=OutputNames(),
                                   min_rows_per_file=config.rows_per_file)
             join_segments(fs, root)
     summary = summarize(fs, root, run_id, pairs_found, langs, time.time() - started)

@@ -22,7 +22,7 @@ import soundfile
 from s2t_model.segment import segment_stream
 
 from .audio import AudioError, _check_duration, _open, slice_frames
-from .output import arrow_filesystem, footers, holds_segments, plain_strings, shuffle_partitions
+from .output import OutputNames, arrow_filesystem, footers, holds_segments, plain_strings, shuffle_partitions
 
 SEGMENT_FIELDS = [("segment_of", pa.string()), ("segment_index", pa.int32()), ("segment_count", pa.int32()),
                   ("segment_start_s", pa.float64()), ("recording_duration_s", pa.float64())]
@@ -109,7 +109,7 @@ def join_segments(fs: fsspec.AbstractFileSystem, root: str) -> int:
     for folder in sorted(complete.unique("folder")):
         mine = new.map_batches(rows_of_folder, fn_kwargs=dict(folder=folder), batch_format="pyarrow")
         joined += mine.count()
-        mine.write_parquet(folder, filesystem=arrow_filesystem(fs))
+        mine.write_parquet(folder, filesystem=arrow_filesystem(fs), filename_provider=OutputNames())
     # Only then do the parts go: a run killed in between finds the recording joined and removes them next time.
     done = {(row["folder"], row["segment_of"]) for row in complete.select_columns(["folder", "segment_of"]).take_all()}
     remove_segments(fs, holders, done)

@@ -5,11 +5,15 @@ The driver lists files and reads footers (per file, never per row); rows are rea
 
 from __future__ import annotations
 
+import json
 import logging
+import posixpath
+import re
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
+from ray.data.datasource import FilenameProvider
 
 log = logging.getLogger(__name__)
 
@@ -22,13 +26,43 @@ def arrow_filesystem(fs: fsspec.AbstractFileSystem):
     return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
 
 
+MARKER = "_s2t_output.json"  # the job's own mark on a folder it writes
+LEASE_FILES = re.compile(r"^_lease\.json$|^_lease\.takeover-[^/]+$")
+OWN_FILES = re.compile(rf"^{re.escape(MARKER)}$|^_summary\.json$|^s2t-[0-9A-Za-z]+_\d+-\d+\.parquet$")
+
+
 class OutputError(ValueError):
     """The output folder cannot be used (raised before any work starts)."""
 
 
+class OutputNames(FilenameProvider):
+    """The job's own file names, `s2t-<write uuid>_<task>-<i>.parquet`: with the marker, how it knows its files."""
+
+    def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
+        return f"s2t-{write_uuid}_{task_index:06}"
+
+
 def check_output(fs: fsspec.AbstractFileSystem, root: str, uri: str) -> None:
+    """Refuse an output path that is a file, or a folder holding files the job did not write (a manifest kept
+    there, another tool's Parquet): read back as done rows, they would lose rows or fail the job mid-way."""
     if fs.isfile(root):
         raise OutputError(f"{uri}: the output is a file, not a folder")
+    if not fs.exists(root):
+        return
+    names = [posixpath.relpath(path, root.rstrip("/")) for path in fs.find(root)]
+    marked = MARKER in names
+    foreign = [name for name in names if not LEASE_FILES.match(name) and not (marked and OWN_FILES.match(name))]
+    if foreign:
+        shown = ", ".join(f"{uri.rstrip('/')}/{name}" for name in foreign[:5])
+        more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
+        raise OutputError(f"{uri}: holds files not written by s2t transcribe: {shown}{more}; use an empty or new "
+                          f"folder, or move them")
+
+
+def mark_output(fs: fsspec.AbstractFileSystem, root: str) -> None:
+    if not fs.exists(f"{root.rstrip('/')}/{MARKER}"):
+        with fs.open(f"{root.rstrip('/')}/{MARKER}", "w") as f:
+            json.dump({"written_by": "s2t transcribe"}, f)
 
 
 def output_files(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:

@@ -29,8 +29,8 @@ from .config import JobConfig
 from .lease import Lease
 from .longform import join_segments, split_long_audio
 from .manifest import Manifest
-from .output import (arrow_filesystem, check_output, footers, holds_segments, plain_strings, read_output,  # noqa: F401
-                     rows_dataset, scan_output, shuffle_partitions)
+from .output import (OutputNames, arrow_filesystem, check_output, footers, holds_segments, mark_output,  # noqa: F401
+                     plain_strings, read_output, rows_dataset, scan_output, shuffle_partitions)
 from .summary import corpus_summary
 from .stages import ComputeFeatures, GenerateText, TranscribeAudio
 
@@ -98,6 +98,7 @@ def run(config: TranscribeConfig) -> dict:
     # One run at a time on an output: a second is refused (LeaseHeld names the first), else both would write every
     # row that neither had yet.
     with Lease(fs, root, run_id, config.lease_ttl_s):
+        mark_output(fs, root)
         join_segments(fs, root)  # what a run killed after its write left unjoined
         done = footers(fs, root)  # and files it left cut short are removed here
         rows = manifest.dataset(config.rows_per_block, arrow_filesystem(manifest.fs)).map_batches(
@@ -109,7 +110,8 @@ def run(config: TranscribeConfig) -> dict:
         segments_done = [path for path, metadata in done.items() if holds_segments(metadata)]
         dataset = transcription_dataset(todo, config, folder, model_label,
                                         done=lambda split: not_done(split, fs, root, segments_done))
-        dataset.write_parquet(root, filesystem=arrow_filesystem(fs), min_rows_per_file=config.rows_per_file)
+        dataset.write_parquet(root, filesystem=arrow_filesystem(fs), min_rows_per_file=config.rows_per_file,
+                              filename_provider=OutputNames())
         join_segments(fs, root)
 
         written = footers(fs, root)

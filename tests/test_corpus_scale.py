@@ -111,12 +111,13 @@ def test_resume_after_sigkill_with_sharded_input(ray_session, tmp_path):
         except (pa.ArrowInvalid, OSError):
             pass
     assert 0 < len(intact) < len(rows), "the driver must be killed mid-job for this test to mean anything"
-    (output / "torn.parquet").write_bytes(b"PAR1" + b"\0" * 100)  # what a write cut short leaves: no footer
+    torn = output / f"s2t-{'f' * 32}_000099-0.parquet"  # a file of the job's naming that a write cut short left
+    torn.write_bytes(b"PAR1" + b"\0" * 100)  # no footer
 
     summary = run(TranscribeConfig(manifest=str(tmp_path / "part-*.jsonl"), output=str(output), model=DEMO_MODEL,
                                    **FAST))
     assert sorted(output_ids(output)) == sorted(r["id"] for r in rows)
-    assert not (output / "torn.parquet").exists()
+    assert not torn.exists()
     assert summary["rows_this_run"] == len(rows) - len(intact)
     assert summary["rows_missing"] == summary["rows_duplicated"] == 0 and summary["rows_ok"] == len(rows)
 

@@ -179,3 +179,53 @@ def test_two_runs_started_at_once_on_one_output_write_every_id_once(ray_session,
     refused = next(err for rc, _, err in results if rc)
     assert refused.strip().splitlines()[-1].startswith(f"s2t transcribe: {tmp_path / 'out' / '_lease.json'}: run "
                                                        f"{first_run_id} (pid ")
+
+
+def fast_job(manifest, output, **options):
+    from pipeline.transcribe import TranscribeConfig, run
+    from s2t_model import DEMO_MODEL
+
+    return run(TranscribeConfig(manifest=str(manifest), output=str(output), model=DEMO_MODEL, num_beams=1,
+                                rows_per_file=2, batch_size=2, rows_per_block=2, **options))
+
+
+@pytest.mark.parametrize("foreign", ["manifest.parquet", "string_ids.parquet", "part-0.parquet", "notes.txt"])
+def test_an_output_folder_holding_files_the_job_did_not_write_is_refused_before_any_work(ray_session, tmp_path,
+                                                                                        foreign):
+    """A Parquet manifest kept in its output folder, an unrelated file with a string `id`, one a run of the job
+    could have written but did not name: refused, naming the file, whether or not the job wrote there before."""
+    from pipeline.output import OutputError
+
+    (tmp_path / "m.jsonl").write_text(json.dumps({"id": "a", "audio": "a.flac"}) + "\n")
+    for earlier_run in (False, True):
+        out = tmp_path / f"out-{earlier_run}"
+        out.mkdir()
+        if earlier_run:  # what a run of the job leaves (the marker is the job's own)
+            (out / "_s2t_output.json").write_text('{"written_by": "s2t transcribe"}')
+            (out / "_summary.json").write_text("{}")
+        pq.write_table(pa.table({"id": ["a", "b"], "audio": ["a.flac", "b.flac"]}), out / foreign)
+        with pytest.raises(OutputError) as caught:
+            fast_job(tmp_path / "m.jsonl", out)
+        assert str(out / foreign) in str(caught.value) and "not written by s2t transcribe" in str(caught.value)
+        assert sorted(p.name for p in out.iterdir()) == sorted(
+            [foreign] + (["_s2t_output.json", "_summary.json"] if earlier_run else []))  # nothing done
+
+
+def test_a_torn_output_file_is_removed_and_its_rows_done_again(ray_session, tmp_path):
+    """Real output files cut at several byte counts (what a run killed mid-write leaves) -> the rerun removes them
+    and writes their rows again; every id exactly once."""
+    rows = demo_rows(8)
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    fast_job(tmp_path / "m.jsonl", out)
+    files = sorted(out.glob("*.parquet"))
+    assert len(files) >= 3
+    torn_rows = 0
+    for path, keep in zip(files, (4, 0.5, -1)):
+        data = path.read_bytes()
+        torn_rows += pq.read_metadata(path).num_rows
+        path.write_bytes(data[:keep] if isinstance(keep, int) else data[:int(len(data) * keep)])
+    summary = fast_job(tmp_path / "m.jsonl", out)
+    ids = [i for f in out.glob("*.parquet") for i in pq.read_table(f, columns=["id"])["id"].to_pylist()]
+    assert sorted(ids) == sorted(r["id"] for r in rows)
+    assert summary["rows_this_run"] == torn_rows and summary["rows_duplicated"] == summary["rows_missing"] == 0
