@@ -66,6 +66,7 @@ def mark_output(fs: fsspec.AbstractFileSystem, root: str) -> None:
 
 
 def output_files(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
+    fs.invalidate_cache(root)  # s3fs keeps listings: the driver's own, made before a write, would hide its files
     if not fs.exists(root):
         return []
     return sorted(p for p in fs.find(root) if p.endswith(".parquet"))

@@ -110,6 +110,9 @@ def run(config: TranscribeConfig) -> dict:
         segments_done = [path for path, metadata in done.items() if holds_segments(metadata)]
         dataset = transcription_dataset(todo, config, folder, model_label,
                                         done=lambda split: not_done(split, fs, root, segments_done))
+        # s3fs caches listings: with the folder listed by the lease and the checks, the write (given this filesystem)
+        # wrote no file on the local S3 server until the cache was dropped.
+        fs.invalidate_cache()
         dataset.write_parquet(root, filesystem=arrow_filesystem(fs), min_rows_per_file=config.rows_per_file,
                               filename_provider=OutputNames())
         join_segments(fs, root)
