@@ -61,7 +61,7 @@ class DecoderStepGraph:
         c = model.config
         weight = model.lm_head.weight
         heads, head_dim = c.decoder_attention_heads, c.d_model // c.decoder_attention_heads
-        self.model, self.rows_per_slot = model, rows_per_slot
+        self.model = model
         self.tokens = torch.full((slots, rows_per_slot), c.decoder_start_token_id, dtype=torch.long, device=weight.device)
         self.cross_kv = torch.zeros((c.decoder_layers, 2, slots, heads, frames, head_dim), dtype=weight.dtype,
                                     device=weight.device)
@@ -146,12 +146,11 @@ def step_graph(model: Speech2TextModule, utterances: int, rows_per_utterance: in
 class GraphedDecoderState:
     """`DecoderState` on a CUDA graph: utterances keep their slot in the graph's buffers until the batch ends."""
 
-    def __init__(self, model: Speech2TextModule, features: Tensor, lengths: Tensor, rows_per_utterance: int,
-                 max_new_tokens: int):
+    def __init__(self, graph: DecoderStepGraph, model: Speech2TextModule, features: Tensor, lengths: Tensor,
+                 rows_per_utterance: int):
         encoder_states, encoder_mask = model.encode(features, lengths)
-        cross_kv = model.model.decoder.cross_keys_values(encoder_states)
-        self.graph = step_graph(model, features.shape[0], rows_per_utterance, encoder_mask.shape[1], max_new_tokens)
-        self.graph.load(cross_kv, encoder_mask)
+        self.graph = graph
+        self.graph.load(model.model.decoder.cross_keys_values(encoder_states), encoder_mask)
         self.rows_per_utterance = rows_per_utterance
         self.slots = torch.arange(features.shape[0], device=features.device)  # slot of each active utterance
         self.steps = 0

@@ -24,8 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import cuda_graphs
 from .cuda_graphs import GraphedDecoderState, model_graphs
-from .model import KVCache, Speech2TextModule, token_positions
+from .model import KVCache, Speech2TextModule, subsampled_lengths, token_positions
 
 log = logging.getLogger(__name__)
 
@@ -109,11 +110,14 @@ def decoder_state(model: Speech2TextModule, features: Tensor, lengths: Tensor, r
                   max_new_tokens: int) -> DecoderState | GraphedDecoderState:
     """The decoder's state for a batch: on CUDA graphs where the model uses them, else eager."""
     if uses_cuda_graphs(model, features):
+        frames = subsampled_lengths(features.shape[1], model.config.num_conv_layers)  # the encoder's output length
         try:
-            return GraphedDecoderState(model, features, lengths, rows_per_utterance, max_new_tokens)
+            graph = cuda_graphs.step_graph(model, features.shape[0], rows_per_utterance, frames, max_new_tokens)
         except RuntimeError as error:  # capture can fail (a kernel that syncs, a driver without graph support)
             log.warning("CUDA graph capture failed, decoding without graphs from now on: %s", error)
             model.use_cuda_graphs = False
+        else:
+            return GraphedDecoderState(graph, model, features, lengths, rows_per_utterance)
     return DecoderState(model, features, lengths, rows_per_utterance, max_new_tokens)
 
 
