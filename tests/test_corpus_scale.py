@@ -2,19 +2,16 @@
 sharded input, the summary's figures against jiwer and sacrebleu, and the backfill lease under a race."""
 
 import json
-import logging
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
-import uuid
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import s3fs
 
 from helpers import demo_rows
 from pipeline import scoring
@@ -156,18 +153,6 @@ def test_summary_figures_equal_jiwer_and_sacrebleu(ray_session, tmp_path):
     assert summary["audio_hours"] == pytest.approx((2 * sum(r["duration"] for r in rows) + rows[1]["duration"]) / 3600)
 
 
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
 class SlowWrites:
     """A filesystem whose writes land `delay_s` late, as from a client on a slow link."""
 
@@ -208,12 +193,9 @@ def race(fs, root: str, runs: int) -> list[str]:
 
 
 @pytest.mark.parametrize("where", ["s3", "local"])
-def test_one_lease_holder_among_runs_started_at_once(s3_endpoint, tmp_path, where):
+def test_one_lease_holder_among_runs_started_at_once(s3_bucket, tmp_path, where):
     if where == "s3":
-        fs = s3fs.S3FileSystem(key="testing", secret="testing", client_kwargs={"endpoint_url": s3_endpoint},
-                               skip_instance_cache=True)
-        bucket = f"lease-{uuid.uuid4().hex[:8]}"
-        fs.mkdir(bucket)
+        fs, bucket = s3_bucket
         root = f"{bucket}/out"
     else:
         import fsspec

@@ -3,7 +3,6 @@ audio paths relative to it), the audio and the model folder; the job reads all t
 
 import hashlib
 import json
-import logging
 import os
 import shutil
 import uuid
@@ -20,18 +19,6 @@ from s2t_model import DEMO_CORPUS, DEMO_MODEL, checkpoint
 
 CLIPS = 8
 CREDENTIALS = {"key": "testing", "secret": "testing"}
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # a log line per request otherwise
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)  # port 0: a free one
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
 
 
 def s3(endpoint: str) -> s3fs.S3FileSystem:
