@@ -1,4 +1,6 @@
-"""Reading one utterance's audio from any fsspec URL: a slice of a file, or a member of an uncompressed zip.
+"""Reading one utterance's audio from any fsspec URL: a slice of a file, or a member of an uncompressed zip; or
+from bytes a row carries itself (`audio_bytes`: a tar member, a Parquet cell), when `audio` only names where they
+came from.
 
 Every failure is an `AudioError` whose `reason` is one word (missing, empty, unreadable, corrupt, truncated,
 too_short, too_long) and whose message names the file: the job records it on the row and goes on with the others.
@@ -20,6 +22,9 @@ ZIP_MEMBER = re.compile(r"^(?P<path>.+\.zip):(?P<offset>\d+):(?P<length>\d+)$")
 
 DATA_CHUNK_LOG = re.compile(r"^data\s*:\s*(?P<claimed>\d+) \(should be (?P<there>\d+)\)", re.MULTILINE)
 ROUNDING_S = 0.1  # how far past the end of a file a manifest's offset + duration may reach
+# A row's own encoded audio file (WebDataset and NeMo tar members, Hugging Face datasets' Audio bytes): read from it,
+# not from `audio`; dropped once the features are computed, never written to the output.
+INLINE_AUDIO = "audio_bytes"
 
 
 class AudioError(Exception):
@@ -36,13 +41,15 @@ def load_audio(
     min_duration_s: float = 0.0,
     max_duration_s: float = float("inf"),
     storage_options: dict | None = None,
+    data: bytes | None = None,
 ) -> np.ndarray:
-    """Mono float32 samples at `sampling_rate` of [offset_s, offset_s + duration_s) of `uri` (to the end if None).
+    """Mono float32 samples at `sampling_rate` of [offset_s, offset_s + duration_s) of `uri` (to the end if None),
+    or of `data`, the file's bytes when the row carries them (`uri` then only names them in errors).
 
     Only the slice is decoded when the format can seek (wav, flac, ogg); channels are averaged; other rates are
     resampled with soxr. The length is checked from the header before anything is decoded.
     """
-    with _open(uri, storage_options) as f:
+    with open_audio(uri, storage_options, data) as f:
         return decode_audio(f, uri, sampling_rate, offset_s, duration_s, min_duration_s, max_duration_s)
 
 
@@ -128,8 +135,13 @@ def _check_duration(uri: str, seconds: float, min_s: float, max_s: float) -> Non
         raise AudioError("too_long", f"{uri}: {seconds:.1f} s of audio, more than the maximum {max_s} s")
 
 
-def _open(uri: str, storage_options: dict | None) -> io.BufferedIOBase:
-    """A seekable binary file for the audio, whole files streamed, zip members read as their byte range."""
+def open_audio(uri: str, storage_options: dict | None, data: bytes | None = None) -> io.BufferedIOBase:
+    """A seekable binary file for the audio: `data` when given, else `uri`'s file streamed, zip members read as
+    their byte range."""
+    if data is not None:
+        if not data:
+            raise AudioError("empty", f"{uri}: zero bytes of audio")
+        return io.BytesIO(data)
     member = ZIP_MEMBER.match(uri)
     path = member["path"] if member else uri
     try:

@@ -21,7 +21,7 @@ import soundfile
 
 from s2t_model.segment import segment_stream
 
-from .audio import AudioError, _check_duration, _open, slice_frames
+from .audio import INLINE_AUDIO, AudioError, _check_duration, open_audio, slice_frames
 from .output import OutputNames, arrow_filesystem, footers, holds_segments, plain_strings, shuffle_partitions
 
 SEGMENT_FIELDS = [("segment_of", pa.string()), ("segment_index", pa.int32()), ("segment_count", pa.int32()),
@@ -53,7 +53,7 @@ def split_long_audio(batch: pa.Table, max_segment_s: float, max_duration_s: floa
 
 
 def split_row(row: dict, max_segment_s: float, max_duration_s: float, storage_options, done) -> list[dict]:
-    with _open(row["audio"], storage_options) as f:
+    with open_audio(row["audio"], storage_options, row.get(INLINE_AUDIO)) as f:
         try:
             sound = soundfile.SoundFile(f)
         except (soundfile.LibsndfileError, RuntimeError, TypeError):

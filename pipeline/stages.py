@@ -14,7 +14,7 @@ import torch
 from s2t_model import FeatureExtractor, Speech2Text
 from s2t_model.vad import shared_vad, speech_features
 
-from .audio import AudioError, load_audio
+from .audio import INLINE_AUDIO, AudioError, load_audio
 
 
 def set_column(table: pa.Table, name: str, values, type: pa.DataType) -> pa.Table:
@@ -53,7 +53,8 @@ class ComputeFeatures:
     def compute(self, batch: pa.Table) -> tuple[pa.Table, list[np.ndarray | None]]:
         """-> the batch with `error`, `duration_s` and `speech_s` filled in, and each row's features (T, 80), None
         for errors and rows without speech."""
-        known = [c for c in ("speech_s",) if c in batch.column_names]  # 0.0: a long recording found silent
+        # speech_s 0.0: a long recording found silent
+        known = [c for c in ("speech_s", INLINE_AUDIO) if c in batch.column_names]
         rows = batch.select(["audio", "offset_s", "duration_s", "error", *known]).to_pylist()
         rate = self.extractor.sampling_rate
         waves: dict[int, np.ndarray] = {}
@@ -65,7 +66,8 @@ class ComputeFeatures:
                 continue
             try:
                 waves[i] = load_audio(row["audio"], rate, row["offset_s"] or 0.0, row["duration_s"],
-                                      storage_options=self.storage_options, **self.limits)
+                                      storage_options=self.storage_options, data=row.get(INLINE_AUDIO),
+                                      **self.limits)
                 durations[i] = len(waves[i]) / rate
             except AudioError as error:
                 errors[i] = str(error)
@@ -76,6 +78,8 @@ class ComputeFeatures:
         computed, seconds = speech_features(self.extractor, [waves[i] for i in good], rate, self.max_frames, self.vad)
         for i, row, row_speech in zip(good, computed, seconds):
             features[i], speech[i] = None if row is None else row.numpy(), row_speech
+        if INLINE_AUDIO in batch.column_names:  # decoded: not carried on to the generation actors or the output
+            batch = batch.drop_columns([INLINE_AUDIO])
         batch = set_column(batch, "error", errors, pa.string())
         batch = set_column(batch, "speech_s", speech, pa.float64())
         return set_column(batch, "duration_s", durations, pa.float64()), features
