@@ -128,7 +128,7 @@ def summarize(fs, root: str, run_id: str, pairs_found: int, langs: list[str], wa
         if written else set()
     rows = rows_dataset(fs, root, list(written), sorted(n for n in names if n in columns or n.startswith("text_"))) \
         if written else None
-    figures = run_summary(rows, run_id, langs)
+    figures = run_summary(rows, run_id)
     return {"run_id": run_id, "tgt_langs": langs, "pairs_found": pairs_found, "pairs_written": figures["rows"],
             "pairs_errored": sum(figures["errors_by_reason"].values()), "errors_by_reason": figures["errors_by_reason"],
             "wall_s": wall_s, "bleu": figures["bleu"],

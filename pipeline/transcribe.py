@@ -1,9 +1,9 @@
 """The corpus transcription job: manifest -> CPU feature actors -> generation actor pool -> Parquet, plus a summary.
 
-    read (manifest read tasks) -> left_anti join with the output's ids -> split_long_audio -> ComputeFeatures
-    -> GenerateText -> write_parquet;  then join_segments, and the summary by Ray Data aggregations
+    read (manifest read tasks) -> drop ids done (a filter on the output's id digests) -> split_long_audio
+    -> ComputeFeatures -> GenerateText -> write_parquet;  then join_segments, and the summary by Ray Data aggregations
 
-The driver holds no rows: it lists files and reads Parquet footers. Resuming is a distributed anti-join on id:
+The driver holds no rows: it lists files and reads Parquet footers. Resuming filters out the ids the output holds:
 re-running the same command after a crash writes only what is missing. A Parquet file cut short by the crash has no
 footer; it is removed and its rows are done again, so nothing is lost and nothing doubled.
 """
@@ -26,6 +26,7 @@ from s2t_model.batching import CPU_MAX_FRAMES
 from s2t_model.speech2text import MIN_AVG_LOGPROB
 
 from .config import JobConfig
+from .ids import digest_set, drop_listed
 from .lease import Lease
 from .longform import join_segments, split_long_audio
 from .manifest import Manifest
@@ -142,18 +143,18 @@ def with_run_id(batch: pa.Table, run_id: str) -> pa.Table:
 
 
 def not_done(rows, fs, root: str, files: list[str]):
-    """`rows` less those whose id `files` of the output already hold: a distributed anti-join (hash shuffle of
-    both sides by id), so neither the driver nor any one process holds all the ids.
-
-    Chosen over Ray's CheckpointConfig (beta), which keeps its own record of ids beside the output (ours is the
-    output itself, so outputs of earlier runs and files removed after a crash stay right), loads every checkpointed
-    id into each filter actor, and cannot follow a row whose id changes (long recordings' segments). Not yet measured
-    against it: `s2t bench scale` measures this join only (2 M rows, loaded 2-core machine: a rerun with nothing to
-    do took 179 s, driver peak 452 MB)."""
+    """`rows` less those whose id `files` of the output already hold (pipeline/ids.py: a sorted digest array
+    in the object store, and a filter; why not a join, there)."""
     if not files:
         return rows
-    import ray
+    done = digest_set(rows_dataset(fs, root, files, ["id"]))
+    return rows.map_batches(drop_listed, fn_kwargs=dict(listed=done), batch_format="pyarrow", batch_size=None)
 
+
+def anti_join_not_done(rows, fs, root: str, files: list[str]):
+    """The same by Ray Data's hash-shuffle anti-join (kept for `s2t bench scale --resume join`, the comparison)."""
+    if not files:
+        return rows
     done = rows_dataset(fs, root, files, ["id"])
     # The join's aggregators live as long as the job: a whole CPU each would starve the actor pools after them.
     return rows.join(done, join_type="left_anti", num_partitions=shuffle_partitions(), on=("id",),

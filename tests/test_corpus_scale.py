@@ -212,3 +212,31 @@ def test_one_lease_holder_among_runs_started_at_once(s3_bucket, tmp_path, where)
     assert len(holders) == 1
     with fs.open(f"{root}/_lease.json") as f:
         assert json.load(f)["run_id"] == holders[0]
+
+
+def test_id_digest_sets_count_as_python_counters_do():
+    """The summary's and the resume's id comparison (sorted 128-bit digests) against collections.Counter, on ids
+    with repeats on both sides, ids on one side only, and digests sharing their first 64 bits."""
+    import random
+    from collections import Counter
+
+    import numpy as np
+
+    from pipeline.ids import DIGEST, compare, digests, lookup, sorted_digests
+
+    rng = random.Random(7)
+    manifest = [f"utt-{rng.randrange(3000)}" for _ in range(4000)]
+    output = [f"utt-{rng.randrange(3500)}" for _ in range(3000)]
+    as_set = lambda ids: sorted_digests({"hi": digests(ids)["hi"], "lo": digests(ids)["lo"]})
+    counts, unlisted = compare(as_set(manifest), as_set(output))
+    need, have = Counter(manifest), Counter(output)
+    assert counts == {"n_in": len(manifest), "n_out": sum(n for i, n in have.items() if i in need),
+                      "missing": sum(max(n - have[i], 0) for i, n in need.items()),
+                      "duplicated": sum(max(n - need[i], 0) for i, n in have.items() if i in need),
+                      "unlisted": sum(n for i, n in have.items() if i not in need)}
+    assert counts["missing"] and counts["duplicated"] and counts["unlisted"]
+    assert sorted(map(tuple, unlisted.tolist())) == sorted(map(tuple, digests(sorted({i for i in have if i not in need})).tolist()))
+    # Digests equal in their first 64 bits are told apart by the rest.
+    listed = np.array([(5, 1), (5, 3), (5, 3), (9, 2)], dtype=DIGEST)
+    wanted = np.array([(5, 3), (5, 2), (9, 2), (9, 1), (1, 1)], dtype=DIGEST)
+    assert lookup(wanted, listed).tolist() == [1, -1, 3, -1, -1]
