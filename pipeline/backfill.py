@@ -23,12 +23,15 @@ from pydantic import Field
 
 from s2t_model import Speech2Text, checkpoint
 
+from .ids import digest_set, drop_listed
 from .lease import Lease, LeaseHeld  # noqa: F401 (LeaseHeld: what a refused run raises)
 from .longform import join_segments
 from .manifest import Manifest
-from .output import OutputNames, arrow_filesystem, footers, plain_strings, rows_dataset, shuffle_partitions
+from .output import OutputNames, arrow_filesystem, footers, rows_dataset
 from .summary import run_summary
 from .transcribe import TranscribeConfig, transcription_dataset
+
+PAIR = ("id", "tgt_lang")  # what a backfill's row is: one manifest row in one language
 
 log = logging.getLogger(__name__)
 
@@ -79,17 +82,15 @@ def run(config: BackfillConfig) -> dict:
 
 def missing_pairs(manifest: Manifest, rows_per_block: int, langs: list[str], run_id: str, fs, root: str):
     """Every (manifest row, language) pair the output holds no row for (done or errored), as a Dataset: the
-    manifest's rows once per language, less the output's (id, tgt_lang) pairs by a distributed anti-join."""
+    manifest's rows once per language, less the output's (id, tgt_lang) pairs (pipeline/ids.py: their sorted
+    digests in the object store, and a filter)."""
     pairs = manifest.dataset(rows_per_block, arrow_filesystem(manifest.fs)).map_batches(
         each_language, fn_kwargs=dict(langs=langs, run_id=run_id), batch_format="pyarrow", batch_size=None)
     files = list(footers(fs, root))
     if files:
-        held = rows_dataset(fs, root, files, ["id", "tgt_lang"]).map_batches(
-            lambda batch: batch.set_column(1, "tgt_lang", batch["tgt_lang"].cast(pa.string())),
-            batch_format="pyarrow")
-        pairs = pairs.join(held, join_type="left_anti", num_partitions=shuffle_partitions(), on=("id", "tgt_lang"),
-                           aggregator_ray_remote_args={"num_cpus": 0.01}).map_batches(
-            plain_strings, batch_format="pyarrow", batch_size=None)  # the join (polars) gives large_string
+        held = digest_set(rows_dataset(fs, root, files, ["id", "tgt_lang"]), on=PAIR)
+        pairs = pairs.map_batches(drop_listed, fn_kwargs=dict(listed=held, on=PAIR), batch_format="pyarrow",
+                                  batch_size=None)
     return pairs.repartition(target_num_rows_per_block=rows_per_block)
 
 

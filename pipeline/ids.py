@@ -31,20 +31,28 @@ def digests(ids: list[str]) -> np.ndarray:
     return np.frombuffer(raw, dtype=[("hi", ">u8"), ("lo", ">u8")]).astype(DIGEST)
 
 
-def block_digests(batch: pa.Table) -> dict[str, np.ndarray]:
-    found = digests(batch["id"].cast(pa.string()).to_pylist())
+def keys_of(batch: pa.Table, on: tuple[str, ...]) -> list[str]:
+    """Each row's key: its id, or (a backfill's pairs) its values of `on` joined by a unit separator."""
+    columns = [batch[name].cast(pa.string()).to_pylist() for name in on]
+    return columns[0] if len(on) == 1 else ["\x1f".join(map(str, values)) for values in zip(*columns)]
+
+
+def block_digests(batch: pa.Table, on: tuple[str, ...] = ("id",)) -> dict[str, np.ndarray]:
+    found = digests(keys_of(batch, on))
     return {"hi": found["hi"], "lo": found["lo"]}
 
 
-def digest_set(ids):
-    """A dataset with an `id` column -> the ObjectRef of its ids' sorted digests (computed on the cluster)."""
+def digest_set(rows, on: tuple[str, ...] = ("id",)):
+    """A dataset -> the ObjectRef of its keys' (`on`'s) sorted digests (computed on the cluster)."""
     import ray
 
-    parts = ids.select_columns(["id"]).map_batches(block_digests, batch_format="pyarrow").to_numpy_refs()
+    parts = rows.select_columns(list(on)).map_batches(block_digests, fn_kwargs=dict(on=on),
+                                                      batch_format="pyarrow").to_numpy_refs()
     return ray.remote(num_cpus=1)(sorted_digests).remote(*parts)  # the task holds them all, not the driver
 
 
 def sorted_digests(*parts: dict[str, np.ndarray]) -> np.ndarray:
+    parts = tuple(p for p in parts if "hi" in p)  # an empty block may skip the map and keep its own columns
     found = np.empty(sum(len(p["hi"]) for p in parts), dtype=DIGEST)
     at = 0
     for part in parts:
@@ -70,13 +78,13 @@ def lookup(wanted: np.ndarray, listed: np.ndarray) -> np.ndarray:
     return index
 
 
-def drop_listed(batch: pa.Table, listed) -> pa.Table:
-    """Rows less those whose id is in `listed` (the ObjectRef of a `digest_set`)."""
+def drop_listed(batch: pa.Table, listed, on: tuple[str, ...] = ("id",)) -> pa.Table:
+    """Rows less those whose key is in `listed` (the ObjectRef of a `digest_set` on the same `on`)."""
     import ray
 
     if not batch.num_rows:
         return batch
-    keep = lookup(digests(batch["id"].cast(pa.string()).to_pylist()), ray.get(listed)) < 0
+    keep = lookup(digests(keys_of(batch, on)), ray.get(listed)) < 0
     return batch if keep.all() else batch.filter(pa.array(keep))
 
 
