@@ -9,8 +9,10 @@ either naming, or a glob of audio files. Every input row becomes exactly one row
 A manifest may be sharded: a glob or brace list whose files are manifests (`manifests/part-*.jsonl`,
 `manifest_{000..127}.jsonl`, NeMo's `manifest__OP_0..127_CL_.json`) is one manifest read in parallel, one read task
 per file, each streaming its file in blocks. What a pattern names is decided by the files' extensions: manifest
-extensions (.jsonl, .json, .tsv, .csv, .parquet) make shards, anything else is a glob of audio files; a mix is an
-error. A line that cannot be parsed keeps its place as a row whose `error` is `bad_manifest_line: <file>:<line>: ...`.
+extensions (.jsonl, .json, .tsv, .csv, .parquet) make shards, .tar (.tar.gz, .tgz) WebDataset shards, anything else
+is a glob of audio files; a mix is an error. A NeMo tarred audio manifest comes with the pattern of its tars
+(`tarred_audio`). Tar shards are read by pipeline/shards.py. A line that cannot be parsed keeps its place as a row
+whose `error` is `bad_manifest_line: <file>:<line>: ...`.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ AUDIO_COLUMNS = ("audio_filepath", "audio", "path", "file")
 REFERENCE_COLUMNS = ("text", "tgt_text", "transcript", "sentence")
 TGT_LANG_COLUMNS = ("tgt_lang", "target_lang")
 MANIFEST_SUFFIXES = ("jsonl", "json", "tsv", "csv", "parquet")
+TAR_SUFFIXES = ("tar", "tgz")  # .tar.gz is "tar" to suffix_of
 # Columns the job writes itself; a manifest column of the same name is passed through as manifest_<name>.
 OUTPUT_COLUMNS = ("id", "audio", "offset_s", "duration_s", "reference", "text", "tgt_lang", "num_tokens",
                   "avg_logprob", "error", "model", "segments", "segment_of", "segment_index", "segment_count",
@@ -57,41 +60,52 @@ def suffix_of(path: str) -> str:
     return name.rsplit(".", 1)[-1] if "." in name else ""
 
 
-class Manifest:
-    """Where a manifest's rows come from: its files (`kind` "manifest": each a manifest shard; "audio": each an
-    audio file, one row apiece), listed on the driver (file names only, never rows)."""
+def kind_of(path: str) -> str:
+    suffix = suffix_of(path)
+    return "manifest" if suffix in MANIFEST_SUFFIXES else "webdataset" if suffix in TAR_SUFFIXES else "audio"
 
-    def __init__(self, uri: str, storage_options: dict | None = None):
+
+def expand(fs, path: str, uri: str) -> list[str]:
+    """The files a glob or brace pattern names, sorted; ManifestError when none."""
+    import braceexpand
+
+    # NeMo writes `{` and `}` as _OP_ and _CL_ in its shard lists.
+    pattern = path.replace("_OP_", "{").replace("_CL_", "}")
+    files = sorted({f for each in braceexpand.braceexpand(pattern)
+                    for f in (fs.glob(each) if any(c in each for c in "*?[") else [each] if fs.exists(each) else [])})
+    if not files:
+        raise ManifestError(f"{uri}: the pattern matches no files")
+    return files
+
+
+class Manifest:
+    """Where a manifest's rows come from: its files (`kind` "manifest": each a manifest shard; "webdataset": each a
+    WebDataset tar shard; "audio": each an audio file, one row apiece), listed on the driver (file names only, never
+    rows). `tarred_audio` (pipeline.shards.TarredAudio): the tars a NeMo tarred manifest's members are in."""
+
+    def __init__(self, uri: str, storage_options: dict | None = None, tarred_audio=None):
         self.uri = uri
         self.fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
         self.remote = "://" in uri and not uri.startswith("file://")
-        self.files = self._expand(path) if is_glob(uri) else self._single(path)
-        kinds = {suffix_of(f) in MANIFEST_SUFFIXES for f in self.files}
+        self.files = expand(self.fs, path, uri) if is_glob(uri) else self._single(path)
+        kinds = {kind_of(f) for f in self.files}
         if len(kinds) > 1:
-            raise ManifestError(f"{uri}: the pattern matches both manifests ({', '.join(MANIFEST_SUFFIXES)}) and "
-                                f"other files; name either manifest shards or audio files")
-        self.kind = "manifest" if kinds == {True} else "audio"
+            raise ManifestError(f"{uri}: the pattern matches {' and '.join(sorted(kinds))} files; name either "
+                                f"manifest shards ({', '.join(MANIFEST_SUFFIXES)}), tar shards or audio files")
+        self.kind = kinds.pop()
+        self.tarred_audio = tarred_audio
+        if tarred_audio is not None and self.kind != "manifest":
+            raise ManifestError(f"{uri}: tarred audio ({tarred_audio.pattern}) goes with a NeMo manifest of its "
+                                f"members, not with {self.kind} files")
         if self.kind == "manifest":
             self.check_columns()
-
-    def _expand(self, path: str) -> list[str]:
-        import braceexpand
-
-        # NeMo writes `{` and `}` as _OP_ and _CL_ in its shard lists.
-        pattern = path.replace("_OP_", "{").replace("_CL_", "}")
-        files = sorted({f for each in braceexpand.braceexpand(pattern)
-                        for f in (self.fs.glob(each) if any(c in each for c in "*?[") else
-                                  [each] if self.fs.exists(each) else [])})
-        if not files:
-            raise ManifestError(f"{self.uri}: the pattern matches no files")
-        return files
 
     def _single(self, path: str) -> list[str]:
         if not self.fs.exists(path):
             raise ManifestError(f"{self.uri}: no such manifest")
-        if suffix_of(path) not in MANIFEST_SUFFIXES:
+        if kind_of(path) == "audio":
             raise ManifestError(f"{self.uri}: unknown manifest type .{suffix_of(path)} "
-                                f"(use .jsonl, .json, .tsv, .csv or .parquet)")
+                                f"(use .jsonl, .json, .tsv, .csv, .parquet, or .tar for WebDataset)")
         return [path]
 
     def url(self, path: str) -> str:
@@ -105,26 +119,40 @@ class Manifest:
         if records and all("_bad_line" in record for record in records):  # not a manifest of this kind at all
             raise ManifestError(f"{uri}: no line of the first {len(records)} is a manifest row "
                                 f"(line {records[0]['_line']}: {records[0]['_bad_line']})")
+        if self.tarred_audio is not None and not any("shard_id" in record for record in records):
+            raise ManifestError(f"{uri}: no shard_id in the first {len(records)} lines: not a NeMo tarred audio "
+                                f"manifest (each line names a member of tar shard_id)")
         normalise(records, uri, self.base(self.files[0]))
 
-    def base(self, path: str) -> str:
-        """The folder relative audio paths of this file are read from."""
+    def base(self, path: str) -> str | None:
+        """The folder relative audio paths of this file are read from (None: tar members, kept as named)."""
+        if self.tarred_audio is not None:
+            return None
         folder = posixpath.dirname(path)
         return self.fs.unstrip_protocol(folder) if self.remote else os.path.dirname(os.path.abspath(path))
 
-    def dataset(self, rows_per_block: int, filesystem):
-        """The rows as a Ray Dataset: one read task per file, each streaming its file in blocks."""
+    def dataset(self, rows_per_block: int, filesystem, audio: bool = True):
+        """The rows as a Ray Dataset: one read task per file, each streaming its file in blocks. Rows from tar shards
+        carry their audio's bytes (`audio_bytes`) unless `audio` is False (ids and the rest only: the summary's)."""
         import ray
 
         if self.kind == "audio":
             rows = [{"audio": self.url(f), "_line": i + 1} for i, f in enumerate(self.files)]
             table = normalise(rows, self.uri, base=None)
             return ray.data.from_arrow([table.slice(i, rows_per_block) for i in range(0, len(table), rows_per_block)])
-        return ray.data.read_datasource(
+        urls = {f: self.url(f) for f in self.files}
+        if self.kind == "webdataset":
+            from .shards import WebDatasetDatasource  # shards builds on this module's rows
+
+            return ray.data.read_datasource(
+                WebDatasetDatasource(self.files, filesystem=filesystem, rows_per_block=rows_per_block, urls=urls,
+                                     with_audio=audio), override_num_blocks=len(self.files))
+        rows = ray.data.read_datasource(
             ManifestDatasource(self.files, filesystem=filesystem, rows_per_block=rows_per_block,
-                               bases={f: self.base(f) for f in self.files}, urls={f: self.url(f) for f in self.files}),
+                               bases={f: self.base(f) for f in self.files}, urls=urls),
             override_num_blocks=len(self.files),
         )
+        return self.tarred_audio.attach(rows, rows_per_block) if self.tarred_audio is not None and audio else rows
 
 
 class ManifestDatasource(FileBasedDatasource):
@@ -367,5 +395,10 @@ def read_manifest(uri: str, storage_options: dict | None = None) -> pa.Table:
     tables = []
     for path in manifest.files:
         with manifest.fs.open(path, "rb", compression="infer") as f:
-            tables.extend(read_blocks(f, manifest.url(path), 1 << 16, manifest.base(path)))
+            if manifest.kind == "webdataset":
+                from .shards import webdataset_rows
+
+                tables.extend(webdataset_rows(f, manifest.url(path), 1 << 16, with_audio=False))
+            else:
+                tables.extend(read_blocks(f, manifest.url(path), 1 << 16, manifest.base(path)))
     return pa.concat_tables(tables, promote_options="default") if tables else SCHEMA.empty_table()

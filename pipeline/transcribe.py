@@ -30,6 +30,7 @@ from .ids import digest_set, drop_listed
 from .lease import Lease
 from .longform import join_segments, split_long_audio
 from .manifest import Manifest
+from .shards import TarredAudio
 from .output import (OutputNames, arrow_filesystem, check_output, footers, holds_segments, mark_output,  # noqa: F401
                      plain_strings, read_output, rows_dataset, scan_output, shuffle_partitions)
 from .summary import corpus_summary
@@ -41,7 +42,11 @@ SUMMARY = "_summary.json"
 
 class TranscribeConfig(JobConfig):
     manifest: str = Field(description="manifest (NeMo .jsonl, fairseq .tsv, .csv, .parquet), a glob or brace list of "
-                                      "manifest shards, or a glob of audio files; any fsspec URL")
+                                      "manifest shards or of WebDataset .tar shards, or a glob of audio files; any "
+                                      "fsspec URL")
+    tarred_audio: str | None = Field(None, description="NeMo tarred audio: the tars the manifest's audio_filepath "
+                                                       "members are in, each the tar of shard_id in its name "
+                                                       "(audio__OP_0..127_CL_.tar, audio_{0..127}.tar, a glob)")
     output: str = Field(description="Parquet dataset folder, any fsspec URL")
     model: str = Field(description="Speech2Text checkpoint folder, any fsspec URL")
     tgt_lang: str | None = Field(None, description="target language tag for every row (default: the row's "
@@ -120,7 +125,9 @@ def run(config: TranscribeConfig) -> dict:
 
         written = footers(fs, root)
         out = rows_dataset(fs, root, list(written), summary_columns(written)) if written else None
-        summary = corpus_summary(manifest.dataset(config.rows_per_block, arrow_filesystem(manifest.fs)), out, run_id)
+        # The manifest's ids again, without audio bytes (WebDataset: each shard streamed again, its audio skipped).
+        ids = manifest.dataset(config.rows_per_block, arrow_filesystem(manifest.fs), audio=False)
+        summary = corpus_summary(ids, out, run_id)
         wall_s = time.time() - started
         summary.update(wall_s=wall_s, rtfx=summary["audio_hours_this_run"] * 3600 / wall_s if wall_s > 0 else None,
                        manifest=config.manifest, output=config.output, model=model_label, run_id=run_id)
@@ -132,7 +139,8 @@ def run(config: TranscribeConfig) -> dict:
 def check_inputs(config: TranscribeConfig) -> tuple[Manifest, fsspec.AbstractFileSystem, str]:
     """The manifest and the output folder, checked on the driver before any work (and before Ray starts, from the
     command line): ManifestError or OutputError say in one line what cannot work."""
-    manifest = Manifest(config.manifest, config.options_for(config.manifest))
+    tarred = TarredAudio(config.tarred_audio, config.options_for(config.tarred_audio)) if config.tarred_audio else None
+    manifest = Manifest(config.manifest, config.options_for(config.manifest), tarred_audio=tarred)
     fs, root = fsspec.core.url_to_fs(config.output, **(config.options_for(config.output) or {}))
     check_output(fs, root, config.output)
     return manifest, fs, root
