@@ -125,3 +125,36 @@ def non_speech(seconds: float = 5.0, rate: int = 16000) -> dict[str, "np.ndarray
     clips["lsb-dither"] = np.round(rng.standard_normal(n)) / 32768
     clips["zeros"] = np.zeros(n)
     return {name: x.astype(np.float32) for name, x in clips.items()}
+
+
+def killed_mid_job(manifest: str, output, ray_address: str, files: int, options=()) -> list[str]:
+    """`s2t transcribe manifest output` with the demo model in a driver process of its own, on the tests' Ray,
+    SIGKILLed once `files` Parquet files are in `output` (or after 240 s); the ids of the files left whole."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from s2t_model import DEMO_MODEL
+
+    options = ["--batch-size", "2", "--feature-batch-size", "2", "--rows-per-file", "2", "--rows-per-block", "2",
+               "--num-beams", "1", *options]
+    driver = subprocess.Popen([sys.executable, "-m", "jobs.transcribe", manifest, str(output), "--model", DEMO_MODEL,
+                               *options], env={**os.environ, "RAY_ADDRESS": ray_address},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and len(list(output.glob("*.parquet"))) < files and driver.poll() is None:
+        time.sleep(0.2)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    intact = []
+    for f in output.glob("*.parquet"):
+        try:
+            intact += pq.read_table(f, columns=["id"])["id"].to_pylist()
+        except (pa.ArrowInvalid, OSError):
+            pass  # cut short by the kill; the rerun removes it and redoes its rows
+    return intact

@@ -2,10 +2,6 @@
 sharded input, the summary's figures against jiwer and sacrebleu, and the backfill lease under a race."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 
@@ -13,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import demo_rows
+from helpers import demo_rows, killed_mid_job
 from pipeline import scoring
 from pipeline.backfill import Lease, LeaseHeld
 from pipeline.manifest import Manifest, ManifestError, read_manifest
@@ -91,22 +87,7 @@ def test_resume_after_sigkill_with_sharded_input(ray_session, tmp_path):
     rows = demo_rows(24)
     write_shards(tmp_path, rows, [f"part-{i}.jsonl" for i in range(4)], "jsonl")
     output = tmp_path / "out"
-    options = ["--batch-size", "2", "--feature-batch-size", "2", "--rows-per-file", "2", "--rows-per-block", "2",
-               "--num-beams", "1"]
-    driver = subprocess.Popen([sys.executable, "-m", "jobs.transcribe", str(tmp_path / "part-*.jsonl"), str(output),
-                               "--model", DEMO_MODEL, *options], env={**os.environ, "RAY_ADDRESS": ray_session},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while time.time() < deadline and len(list(output.glob("*.parquet"))) < 3 and driver.poll() is None:
-        time.sleep(0.2)
-    driver.send_signal(signal.SIGKILL)
-    driver.wait()
-    intact = []
-    for f in output.glob("*.parquet"):
-        try:
-            intact += pq.read_table(f, columns=["id"])["id"].to_pylist()
-        except (pa.ArrowInvalid, OSError):
-            pass
+    intact = killed_mid_job(str(tmp_path / "part-*.jsonl"), output, ray_session, files=3)
     assert 0 < len(intact) < len(rows), "the driver must be killed mid-job for this test to mean anything"
     torn = output / f"s2t-{'f' * 32}_000099-0.parquet"  # a file of the job's naming that a write cut short left
     torn.write_bytes(b"PAR1" + b"\0" * 100)  # no footer

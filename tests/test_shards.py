@@ -4,20 +4,14 @@ there, and a resume after SIGKILL mid-shard."""
 
 import io
 import json
-import os
-import signal
-import subprocess
-import sys
 import tarfile
-import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import soundfile
 
 from conftest import S3_CREDENTIALS
-from helpers import demo_rows
+from helpers import demo_rows, killed_mid_job
 from pipeline import scoring
 from pipeline.shards import read_nemo_shard, webdataset_rows
 from pipeline.transcribe import TranscribeConfig, run
@@ -173,33 +167,37 @@ def test_nemo_rows_take_their_members_and_name_what_is_missing(tmp_path):
 
 @pytest.fixture(scope="module")
 def webdataset_job(ray_session, tmp_path_factory):
-    """One job over four local shards: two whole ones (json ids and references; .txt references), one cut short in
-    its third sample, one with a sample whose .flac is text; the shards' rows and the job's output."""
+    """One job over four local shards of 5 samples, killed (SIGKILL) mid-shard and run again to the end: two whole
+    shards (json ids and references; .txt references), one cut short in its fifth sample, one with a sample whose
+    .flac is text. -> the folder, the demo rows, the ids the killed run left, the second run's summary, the output.
+    The killed run writes blocks of 2 rows a file: its first 2 files cannot hold a whole shard."""
     folder = tmp_path_factory.mktemp("webdataset")
-    rows = demo_rows(14)
-    write_tar(folder / "shard-000000.tar", webdataset_members(rows[0:4], "json"))
-    write_tar(folder / "shard-000001.tar", webdataset_members(rows[4:8], "txt"))
-    headers = write_tar(folder / "shard-000002.tar", webdataset_members(rows[8:11], "json"))
-    cut = headers["sample-002.flac"]
+    rows = demo_rows(20)
+    write_tar(folder / "shard-000000.tar", webdataset_members(rows[0:5], "json"))
+    write_tar(folder / "shard-000001.tar", webdataset_members(rows[5:10], "txt"))
+    headers = write_tar(folder / "shard-000002.tar", webdataset_members(rows[10:15], "json"))
+    cut = headers["sample-004.flac"]
     data = (folder / "shard-000002.tar").read_bytes()
     (folder / "shard-000002.tar").write_bytes(data[: cut.offset_data + 1000])
-    members = webdataset_members(rows[11:14], "json")
+    members = webdataset_members(rows[15:20], "json")
     members[2] = ("sample-001.flac", b"this is not audio\n" * 50)
     write_tar(folder / "shard-000003.tar", members)
-    summary = run(TranscribeConfig(manifest=str(folder / "shard-{000000..000003}.tar"), output=str(folder / "out"),
-                                   model=DEMO_MODEL, **FAST))
-    return folder, rows, summary, output_rows(folder / "out")
+    pattern = str(folder / "shard-{000000..000003}.tar")
+    intact = killed_mid_job(pattern, folder / "out", ray_session, files=2)
+    summary = run(TranscribeConfig(manifest=pattern, output=str(folder / "out"), model=DEMO_MODEL, **FAST))
+    return folder, rows, intact, summary, output_rows(folder / "out")
 
 
 def test_webdataset_shards_end_to_end(webdataset_job):
-    folder, rows, summary, out = webdataset_job
-    references = {r["id"]: r["text"] for r in rows[0:4] + rows[8:10] + [rows[11], rows[13]]}
-    references.update({f"shard-000001/sample-{i:03d}": r["text"] for i, r in enumerate(rows[4:8])})
+    folder, rows, _, summary, out = webdataset_job
+    references = {r["id"]: r["text"] for r in rows[0:5] + rows[10:14] + [rows[15]] + rows[17:20]}
+    references.update({f"shard-000001/sample-{i:03d}": r["text"] for i, r in enumerate(rows[5:10])})
     assert_transcribed(out, references)
     errors = {row["id"]: row["error"] for row in out if row["error"]}
-    assert sorted(errors) == sorted([rows[12]["id"], "shard-000002/.damaged"])
-    assert errors[rows[12]["id"]].startswith(f"unreadable: {folder}/shard-000003.tar/sample-001.flac: ")
-    assert errors["shard-000002/.damaged"].startswith(f"truncated: {folder}/shard-000002.tar: ")
+    assert sorted(errors) == sorted([rows[16]["id"], "shard-000002/.damaged"])
+    assert errors[rows[16]["id"]].startswith(f"unreadable: {folder}/shard-000003.tar/sample-001.flac: ")
+    assert errors["shard-000002/.damaged"].startswith(f"truncated: {folder}/shard-000002.tar: the tar breaks in "
+                                                      f"member sample-004.flac")
     assert len(out) == len(references) + 2
     assert (summary["rows_in"], summary["rows_out"], summary["rows_missing"], summary["rows_duplicated"]) == \
         (len(out), len(out), 0, 0)
@@ -292,32 +290,31 @@ def test_webdataset_and_nemo_shards_on_s3(ray_session, s3_bucket, s3_endpoint, t
         {row["audio"].rsplit("/", 1)[1] for row in good}
 
 
-def test_resume_after_sigkill_mid_shard(ray_session, tmp_path):
-    rows = demo_rows(24)
-    for k in range(2):
-        write_tar(tmp_path / f"shard-{k:06d}.tar", webdataset_members(rows[12 * k: 12 * (k + 1)], "json"))
-    output = tmp_path / "out"
-    pattern = str(tmp_path / "shard-*.tar")
-    options = ["--batch-size", "2", "--feature-batch-size", "2", "--rows-per-file", "2", "--rows-per-block", "2",
-               "--num-beams", "1"]
-    driver = subprocess.Popen([sys.executable, "-m", "jobs.transcribe", pattern, str(output), "--model", DEMO_MODEL,
-                               *options], env={**os.environ, "RAY_ADDRESS": ray_session},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while time.time() < deadline and len(list(output.glob("*.parquet"))) < 3 and driver.poll() is None:
-        time.sleep(0.2)
-    driver.send_signal(signal.SIGKILL)
-    driver.wait()
-    intact = []
-    for f in output.glob("*.parquet"):
-        try:
-            intact += pq.read_table(f, columns=["id"])["id"].to_pylist()
-        except (pa.ArrowInvalid, OSError):
-            pass
-    assert 0 < len(intact) < len(rows), "the driver must be killed mid-shard for this test to mean anything"
+def test_resume_after_sigkill_mid_shard(webdataset_job):
+    folder, rows, intact, summary, out = webdataset_job
+    shard_of = {row["id"]: row["audio"].split(".tar")[0] for row in out}
+    assert 0 < len(intact) < len(out), "the driver must be killed mid-job for this test to mean anything"
+    assert any(0 < sum(shard_of[i] == shard for i in intact) < list(shard_of.values()).count(shard)
+               for shard in set(shard_of.values())), "some shard was partly done when the driver was killed"
+    assert len(out) == len({row["id"] for row in out}) == summary["rows_in"]  # every sample exactly once
+    assert summary["rows_this_run"] == len(out) - len(set(intact))
+    assert summary["rows_missing"] == summary["rows_duplicated"] == 0
 
-    summary = run(TranscribeConfig(manifest=pattern, output=str(output), model=DEMO_MODEL, **FAST))
-    ids = [row["id"] for row in output_rows(output)]
-    assert sorted(ids) == sorted(r["id"] for r in rows)  # every sample exactly once
-    assert summary["rows_this_run"] == len(rows) - len(set(intact))
-    assert summary["rows_missing"] == summary["rows_duplicated"] == 0 and summary["rows_ok"] == len(rows)
+
+def test_what_a_pattern_names_is_decided_by_extension(tmp_path):
+    from pipeline.manifest import Manifest, ManifestError
+    from pipeline.shards import TarredAudio
+
+    write_tar(tmp_path / "a-0.tar", [])
+    (tmp_path / "a-1.jsonl").write_text(json.dumps({"audio_filepath": "x.flac", "shard_id": 0}) + "\n")
+    assert Manifest(str(tmp_path / "a-0.tar")).kind == Manifest(str(tmp_path / "*.tar")).kind == "webdataset"
+    with pytest.raises(ManifestError, match="manifest and webdataset files"):
+        Manifest(str(tmp_path / "a-*"))
+    tars = TarredAudio(str(tmp_path / "a-_OP_0..0_CL_.tar"))
+    assert tars.paths == {0: (str(tmp_path / "a-0.tar"),) * 2}
+    assert Manifest(str(tmp_path / "a-1.jsonl"), tarred_audio=tars).kind == "manifest"
+    with pytest.raises(ManifestError, match="goes with a NeMo manifest"):
+        Manifest(str(tmp_path / "a-0.tar"), tarred_audio=tars)
+    (tmp_path / "plain.jsonl").write_text(json.dumps({"audio_filepath": "x.flac"}) + "\n")
+    with pytest.raises(ManifestError, match="no shard_id in the first 1 lines"):
+        Manifest(str(tmp_path / "plain.jsonl"), tarred_audio=tars)
