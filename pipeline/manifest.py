@@ -90,8 +90,10 @@ class Manifest:
         self.files = expand(self.fs, path, uri) if is_glob(uri) else self._single(path)
         kinds = {kind_of(f) for f in self.files}
         if len(kinds) > 1:
-            raise ManifestError(f"{uri}: the pattern matches {' and '.join(sorted(kinds))} files; name either "
-                                f"manifest shards ({', '.join(MANIFEST_SUFFIXES)}), tar shards or audio files")
+            names = {"manifest": f"manifests ({', '.join(MANIFEST_SUFFIXES)})", "webdataset": "tar shards (.tar)",
+                     "audio": "other files"}
+            raise ManifestError(f"{uri}: the pattern matches both {' and '.join(names[k] for k in names if k in kinds)}"
+                                f"; name files of one kind: manifest shards, tar shards or audio files")
         self.kind = kinds.pop()
         self.tarred_audio = tarred_audio
         if tarred_audio is not None and self.kind != "manifest":

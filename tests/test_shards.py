@@ -308,7 +308,7 @@ def test_what_a_pattern_names_is_decided_by_extension(tmp_path):
     write_tar(tmp_path / "a-0.tar", [])
     (tmp_path / "a-1.jsonl").write_text(json.dumps({"audio_filepath": "x.flac", "shard_id": 0}) + "\n")
     assert Manifest(str(tmp_path / "a-0.tar")).kind == Manifest(str(tmp_path / "*.tar")).kind == "webdataset"
-    with pytest.raises(ManifestError, match="manifest and webdataset files"):
+    with pytest.raises(ManifestError, match="both manifests .* and tar shards"):
         Manifest(str(tmp_path / "a-*"))
     tars = TarredAudio(str(tmp_path / "a-_OP_0..0_CL_.tar"))
     assert tars.paths == {0: (str(tmp_path / "a-0.tar"),) * 2}
