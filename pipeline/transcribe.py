@@ -125,7 +125,7 @@ def run(config: TranscribeConfig) -> dict:
 
         written = footers(fs, root)
         out = rows_dataset(fs, root, list(written), summary_columns(written)) if written else None
-        # The manifest's ids again, without audio bytes (WebDataset: each shard streamed again, its audio skipped).
+        # The manifest's ids again, without audio bytes (WebDataset: each shard read again, its audio skipped).
         ids = manifest.dataset(config.rows_per_block, arrow_filesystem(manifest.fs), audio=False)
         summary = corpus_summary(ids, out, run_id)
         wall_s = time.time() - started

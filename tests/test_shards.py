@@ -76,8 +76,10 @@ def assert_transcribed(out: list[dict], references: dict[str, str]) -> None:
 
 # ---- reading shards, without Ray -------------------------------------------------------------------------------------
 
-def shard_rows(path, with_audio=True) -> list[dict]:
-    with open(path, "rb") as f:
+def shard_rows(path, with_audio=True, seekable=False) -> list[dict]:
+    """The shard's rows, read as the job reads it: a stream (pyarrow's input stream), or for the summary's ids a
+    seekable local file whose audio members are skipped by seeks."""
+    with (pa.OSFile(str(path)) if seekable else pa.input_stream(str(path))) as f:
         return [row for table in webdataset_rows(f, str(path), 2, with_audio) for row in table.to_pylist()]
 
 
@@ -93,8 +95,9 @@ def test_a_webdataset_shard_gives_one_row_per_sample_with_its_bytes(tmp_path):
     assert [r["audio_bytes"] for r in read] == [audio_bytes(r) for r in rows]
     assert read[0]["audio"] == f"{tmp_path}/shard-000007.tar/sample-000.flac" and read[0]["speaker"] == 0
     assert all(r["error"] is None for r in read)
-    ids_only = shard_rows(tmp_path / "shard-000007.tar", with_audio=False)
-    assert [r["id"] for r in ids_only] == [r["id"] for r in read] and "audio_bytes" not in ids_only[0]
+    for seekable in (False, True):
+        ids_only = shard_rows(tmp_path / "shard-000007.tar", with_audio=False, seekable=seekable)
+        assert ids_only == [{k: v for k, v in r.items() if k != "audio_bytes"} for r in read]
 
 
 @pytest.mark.parametrize("damage", ["truncated", "corrupt"])
@@ -111,8 +114,8 @@ def test_a_damaged_webdataset_shard_gives_what_precedes_the_break_and_one_error_
         with tarfile.open(fileobj=io.BytesIO(bytes(data))) as tar:
             assert len(tar.getmembers()) == 6  # no error from tarfile: the break has to be watched for
     path.write_bytes(bytes(data))
-    for with_audio in (True, False):  # the job's read and the summary's give the same ids
-        read = shard_rows(path, with_audio)
+    for with_audio, seekable in ((True, False), (False, False), (False, True)):  # the job's reads and the summary's
+        read = shard_rows(path, with_audio, seekable)
         # Cut in sample 3's audio: samples 0-2 came whole. A bad header where sample 3 starts: sample 2 was still in
         # progress (a member of it might have followed), so it is lost with the rest.
         whole = 3 if damage == "truncated" else 2
@@ -318,3 +321,22 @@ def test_what_a_pattern_names_is_decided_by_extension(tmp_path):
     (tmp_path / "plain.jsonl").write_text(json.dumps({"audio_filepath": "x.flac"}) + "\n")
     with pytest.raises(ManifestError, match="no shard_id in the first 1 lines"):
         Manifest(str(tmp_path / "plain.jsonl"), tarred_audio=tars)
+
+
+class CountingFile(io.FileIO):
+    """A local file that counts the bytes read from it."""
+    read_bytes = 0
+
+    def read(self, size=-1):
+        data = super().read(size)
+        self.read_bytes += len(data)
+        return data
+
+
+def test_the_summarys_read_of_a_local_shard_skips_its_audio(tmp_path):
+    path = tmp_path / "shard-000000.tar"
+    write_tar(path, webdataset_members(demo_rows(6), "json"))
+    with CountingFile(path) as f:
+        ids = [r["id"] for t in webdataset_rows(f, str(path), 4, with_audio=False) for r in t.to_pylist()]
+    assert ids == [r["id"] for r in demo_rows(6)]
+    assert f.read_bytes < path.stat().st_size / 10  # headers and json: the audio was seeked past
