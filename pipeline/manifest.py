@@ -133,27 +133,32 @@ class Manifest:
         folder = posixpath.dirname(path)
         return self.fs.unstrip_protocol(folder) if self.remote else os.path.dirname(os.path.abspath(path))
 
-    def dataset(self, rows_per_block: int, filesystem, audio: bool = True):
+    def dataset(self, rows_per_block: int, filesystem, audio: bool = True, todo=None):
         """The rows as a Ray Dataset: one read task per file, each streaming its file in blocks. Rows from tar shards
-        carry their audio's bytes (`audio_bytes`) unless `audio` is False (ids and the rest only: the summary's)."""
+        carry their audio's bytes (`audio_bytes`) unless `audio` is False (ids and the rest only: the summary's).
+        todo: Dataset -> the rows still to do (a resume's filter), applied before tars are read where the rows are
+        known without them (NeMo: a shard whose rows are all done is not read)."""
         import ray
+
+        todo = todo or (lambda rows: rows)
 
         if self.kind == "audio":
             rows = [{"audio": self.url(f), "_line": i + 1} for i, f in enumerate(self.files)]
             table = normalise(rows, self.uri, base=None)
-            return ray.data.from_arrow([table.slice(i, rows_per_block) for i in range(0, len(table), rows_per_block)])
+            return todo(ray.data.from_arrow([table.slice(i, rows_per_block)
+                                             for i in range(0, len(table), rows_per_block)]))
         urls = {f: self.url(f) for f in self.files}
         if self.kind == "webdataset":
             from .shards import WebDatasetDatasource  # shards builds on this module's rows
 
-            return ray.data.read_datasource(
+            return todo(ray.data.read_datasource(
                 WebDatasetDatasource(self.files, filesystem=filesystem, rows_per_block=rows_per_block, urls=urls,
-                                     with_audio=audio), override_num_blocks=len(self.files))
-        rows = ray.data.read_datasource(
+                                     with_audio=audio), override_num_blocks=len(self.files)))
+        rows = todo(ray.data.read_datasource(
             ManifestDatasource(self.files, filesystem=filesystem, rows_per_block=rows_per_block,
                                bases={f: self.base(f) for f in self.files}, urls=urls),
             override_num_blocks=len(self.files),
-        )
+        ))
         return self.tarred_audio.attach(rows, rows_per_block) if self.tarred_audio is not None and audio else rows
 
 

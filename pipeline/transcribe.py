@@ -107,11 +107,13 @@ def run(config: TranscribeConfig) -> dict:
         mark_output(fs, root)
         join_segments(fs, root)  # what a run killed after its write left unjoined
         done = footers(fs, root)  # and files it left cut short are removed here
-        rows = manifest.dataset(config.rows_per_block, arrow_filesystem(manifest.fs)).map_batches(
+        # Rows already done are dropped before tar shards are read where the manifest knows them (NeMo).
+        rows = manifest.dataset(config.rows_per_block, arrow_filesystem(manifest.fs),
+                                todo=lambda rows: not_done(rows, fs, root, list(done))).map_batches(
             with_run_id, fn_kwargs=dict(run_id=run_id), batch_format="pyarrow", batch_size=None)
         # Blocks of rows_per_block rows again after the read tasks (which merge theirs) and the join: the unit the
         # actor pools share out (a streaming split, not a shuffle).
-        todo = not_done(rows, fs, root, list(done)).repartition(target_num_rows_per_block=config.rows_per_block)
+        todo = rows.repartition(target_num_rows_per_block=config.rows_per_block)
         fs.makedirs(root, exist_ok=True)
         segments_done = [path for path, metadata in done.items() if holds_segments(metadata)]
         dataset = transcription_dataset(todo, config, folder, model_label,

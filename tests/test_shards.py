@@ -340,3 +340,24 @@ def test_the_summarys_read_of_a_local_shard_skips_its_audio(tmp_path):
         ids = [r["id"] for t in webdataset_rows(f, str(path), 4, with_audio=False) for r in t.to_pylist()]
     assert ids == [r["id"] for r in demo_rows(6)]
     assert f.read_bytes < path.stat().st_size / 10  # headers and json: the audio was seeked past
+
+
+def test_nemo_rows_already_done_are_dropped_before_their_tars_are_read(ray_session, tmp_path):
+    import pyarrow.fs
+
+    from pipeline.manifest import Manifest
+    from pipeline.shards import TarredAudio
+
+    def no_audio_yet(batch: pa.Table) -> pa.Table:  # here, not at module level: Ray's workers cannot import tests
+        assert "audio_bytes" not in batch.column_names, "a resume's filter must run before the tars are read"
+        return batch.filter(pa.array([shard == 0 for shard in batch["shard_id"].to_pylist()]))
+
+    rows = demo_rows(6)
+    entries = nemo_dataset(tmp_path, rows, shards=2)
+    manifest = Manifest(str(tmp_path / "tarred_audio_manifest.json"),
+                        tarred_audio=TarredAudio(str(tmp_path / "audio_{0..1}.tar")))
+    read = manifest.dataset(4, pyarrow.fs.LocalFileSystem(), todo=lambda rows: rows.map_batches(
+        no_audio_yet, batch_format="pyarrow")).take_all()
+    assert sorted(r["audio"] for r in read) == sorted(f"{tmp_path}/audio_0.tar/{e['audio_filepath']}"
+                                                      for e in entries if e["shard_id"] == 0)
+    assert all(r["error"] is None and r["audio_bytes"] for r in read)
