@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from bench import (model as bench_model, pipeline as bench_pipeline, scale as bench_scale, serve as bench_serve,
-                   vad as bench_vad)
+from bench import (io as bench_io, model as bench_model, pipeline as bench_pipeline, scale as bench_scale,
+                   serve as bench_serve, vad as bench_vad)
 from demo import corpus, evaluate, train
 
 from . import backfill, serve, transcribe
@@ -22,6 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     bench = commands.add_parser("bench", help="benchmarks against peers, side by side in one process")
     benchmarks = bench.add_subparsers(dest="target", required=True)
+    command(benchmarks, "io", "one audio actor's rows/s from S3 with latency: per-file rows by io_concurrency, HF "
+            "Parquet, WebDataset shards", bench_io.add_arguments, bench_io.main)
     command(benchmarks, "model", "features and generation: ours vs kaldi-native-fbank and transformers",
             bench_model.add_arguments, bench_model.main)
     command(benchmarks, "pipeline", "the whole Ray Data job vs the model alone on the same corpus: RTFx and ratio",

@@ -11,7 +11,9 @@ segment error if any. It runs again at the start of every run, so a run killed b
 
 from __future__ import annotations
 
+import io
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import fsspec
 import pyarrow as pa
@@ -25,31 +27,40 @@ from .audio import INLINE_AUDIO, AudioError, _check_duration, open_audio, slice_
 from .output import OutputNames, arrow_filesystem, footers, holds_segments, plain_strings, shuffle_partitions
 
 SEGMENT_FIELDS = [("segment_of", pa.string()), ("segment_index", pa.int32()), ("segment_count", pa.int32()),
-                  ("segment_start_s", pa.float64()), ("recording_duration_s", pa.float64())]
+                  ("segment_start_s", pa.float64()), ("recording_duration_s", pa.float64()),
+                  ("recording_offset_s", pa.float64())]
 SEGMENT_COLUMNS = [name for name, _ in SEGMENT_FIELDS]
 SEGMENTS_TYPE = pa.list_(pa.struct([("start_s", pa.float64()), ("end_s", pa.float64()), ("text", pa.string())]))
 BLOCK_S = 60.0  # seconds of audio read at a time while looking for pauses
 
 
 def split_long_audio(batch: pa.Table, max_segment_s: float, max_duration_s: float, storage_options: dict | None,
-                     done: frozenset = frozenset()) -> pa.Table:
-    """Rows -> the same rows, each long one replaced by its segments not yet in `done` (ids already written)."""
-    rows = []
-    for row in batch.to_pylist():
-        row.update(dict.fromkeys(SEGMENT_COLUMNS + ["speech_s"]))
-        if row["error"] is None:
-            try:
-                rows.extend(split_row(row, max_segment_s, max_duration_s, storage_options, done))
-                continue
-            except AudioError as error:
-                row["error"] = str(error)
-            except Exception as error:  # this row's file system or codec failure only
-                row["error"] = f"unreadable: {row['audio']}: {type(error).__name__}: {error}"
-        rows.append(row)
+                     done: frozenset = frozenset(), io_concurrency: int = 16) -> pa.Table:
+    """Rows -> the same rows, each long one replaced by its segments not yet in `done` (ids already written).
+
+    Rows are read `io_concurrency` at a time (each read is mostly waiting on storage); a row whose manifest duration
+    is at most `max_segment_s` is not opened here at all: the feature stage reads it once."""
+    with ThreadPoolExecutor(io_concurrency, thread_name_prefix="split-read") as reads:
+        results = list(reads.map(lambda row: split_or_error(row, max_segment_s, max_duration_s, storage_options, done),
+                                 batch.to_pylist()))
     schema = batch.schema
     for name, kind in SEGMENT_FIELDS + [("speech_s", pa.float64())]:
         schema = schema.append(pa.field(name, kind))
-    return pa.Table.from_pylist(rows, schema=schema)
+    return pa.Table.from_pylist([row for rows in results for row in rows], schema=schema)
+
+
+def split_or_error(row: dict, max_segment_s: float, max_duration_s: float, storage_options, done) -> list[dict]:
+    """One row -> its segments, or itself (short, or with the error that kept it from being read)."""
+    row.update(dict.fromkeys(SEGMENT_COLUMNS + ["speech_s"]))
+    if row["error"] is not None or (row["duration_s"] is not None and row["duration_s"] <= max_segment_s):
+        return [row]
+    try:
+        return split_row(row, max_segment_s, max_duration_s, storage_options, done)
+    except AudioError as error:
+        row["error"] = str(error)
+    except Exception as error:  # this row's file system or codec failure only
+        row["error"] = f"unreadable: {row['audio']}: {type(error).__name__}: {error}"
+    return [row]
 
 
 def split_row(row: dict, max_segment_s: float, max_duration_s: float, storage_options, done) -> list[dict]:
@@ -71,17 +82,37 @@ def split_row(row: dict, max_segment_s: float, max_duration_s: float, storage_op
             blocks = sound.blocks(blocksize=round(BLOCK_S * sound.samplerate), frames=frames,
                                   dtype="float32", always_2d=True)
             segments = list(segment_stream(blocks, sound.samplerate, max_segment_s))
-    if not segments:  # no speech: the later stages give it the text "" without reading it again
-        return [{**row, "duration_s": seconds, "speech_s": 0.0}]
-    pieces = []
-    for index, segment in enumerate(segments):
-        piece_id = f"{row['id']}~{index:05d}"
-        if piece_id in done:
-            continue
-        pieces.append({**row, "id": piece_id, "offset_s": offset + segment.start_s, "duration_s": segment.duration_s,
-                       "segment_of": row["id"], "segment_index": index, "segment_count": len(segments),
-                       "segment_start_s": segment.start_s, "recording_duration_s": seconds})
+            if not segments:  # no speech: the later stages give it the text "" without reading it again
+                return [{**row, "duration_s": seconds, "speech_s": 0.0}]
+            pieces = []
+            for index, segment in enumerate(segments):
+                piece_id = f"{row['id']}~{index:05d}"
+                if piece_id in done:
+                    continue
+                piece = {**row, "id": piece_id, "offset_s": offset + segment.start_s,
+                         "duration_s": segment.duration_s, "segment_of": row["id"], "segment_index": index,
+                         "segment_count": len(segments), "segment_start_s": segment.start_s,
+                         "recording_duration_s": seconds, "recording_offset_s": offset}
+                if row.get(INLINE_AUDIO) is not None:  # its own slice, not the recording's bytes once per segment
+                    piece.update({INLINE_AUDIO: encode_slice(sound, start + segment.start, segment.end - segment.start),
+                                  "offset_s": 0.0})
+                pieces.append(piece)
     return pieces
+
+
+def encode_slice(sound: soundfile.SoundFile, start: int, frames: int) -> bytes:
+    """Frames [start, start + frames) of an open file as a file of their own, samples unchanged: FLAC from FLAC
+    (a fast compression level: this is transport, not storage), else WAV in the source's sample format."""
+    container = "FLAC" if sound.format == "FLAC" else "WAV"
+    subtype = sound.subtype if soundfile.check_format(container, sound.subtype) else "FLOAT"
+    # Integer samples read as integers: libsndfile scales float to int16 by 32767 but int16 to float by 1/32768.
+    dtype = {"PCM_16": "int16", "PCM_24": "int32", "PCM_32": "int32"}.get(subtype, "float32")
+    sound.seek(start)
+    samples = sound.read(frames, dtype=dtype, always_2d=True)
+    out = io.BytesIO()
+    options = {"compression_level": 0.0} if container == "FLAC" else {}
+    soundfile.write(out, samples, sound.samplerate, format=container, subtype=subtype, **options)
+    return out.getvalue()
 
 
 def join_segments(fs: fsspec.AbstractFileSystem, root: str) -> int:
@@ -160,7 +191,8 @@ def joined_row(parts: list[dict]) -> dict:
     failed = next((p for p in parts if p["error"]), None)
     row.update(
         id=first["segment_of"],
-        offset_s=first["offset_s"] - first["segment_start_s"],
+        offset_s=first["recording_offset_s"] if first.get("recording_offset_s") is not None else
+        first["offset_s"] - first["segment_start_s"],  # (segments written before recording_offset_s existed)
         duration_s=first["recording_duration_s"],
         text=None if failed else " ".join(texts),
         num_tokens=None if failed else tokens,

@@ -2,7 +2,9 @@
 
 Accepted: NeMo JSONL (`audio_filepath`, `duration`, `offset`, `text`, `id`), fairseq S2T TSV (`id`, `audio`,
 `n_frames`, `tgt_text`, `speaker`, `tgt_lang`; `audio` may be `archive.zip:offset:length`), CSV and Parquet with
-either naming, or a glob of audio files. Every input row becomes exactly one row:
+either naming, or a glob of audio files. A Parquet file whose audio column is `struct<bytes: binary, path: string>`
+(Hugging Face datasets' Audio feature) carries its audio: its rows get the cell's bytes as `audio_bytes` and an
+`audio` naming `<file>#<row index>`. Every input row becomes exactly one row:
 
     id, audio, offset_s, duration_s, reference, tgt_lang, error, and the manifest's other columns unchanged
 
@@ -31,15 +33,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from ray.data.datasource import FileBasedDatasource
 
+from .audio import INLINE_AUDIO
+
 AUDIO_COLUMNS = ("audio_filepath", "audio", "path", "file")
-REFERENCE_COLUMNS = ("text", "tgt_text", "transcript", "sentence")
+REFERENCE_COLUMNS = ("text", "tgt_text", "sentence", "transcription", "transcript")  # first found is the reference
+PRIVATE_KEYS = ("_bad_line", "_line", "_audio")  # what the readers add to a record, never a column
 TGT_LANG_COLUMNS = ("tgt_lang", "target_lang")
 MANIFEST_SUFFIXES = ("jsonl", "json", "tsv", "csv", "parquet")
 TAR_SUFFIXES = ("tar", "tgz")  # .tar.gz is "tar" to suffix_of
 # Columns the job writes itself; a manifest column of the same name is passed through as manifest_<name>.
 OUTPUT_COLUMNS = ("id", "audio", "offset_s", "duration_s", "reference", "text", "tgt_lang", "num_tokens",
                   "avg_logprob", "error", "model", "segments", "segment_of", "segment_index", "segment_count",
-                  "segment_start_s", "recording_duration_s", "run_id")
+                  "segment_start_s", "recording_duration_s", "recording_offset_s", "run_id")
 SCHEMA = pa.schema([("id", pa.string()), ("audio", pa.string()), ("offset_s", pa.float64()),
                     ("duration_s", pa.float64()), ("reference", pa.string()), ("tgt_lang", pa.string()),
                     ("error", pa.string())])
@@ -117,7 +122,7 @@ class Manifest:
         """Fail before any work when the first file's first records name no audio column."""
         uri = self.url(self.files[0])
         with self.fs.open(self.files[0], "rb", compression="infer") as f:
-            records = list(itertools.islice(_records(f, uri), PEEK_ROWS))
+            records = list(itertools.islice(_records(f, uri, with_audio=False), PEEK_ROWS))
         if records and all("_bad_line" in record for record in records):  # not a manifest of this kind at all
             raise ManifestError(f"{uri}: no line of the first {len(records)} is a manifest row "
                                 f"(line {records[0]['_line']}: {records[0]['_bad_line']})")
@@ -135,9 +140,9 @@ class Manifest:
 
     def dataset(self, rows_per_block: int, filesystem, audio: bool = True, todo=None):
         """The rows as a Ray Dataset: one read task per file, each streaming its file in blocks. Rows from tar shards
-        carry their audio's bytes (`audio_bytes`) unless `audio` is False (ids and the rest only: the summary's).
-        todo: Dataset -> the rows still to do (a resume's filter), applied before tars are read where the rows are
-        known without them (NeMo: a shard whose rows are all done is not read)."""
+        and from Parquet files holding audio carry its bytes (`audio_bytes`) unless `audio` is False (ids and the rest
+        only: the summary's). todo: Dataset -> the rows still to do (a resume's filter), applied before tars are read
+        where the rows are known without them (NeMo: a shard whose rows are all done is not read)."""
         import ray
 
         todo = todo or (lambda rows: rows)
@@ -156,7 +161,7 @@ class Manifest:
                                      with_audio=audio), override_num_blocks=len(self.files)))
         rows = todo(ray.data.read_datasource(
             ManifestDatasource(self.files, filesystem=filesystem, rows_per_block=rows_per_block,
-                               bases={f: self.base(f) for f in self.files}, urls=urls),
+                               bases={f: self.base(f) for f in self.files}, urls=urls, with_audio=audio),
             override_num_blocks=len(self.files),
         ))
         return self.tarred_audio.attach(rows, rows_per_block) if self.tarred_audio is not None and audio else rows
@@ -166,12 +171,14 @@ class ManifestDatasource(FileBasedDatasource):
     """Ray Data's file datasource for manifest shards: read tasks per file (Ray's listing, retries, filesystem),
     each parsing its file line by line into blocks of `rows_per_block` rows."""
 
-    def __init__(self, paths: list[str], *, rows_per_block: int, bases: dict, urls: dict, **kwargs):
+    def __init__(self, paths: list[str], *, rows_per_block: int, bases: dict, urls: dict, with_audio: bool = True,
+                 **kwargs):
         super().__init__(paths, **kwargs)
-        self.rows_per_block, self.bases, self.urls = rows_per_block, bases, urls
+        self.rows_per_block, self.bases, self.urls, self.with_audio = rows_per_block, bases, urls, with_audio
 
     def _read_stream(self, f, path: str) -> Iterator[pa.Table]:
-        yield from read_blocks(f, self.urls.get(path, path), self.rows_per_block, self.bases.get(path))
+        yield from read_blocks(f, self.urls.get(path, path), self.rows_per_block, self.bases.get(path),
+                               self.with_audio)
 
     def _open_input_source(self, filesystem, path, **open_args):
         if suffix_of(path) == "parquet":  # a footer first: random access, not a stream
@@ -179,11 +186,12 @@ class ManifestDatasource(FileBasedDatasource):
         return super()._open_input_source(filesystem, path, **open_args)
 
 
-def read_blocks(f, uri: str, rows_per_block: int, base: str | None) -> Iterator[pa.Table]:
+def read_blocks(f, uri: str, rows_per_block: int, base: str | None, with_audio: bool = True
+                ) -> Iterator[pa.Table]:
     """One manifest file (an open binary stream) -> tables of at most `rows_per_block` normalised rows."""
     seen = Repeats()
     block = []
-    for record in _records(f, uri):
+    for record in _records(f, uri, with_audio):
         block.append(record)
         if len(block) == rows_per_block:
             yield normalise(block, uri, base, seen)
@@ -192,10 +200,10 @@ def read_blocks(f, uri: str, rows_per_block: int, base: str | None) -> Iterator[
         yield normalise(block, uri, base, seen)
 
 
-def _records(f, uri: str) -> Iterator[dict]:
+def _records(f, uri: str, with_audio: bool = True) -> Iterator[dict]:
     """The records of one manifest file, each with its `_line`, and `_bad_line` when it could not be parsed."""
     kind = suffix_of(uri)
-    return (_parquet_records(f) if kind == "parquet" else
+    return (_parquet_records(f, uri, with_audio) if kind == "parquet" else
             _delimited_records(_lines(f), "\t" if kind == "tsv" else ",", uri) if kind in ("tsv", "csv") else
             _json_records(_lines(f), uri))
 
@@ -252,13 +260,47 @@ def _delimited_records(lines: Iterable[str | None], delimiter: str, uri: str) ->
             yield {**dict(zip(header, row)), "_line": reader.line_num}
 
 
-def _parquet_records(f) -> Iterator[dict]:
-    number = 0
-    for batch in pq.ParquetFile(f).iter_batches(batch_size=4096):
-        for record in batch.to_pylist():
-            number += 1
-            record["_line"] = number
-            yield record
+def _parquet_records(f, uri: str, with_audio: bool = True) -> Iterator[dict]:
+    """Parquet rows, read a batch at a time; those of a file holding audio bytes as `_inline_audio` gives them."""
+    parquet = pq.ParquetFile(f)
+    audio = audio_struct_column(parquet.schema_arrow)
+    columns = None
+    if audio is not None and not with_audio:  # the bytes are not even read: only the rest of the row
+        columns = [n for n in parquet.schema_arrow.names if n != audio] + [f"{audio}.path"]
+    # A batch of rows with their audio may be tens of MB: smaller batches for those.
+    batches = parquet.iter_batches(batch_size=4096 if audio is None else 64, columns=columns)
+    records = (record for batch in batches for record in batch.to_pylist())
+    for index, record in enumerate(records):
+        record["_line"] = index + 1
+        yield record if audio is None else _inline_audio(record, audio, uri, index, with_audio)
+
+
+def audio_struct_column(schema: pa.Schema) -> str | None:
+    """The column holding audio files' bytes: the one Hugging Face datasets' schema metadata (key `huggingface`)
+    calls Audio, else the first of the Audio feature's Arrow type, struct<bytes: binary, path: string>."""
+    try:
+        features = json.loads((schema.metadata or {}).get(b"huggingface", b"{}"))["info"]["features"]
+        named = [name for name, feature in features.items() if feature.get("_type") == "Audio"]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        named = []
+    structs = [f.name for f in schema if pa.types.is_struct(f.type) and f.type.get_field_index("bytes") >= 0
+               and f.type.get_field_index("path") >= 0
+               and f.type.field("bytes").type in (pa.binary(), pa.large_binary())]
+    return next((name for name in named if name in structs), structs[0] if structs else None)
+
+
+def _inline_audio(record: dict, column: str, uri: str, index: int, with_audio: bool) -> dict:
+    """A Parquet row carrying its audio -> a manifest record: its bytes as `audio_bytes` (none: b"", which the feature
+    stage calls empty), `audio` naming the file and row, the cell's path as `<column>_path`, and an id from the
+    file and row when it has none (`<file stem>-<row index>`, Hugging Face datasets' order)."""
+    cell = record.pop(column) or {}
+    record["_audio"] = f"{uri}#{index}"
+    record[f"{column}_path"] = cell.get("path")
+    if with_audio:
+        record[INLINE_AUDIO] = cell.get("bytes") or b""
+    if record.get("id") in (None, ""):
+        record["id"] = f"{posixpath.basename(uri).rsplit('.', 1)[0]}-{index}"
+    return record
 
 
 class Repeats:
@@ -299,9 +341,10 @@ def normalise(records: list[dict], uri: str, base: str | None, repeats: Repeats 
     """Records as read (each with its `_line`) -> the job's table; raises ManifestError when no row could name
     its audio."""
     repeats = repeats or Repeats()
-    columns = {name for record in records for name in record if name not in ("_bad_line", "_line")}
-    audio_column = next((name for name in AUDIO_COLUMNS if name in columns), None)
-    if audio_column is None and any("_bad_line" not in record for record in records):
+    columns = {name for record in records for name in record if name not in PRIVATE_KEYS}
+    inline = any("_audio" in record for record in records)  # rows carrying their audio (a Parquet's audio bytes)
+    audio_column = None if inline else next((name for name in AUDIO_COLUMNS if name in columns), None)
+    if audio_column is None and not inline and any("_bad_line" not in record for record in records):
         raise ManifestError(
             f"{uri}: no audio column; a manifest needs one of {', '.join(AUDIO_COLUMNS)} "
             f"(it has {', '.join(sorted(columns)) or 'no columns'})"
@@ -330,7 +373,7 @@ def _normalise_row(record: dict, uri: str, base: str | None) -> dict:
         return {"id": f"{posixpath.basename(uri)}:{record['_line']}", "audio": None, "offset_s": None,
                 "duration_s": None, "reference": None, "tgt_lang": None,
                 "error": f"bad_manifest_line: {where}: {record['_bad_line']}"}
-    audio = _first(record, AUDIO_COLUMNS)
+    audio = record.get("_audio") or _first(record, AUDIO_COLUMNS)
     error = None
     try:
         offset = _seconds(record, "offset") or 0.0
@@ -340,9 +383,9 @@ def _normalise_row(record: dict, uri: str, base: str | None) -> dict:
         error = f"bad_manifest_line: {where}: {exc}"
     if audio is None:
         error = f"bad_manifest_line: {where}: names no audio file"
-    else:
+    elif "_audio" not in record:
         audio = resolve(str(audio), base)
-    reference = _first(record, REFERENCE_COLUMNS[:2])
+    reference = _first(record, REFERENCE_COLUMNS)
     return {
         "id": str(record["id"]) if record.get("id") not in (None, "") else
         derive_id(audio, offset) if audio is not None else f"{posixpath.basename(uri)}:{record['_line']}",

@@ -58,6 +58,8 @@ class TranscribeConfig(JobConfig):
     feature_batch_size: int = Field(32, ge=1, description="rows handed to a feature actor at a time")
     feature_actors: int = Field(2, ge=1, description="most CPU feature actors")
     feature_cpus: float = Field(1.0, gt=0, description="CPUs each feature actor reserves")
+    io_concurrency: int = Field(16, ge=1, description="audio files each actor (and each long-form split task) "
+                                                      "reads at once: hides object-store latency")
     generation_actors: int = Field(1, ge=1, description="fewest generation actors")
     max_generation_actors: int | None = Field(None, description="most generation actors (default: the fewest)")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per generation actor (0: CPU actors)")
@@ -202,6 +204,7 @@ def transcription_dataset(rows, config: TranscribeConfig, folder: str, model_lab
         storage_options=audio_options,
         max_frames=config.max_frames or CPU_MAX_FRAMES,  # feature actors run on CPUs
         vad=config.vad,
+        io_concurrency=config.io_concurrency,
     )
     generation = dict(
         model_uri=config.model,
@@ -221,7 +224,7 @@ def transcription_dataset(rows, config: TranscribeConfig, folder: str, model_lab
         batch_format="pyarrow",
         batch_size=None,
         fn_kwargs=dict(max_segment_s=config.max_segment_s, max_duration_s=config.max_duration_s,
-                       storage_options=audio_options),
+                       storage_options=audio_options, io_concurrency=config.io_concurrency),
     )
     if done is not None:
         dataset = done(dataset)

@@ -1,0 +1,106 @@
+"""How the audio stages read: `io_concurrency` files at once per feature actor and per split task (seen through a
+filesystem whose opens wait for each other), no header read by the split for rows the manifest says are short, and a
+long recording carried as bytes split into segments that each carry only their own slice."""
+
+import io
+import json
+import os
+import threading
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import soundfile
+from fsspec.implementations.local import LocalFileSystem
+
+from helpers import demo_rows
+from pipeline.audio import INLINE_AUDIO
+from pipeline.longform import joined_row, split_long_audio
+from pipeline.manifest import SCHEMA
+from pipeline.stages import ComputeFeatures
+from s2t_model import DEMO_LONG_FORM, DEMO_MODEL, FeatureExtractor
+
+CONCURRENCY = 4
+
+
+class MeetingFileSystem(LocalFileSystem):
+    """Local files whose opens wait, at a barrier, until CONCURRENCY of them are under way at once: reads one by one
+    never get past the first (BrokenBarrierError after the timeout, an error row). Counts the opens."""
+
+    protocol = "meetingfile"
+    barrier = threading.Barrier(CONCURRENCY, timeout=10)
+    opens = 0
+    lock = threading.Lock()
+
+    @classmethod
+    def _strip_protocol(cls, path):
+        return super()._strip_protocol(str(path).removeprefix("meetingfile://"))
+
+    def _open(self, path, mode="rb", **kwargs):
+        with self.lock:
+            type(self).opens += 1
+        self.barrier.wait()
+        return super()._open(path, mode, **kwargs)
+
+
+fsspec.register_implementation("meetingfile", MeetingFileSystem, clobber=True)
+
+
+def rows_table(rows: list[dict], durations: bool) -> pa.Table:
+    return pa.Table.from_pylist([
+        {"id": r["id"], "audio": "meetingfile://" + r["audio_filepath"], "offset_s": 0.0,
+         "duration_s": r["duration"] if durations else None, "reference": r["text"], "tgt_lang": None, "error": None}
+        for r in rows], schema=SCHEMA)
+
+
+def test_feature_actor_reads_io_concurrency_files_at_once():
+    MeetingFileSystem.barrier.reset()
+    stage = ComputeFeatures(FeatureExtractor.from_pretrained(DEMO_MODEL).to_dict(), min_duration_s=0.1,
+                            max_duration_s=60.0, vad="off", io_concurrency=CONCURRENCY)
+    out, features = stage.compute(rows_table(demo_rows(2 * CONCURRENCY), durations=True))
+    assert out["error"].to_pylist() == [None] * 2 * CONCURRENCY
+    assert all(f is not None for f in features)
+
+
+def test_split_reads_headers_concurrently_and_not_those_of_short_rows():
+    MeetingFileSystem.barrier.reset()
+    rows = demo_rows(2 * CONCURRENCY)
+    MeetingFileSystem.opens = 0
+    known = split_long_audio(rows_table(rows, durations=True), max_segment_s=20.0, max_duration_s=60.0,
+                             storage_options=None, io_concurrency=CONCURRENCY)
+    assert MeetingFileSystem.opens == 0  # the manifest says each is short: the feature stage's read is the only one
+    assert known["id"].to_pylist() == [r["id"] for r in rows]
+    unknown = split_long_audio(rows_table(rows, durations=False), max_segment_s=20.0, max_duration_s=60.0,
+                               storage_options=None, io_concurrency=CONCURRENCY)
+    assert MeetingFileSystem.opens == len(rows)
+    assert unknown["error"].to_pylist() == [None] * len(rows)
+
+
+def test_a_long_recording_in_bytes_gives_each_segment_its_own_slice():
+    with open(os.path.join(DEMO_LONG_FORM, "manifest.jsonl")) as f:
+        recording = json.loads(f.readline())
+    path = os.path.join(DEMO_LONG_FORM, recording["audio_filepath"])
+    data = open(path, "rb").read()
+    offset = 5.0
+    row = {"id": "long", "offset_s": offset, "duration_s": None, "reference": None, "tgt_lang": None, "error": None}
+    from_file = split_long_audio(pa.Table.from_pylist([{**row, "audio": path}], schema=SCHEMA), max_segment_s=20.0,
+                                 max_duration_s=3600.0, storage_options=None).to_pylist()
+    with_bytes = pa.Table.from_pylist([{**row, "audio": "shard.tar/long.flac"}], schema=SCHEMA).append_column(
+        INLINE_AUDIO, pa.array([data], pa.binary()))
+    pieces = split_long_audio(with_bytes, max_segment_s=20.0, max_duration_s=3600.0, storage_options=None).to_pylist()
+
+    assert len(pieces) == len(from_file) > 5
+    whole, rate = soundfile.read(path, dtype="int16")
+    for piece, reference in zip(pieces, from_file):
+        assert (piece["id"], piece["segment_start_s"], piece["recording_offset_s"]) == (
+            reference["id"], reference["segment_start_s"], offset)
+        assert piece["offset_s"] == 0.0 and piece["duration_s"] == reference["duration_s"]
+        assert len(piece[INLINE_AUDIO]) < len(data) / 3  # its slice, not the whole recording
+        samples, slice_rate = soundfile.read(io.BytesIO(piece[INLINE_AUDIO]), dtype="int16")
+        start = round(reference["offset_s"] * rate)
+        assert slice_rate == rate and np.array_equal(samples, whole[start:start + len(samples)])
+        assert abs(len(samples) / rate - reference["duration_s"]) < 1e-3
+    assert sum(len(p[INLINE_AUDIO]) for p in pieces) < 1.2 * len(data)
+    # Joined back, the recording's offset is the row's, as for a file.
+    texts = [{**p, "text": "x", "num_tokens": 1, "avg_logprob": 0.0, "speech_s": 1.0} for p in pieces]
+    assert joined_row(texts)["offset_s"] == offset
