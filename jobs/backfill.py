@@ -7,7 +7,8 @@ import json
 import logging
 import sys
 
-from pipeline.backfill import BackfillConfig, LeaseHeld, run
+from pipeline.backfill import BackfillConfig, LeaseHeld, check_backfill_output, run
+from pipeline.output import OutputError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,6 +20,10 @@ def main(args: argparse.Namespace) -> dict:
     config = BackfillConfig.from_args(args)
     from jobs.transcribe import init_ray
 
+    try:
+        check_backfill_output(config)  # before Ray starts: an output that cannot work is said in one line
+    except OutputError as error:
+        sys.exit(f"s2t backfill: {error}")
     init_ray()
     try:
         summary = run(config)

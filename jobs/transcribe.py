@@ -49,11 +49,10 @@ def main(args: argparse.Namespace) -> dict:
 
 def show(config: TranscribeConfig, count: int) -> None:
     """A few transcripts next to their references, the first rows of the output in id order."""
-    import fsspec
-
+    from pipeline.output import output_filesystem
     from pipeline.transcribe import read_output
 
-    fs, root = fsspec.core.url_to_fs(config.output, **(config.options_for(config.output) or {}))
+    fs, root = output_filesystem(config.output, config.options_for(config.output))
     rows = read_output(fs, root, lambda name: name in ("id", "text", "reference", "error")).to_pylist()
     for row in sorted(rows, key=lambda row: row["id"])[:count]:
         print(f"  {row['id']}")

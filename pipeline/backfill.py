@@ -27,7 +27,8 @@ from .ids import digest_set, drop_listed
 from .lease import Lease, LeaseHeld  # noqa: F401 (LeaseHeld: what a refused run raises)
 from .longform import join_segments
 from .manifest import Manifest
-from .output import OutputNames, arrow_filesystem, footers, rows_dataset
+from .output import (OutputNames, arrow_filesystem, check_output, footers, mark_output, output_filesystem, own_name,
+                     rows_dataset)
 from .summary import run_summary
 from .transcribe import TranscribeConfig, transcription_dataset
 
@@ -50,15 +51,16 @@ def run(config: BackfillConfig) -> dict:
     run_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
     langs = config.languages()
     manifest = Manifest(config.manifest, config.options_for(config.manifest))
+    fs, root = check_backfill_output(config)
     folder = checkpoint.local_folder(config.model, config.options_for(config.model))
     known = Speech2Text.from_pretrained(folder).tokenizer.langs
     unknown = [lang for lang in langs if lang not in known]
     if unknown:
         raise ValueError(f"{config.model} has no language tag for {', '.join(unknown)}; it has {', '.join(known)}")
     model_label = f"{config.model}@sha256:{checkpoint.content_hash(folder)[:16]}"
-    fs, root = fsspec.core.url_to_fs(config.output, **(config.options_for(config.output) or {}))
 
     with Lease(fs, root, run_id, config.lease_ttl_s):
+        mark_output(fs, root, "s2t backfill")
         join_segments(fs, root)  # long recordings a killed run left in segments
         if config.retry_errors:
             drop_errors(fs, root)  # first, so that a retried pair is never in the output twice
@@ -78,6 +80,13 @@ def run(config: BackfillConfig) -> dict:
     with fs.open(f"{root.rstrip('/')}/_runs/{run_id}.json", "w") as f:
         json.dump(summary, f, indent=2)
     return summary
+
+
+def check_backfill_output(config: BackfillConfig) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The output folder, checked before any work as `s2t transcribe` checks its own (OutputError)."""
+    fs, root = output_filesystem(config.output, config.options_for(config.output))
+    check_output(fs, root, config.output, adopt=config.adopt_output)
+    return fs, root
 
 
 def missing_pairs(manifest: Manifest, rows_per_block: int, langs: list[str], run_id: str, fs, root: str):
@@ -114,8 +123,7 @@ def drop_errors(fs, root: str) -> None:
             full = pq.read_table(f)
         kept = full.filter(pc.is_null(full["error"]))
         if kept.num_rows:
-            folder, name = path.rsplit("/", 1)
-            with fs.open(f"{folder}/retried-{uuid.uuid4().hex[:8]}-{name}", "wb") as f:
+            with fs.open(own_name(path.rsplit("/", 1)[0]), "wb") as f:
                 pq.write_table(kept, f)
         fs.rm(path)
 

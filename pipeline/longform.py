@@ -12,7 +12,6 @@ segment error if any. It runs again at the start of every run, so a run killed b
 from __future__ import annotations
 
 import io
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import fsspec
@@ -24,7 +23,8 @@ import soundfile
 from s2t_model.segment import segment_stream
 
 from .audio import INLINE_AUDIO, AudioError, _check_duration, open_audio, slice_frames
-from .output import OutputNames, arrow_filesystem, footers, holds_segments, plain_strings, shuffle_partitions
+from .output import (OutputNames, arrow_filesystem, footers, holds_segments, own_name, plain_strings,
+                     shuffle_partitions)
 
 SEGMENT_FIELDS = [("segment_of", pa.string()), ("segment_index", pa.int32()), ("segment_count", pa.int32()),
                   ("segment_start_s", pa.float64()), ("recording_duration_s", pa.float64()),
@@ -211,7 +211,7 @@ def joined_row(parts: list[dict]) -> dict:
 def remove_segments(fs, holders: list[str], done: set[tuple[str, str]]) -> None:
     """Rewrite each file holding segments without those of the `done` recordings (one file at a time)."""
     for path in holders:
-        folder, name = path.rsplit("/", 1)
+        folder = path.rsplit("/", 1)[0]
         with fs.open(path, "rb") as f:
             table = pq.read_table(f)
         keep = pa.array([(folder, p) not in done for p in table.column("segment_of").to_pylist()])
@@ -221,5 +221,5 @@ def remove_segments(fs, holders: list[str], done: set[tuple[str, str]]) -> None:
         # Removed before the rest is written again: a run killed in between redoes those rows, never doubles them.
         fs.rm(path)
         if kept.num_rows:
-            with fs.open(f"{folder}/rest-{uuid.uuid4().hex[:8]}-{name}", "wb") as f:
+            with fs.open(own_name(folder), "wb") as f:  # of the jobs' naming: the output's checks pass it
                 pq.write_table(kept, f)

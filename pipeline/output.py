@@ -9,6 +9,7 @@ import json
 import logging
 import posixpath
 import re
+import uuid
 
 import fsspec
 import pyarrow as pa
@@ -28,7 +29,13 @@ def arrow_filesystem(fs: fsspec.AbstractFileSystem):
 
 MARKER = "_s2t_output.json"  # the job's own mark on a folder it writes
 LEASE_FILES = re.compile(r"^_lease\.json$|^_lease\.takeover-[^/]+$")
-OWN_FILES = re.compile(rf"^{re.escape(MARKER)}$|^_summary\.json$|^s2t-[0-9A-Za-z]+_\d+-\d+\.parquet$")
+# What the jobs write: the marker, summaries, and Parquet files of their own naming (backfill's in tgt_lang=xx/).
+OWN_FILES = re.compile(rf"^{re.escape(MARKER)}$|^_summary\.json$|^_runs/[0-9A-Za-z-]+\.json$"
+                       rf"|^(tgt_lang=[^/]+/)?s2t-[0-9A-Za-z]+_\d+-\d+\.parquet$")
+# The columns every version of the jobs wrote (the first, 6bf948f, on): Parquet files with all of them, in a folder
+# without the marker, are an output of an older version and can be adopted.
+S2T_COLUMNS = {"id", "audio", "text", "tgt_lang", "num_tokens", "avg_logprob", "error", "model"}
+JOBS = "s2t transcribe or s2t backfill"
 
 
 class OutputError(ValueError):
@@ -42,9 +49,24 @@ class OutputNames(FilenameProvider):
         return f"s2t-{write_uuid}_{task_index:06}"
 
 
-def check_output(fs: fsspec.AbstractFileSystem, root: str, uri: str) -> None:
-    """Refuse an output path that is a file, or a folder holding files the job did not write (a manifest kept
-    there, another tool's Parquet): read back as done rows, they would lose rows or fail the job mid-way."""
+def own_name(folder: str) -> str:
+    """A new path in `folder` of the jobs' naming, for a file rewritten outside a Ray write."""
+    return f"{folder.rstrip('/')}/s2t-{uuid.uuid4().hex}_000000-0.parquet"
+
+
+def output_filesystem(uri: str, storage_options: dict | None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The output folder's filesystem, with no listings cache. s3fs would keep the driver's listings (the checks',
+    the lease's), and the folder changes under them: Ray's write tasks, in other processes, add files. With a cached
+    listing of the folder that lacks a new file, s3fs's `open` of that file raises FileNotFoundError without asking
+    the server (fsspec's `_ls_from_cache`: "parent dir was listed but did not contain this file")."""
+    return fsspec.core.url_to_fs(uri, **(storage_options or {}), use_listings_cache=False)
+
+
+def check_output(fs: fsspec.AbstractFileSystem, root: str, uri: str, adopt: bool = False) -> None:
+    """Refuse an output path that is a file, or a folder holding files the jobs did not write (a manifest kept
+    there, another tool's Parquet): read back as done rows, they would lose rows or fail the job mid-way.
+    An unmarked folder of this tool's Parquet files (an older version's output) is refused with the way to adopt
+    it, and passes with `adopt`."""
     if fs.isfile(root):
         raise OutputError(f"{uri}: the output is a file, not a folder")
     if not fs.exists(root):
@@ -52,21 +74,45 @@ def check_output(fs: fsspec.AbstractFileSystem, root: str, uri: str) -> None:
     names = [posixpath.relpath(path, root.rstrip("/")) for path in fs.find(root)]
     marked = MARKER in names
     foreign = [name for name in names if not LEASE_FILES.match(name) and not (marked and OWN_FILES.match(name))]
-    if foreign:
-        shown = ", ".join(f"{uri.rstrip('/')}/{name}" for name in foreign[:5])
-        more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
-        raise OutputError(f"{uri}: holds files not written by s2t transcribe: {shown}{more}; use an empty or new "
-                          f"folder, or move them")
+    if not foreign:
+        return
+    older = not marked and all(is_s2t_parquet(fs, f"{root.rstrip('/')}/{name}") if name.endswith(".parquet")
+                               else OWN_FILES.match(name) for name in foreign)
+    if older and adopt:
+        return
+    shown = ", ".join(f"{uri.rstrip('/')}/{name}" for name in foreign[:5])
+    more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
+    if older:
+        raise OutputError(f"{uri}: holds the output of an older version of s2t (no {MARKER}): {shown}{more}; pass "
+                          f"--adopt-output to take it as this job's output (its files are renamed and marked)")
+    raise OutputError(f"{uri}: holds files not written by {JOBS}: {shown}{more}; use an empty or new folder, or "
+                      f"move them")
 
 
-def mark_output(fs: fsspec.AbstractFileSystem, root: str) -> None:
-    if not fs.exists(f"{root.rstrip('/')}/{MARKER}"):
-        with fs.open(f"{root.rstrip('/')}/{MARKER}", "w") as f:
-            json.dump({"written_by": "s2t transcribe"}, f)
+def is_s2t_parquet(fs: fsspec.AbstractFileSystem, path: str) -> bool:
+    """Whether `path` is a Parquet file with the columns every version of the jobs wrote (from its footer)."""
+    try:
+        with fs.open(path, "rb") as f:
+            return S2T_COLUMNS <= set(pq.ParquetFile(f).schema_arrow.names)
+    except pa.ArrowInvalid:
+        return False
+
+
+def mark_output(fs: fsspec.AbstractFileSystem, root: str, job: str) -> None:
+    """Mark the folder as the jobs' own, first giving the jobs' naming to what the checks let pass in an unmarked
+    folder (an older version's Parquet files, adopted): marked last, so an adoption cut short is done again."""
+    root = root.rstrip("/")
+    if fs.exists(f"{root}/{MARKER}"):
+        return
+    for path in fs.find(root) if fs.exists(root) else []:
+        name = posixpath.relpath(path, root)
+        if path.endswith(".parquet") and not OWN_FILES.match(name):
+            fs.mv(path, own_name(posixpath.dirname(path)))
+    with fs.open(f"{root}/{MARKER}", "w") as f:
+        json.dump({"written_by": job}, f)
 
 
 def output_files(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
-    fs.invalidate_cache(root)  # s3fs keeps listings: the driver's own, made before a write, would hide its files
     if not fs.exists(root):
         return []
     return sorted(p for p in fs.find(root) if p.endswith(".parquet"))
@@ -80,7 +126,7 @@ def footers(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, pq.FileMetaDa
         try:
             with fs.open(path, "rb") as f:
                 found[path] = pq.ParquetFile(f).metadata
-        except (pa.ArrowInvalid, OSError) as error:
+        except pa.ArrowInvalid as error:  # only that: a file not found (say) is no reason to remove it
             log.warning("removing %s, left unfinished by an earlier run (%s); its rows are done again", path, error)
             fs.rm(path)
     return found

@@ -32,7 +32,7 @@ from .longform import join_segments, split_long_audio
 from .manifest import Manifest
 from .shards import TarredAudio
 from .output import (OutputNames, arrow_filesystem, check_output, footers, holds_segments, mark_output,  # noqa: F401
-                     plain_strings, read_output, rows_dataset, scan_output, shuffle_partitions)
+                     output_filesystem, plain_strings, read_output, rows_dataset, scan_output, shuffle_partitions)
 from .summary import corpus_summary
 from .stages import ComputeFeatures, GenerateText, TranscribeAudio
 
@@ -82,6 +82,9 @@ class TranscribeConfig(JobConfig):
     rows_per_block: int = Field(256, ge=1, description="manifest rows per Ray Data block")
     lease_ttl_s: float = Field(600.0, gt=0, description="a run's lease on its output not renewed for this long is "
                                                        "taken over")
+    adopt_output: bool = Field(False, description="take an output folder of an older version of s2t (Parquet files "
+                                                   "of its columns, no _s2t_output.json) as this job's: its files are "
+                                                   "renamed to the job's naming and the folder marked")
     s3_endpoint_url: str | None = Field(None, description="S3 endpoint (MinIO, Ceph, ...); AWS_* variables work too")
     storage_options: dict = Field(default_factory=dict, description="fsspec options for every URL")
 
@@ -106,7 +109,7 @@ def run(config: TranscribeConfig) -> dict:
     # One run at a time on an output: a second is refused (LeaseHeld names the first), else both would write every
     # row that neither had yet.
     with Lease(fs, root, run_id, config.lease_ttl_s):
-        mark_output(fs, root)
+        mark_output(fs, root, "s2t transcribe")
         join_segments(fs, root)  # what a run killed after its write left unjoined
         done = footers(fs, root)  # and files it left cut short are removed here
         # Rows already done are dropped before tar shards are read where the manifest knows them (NeMo).
@@ -120,9 +123,6 @@ def run(config: TranscribeConfig) -> dict:
         segments_done = [path for path, metadata in done.items() if holds_segments(metadata)]
         dataset = transcription_dataset(todo, config, folder, model_label,
                                         done=lambda split: not_done(split, fs, root, segments_done))
-        # s3fs caches listings: with the folder listed by the lease and the checks, the write (given this filesystem)
-        # wrote no file on the local S3 server until the cache was dropped.
-        fs.invalidate_cache()
         dataset.write_parquet(root, filesystem=arrow_filesystem(fs), min_rows_per_file=config.rows_per_file,
                               filename_provider=OutputNames())
         join_segments(fs, root)
@@ -145,8 +145,8 @@ def check_inputs(config: TranscribeConfig) -> tuple[Manifest, fsspec.AbstractFil
     command line): ManifestError or OutputError say in one line what cannot work."""
     tarred = TarredAudio(config.tarred_audio, config.options_for(config.tarred_audio)) if config.tarred_audio else None
     manifest = Manifest(config.manifest, config.options_for(config.manifest), tarred_audio=tarred)
-    fs, root = fsspec.core.url_to_fs(config.output, **(config.options_for(config.output) or {}))
-    check_output(fs, root, config.output)
+    fs, root = output_filesystem(config.output, config.options_for(config.output))
+    check_output(fs, root, config.output, adopt=config.adopt_output)
     return manifest, fs, root
 
 
