@@ -56,9 +56,10 @@ def own_name(folder: str) -> str:
 
 def output_filesystem(uri: str, storage_options: dict | None) -> tuple[fsspec.AbstractFileSystem, str]:
     """The output folder's filesystem, with no listings cache. s3fs would keep the driver's listings (the checks',
-    the lease's), and the folder changes under them: Ray's write tasks, in other processes, add files. With a cached
-    listing of the folder that lacks a new file, s3fs's `open` of that file raises FileNotFoundError without asking
-    the server (fsspec's `_ls_from_cache`: "parent dir was listed but did not contain this file")."""
+    the lease's), and the folder changes under them: Ray's write tasks, in other processes, add files. `find` lists
+    afresh and returns a new file, but `open` of it answers from the cached listing of its folder, which lacks it:
+    FileNotFoundError without asking the server (fsspec's `_ls_from_cache`, "parent dir was listed but did not
+    contain this file"). `footers` took that for a torn file and removed every file the run had just written."""
     return fsspec.core.url_to_fs(uri, **(storage_options or {}), use_listings_cache=False)
 
 

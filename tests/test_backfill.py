@@ -96,3 +96,26 @@ def test_a_concurrent_run_is_refused_and_a_killed_run_is_completed(ray_session, 
     assert rerun["pairs_found"] < 32
     assert pairs(output) == Counter({(i, lang): 1 for i in ids for lang in ("fr", "de")})
     assert not (output / "_lease.json").exists()
+
+
+@pytest.mark.parametrize("foreign", ["manifest.parquet", "tgt_lang=fr/part-0.parquet", "tgt_lang=fr/notes.txt"])
+def test_an_output_folder_holding_files_the_jobs_did_not_write_is_refused_before_any_work(place, foreign):
+    """As for `s2t transcribe`: a folder holding anything but the jobs' own files (in a language's folder too) is
+    refused before any work, naming the file, whether or not a backfill wrote there before."""
+    from pipeline.output import OutputError
+
+    place.write("m.jsonl", json.dumps({"id": "a", "audio": "a.flac"}) + "\n")
+    own = ["_runs/20261201T000000-a1b2c3.json", "_s2t_output.json", f"tgt_lang=de/s2t-{'a' * 32}_000000-0.parquet"]
+    for earlier_run in (False, True):
+        out = f"out-{earlier_run}"
+        if earlier_run:  # what a backfill leaves
+            for name in own:
+                place.write(f"{out}/{name}", "{}")
+        with place.fs.open(place.path(f"{out}/{foreign}"), "wb") as f:
+            pq.write_table(pa.table({"id": ["a"], "audio": ["a.flac"], "tgt_lang": ["fr"]}), f)
+        with pytest.raises(OutputError) as caught:
+            run(BackfillConfig(manifest=place.url("m.jsonl"), output=place.url(out), model=DEMO_MODEL, tgt_langs="fr",
+                               **place.options, **SMALL))
+        assert f"holds files not written by s2t transcribe or s2t backfill: {place.url(f'{out}/{foreign}')};" in str(
+            caught.value)
+        assert place.names(out) == sorted([foreign] + (own if earlier_run else []))  # nothing done

@@ -180,26 +180,6 @@ def output_ids(place, folder: str = "out") -> list[str]:
     return [i for _, table in place.tables(folder) for i in table["id"].to_pylist()]
 
 
-def test_two_runs_started_at_once_on_one_output_write_every_id_once(ray_session, place):
-    """The second run is refused, naming the first (the lease `s2t backfill` takes)."""
-    from s2t_model import DEMO_MODEL
-
-    rows = demo_rows(12)
-    write_manifest(place, rows)
-    command = [sys.executable, "-m", "jobs.transcribe", place.url("m.jsonl"), place.url("out"), "--model",
-               DEMO_MODEL, "--num-beams", "1", "--rows-per-file", "2", "--batch-size", "2", *place.cli]
-    env = {**os.environ, "RAY_ADDRESS": ray_session}
-    runs = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            for _ in range(2)]
-    results = [(run.wait(timeout=300), *run.communicate()) for run in runs]
-    assert sorted(output_ids(place)) == sorted(r["id"] for r in rows)  # every id exactly once
-    assert sorted(rc for rc, _, _ in results) == [0, 1], [err[-2000:] for _, _, err in results]
-    first_run_id = json.loads(place.read("out/_summary.json"))["run_id"]
-    refused = next(err for rc, _, err in results if rc)
-    assert refused.strip().splitlines()[-1].startswith(f"s2t transcribe: {place.path('out')}/_lease.json: run "
-                                                       f"{first_run_id} (pid ")
-
-
 def fast_job(place, manifest: str, output: str, **options):
     from pipeline.transcribe import TranscribeConfig, run
     from s2t_model import DEMO_MODEL
@@ -230,12 +210,28 @@ def test_an_output_folder_holding_files_the_job_did_not_write_is_refused_before_
             [foreign] + (["_s2t_output.json", "_summary.json"] if earlier_run else []))  # nothing done
 
 
-def test_a_torn_output_file_is_removed_and_its_rows_done_again(ray_session, place):
-    """Real output files cut at several byte counts (what a run killed mid-write leaves) -> the rerun removes them
-    and writes their rows again; every id exactly once."""
-    rows = demo_rows(8)
+def test_two_runs_started_at_once_write_every_id_once_then_torn_files_are_redone(ray_session, place):
+    """Two runs started at once on one output: the second is refused, naming the first (the lease `s2t backfill`
+    takes). Then real output files of the first, cut at several byte counts (what a run killed mid-write leaves):
+    the rerun removes them and writes their rows again. Every id exactly once after each. (One test, so that the
+    torn files are those of a run the test already paid for.)"""
+    from s2t_model import DEMO_MODEL
+
+    rows = demo_rows(12)
     write_manifest(place, rows)
-    fast_job(place, "m.jsonl", "out")
+    command = [sys.executable, "-m", "jobs.transcribe", place.url("m.jsonl"), place.url("out"), "--model",
+               DEMO_MODEL, "--num-beams", "1", "--rows-per-file", "2", "--batch-size", "2", *place.cli]
+    env = {**os.environ, "RAY_ADDRESS": ray_session}
+    runs = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for _ in range(2)]
+    results = [(run.wait(timeout=300), *run.communicate()) for run in runs]
+    assert sorted(output_ids(place)) == sorted(r["id"] for r in rows)  # every id exactly once
+    assert sorted(rc for rc, _, _ in results) == [0, 1], [err[-2000:] for _, _, err in results]
+    first_run_id = json.loads(place.read("out/_summary.json"))["run_id"]
+    refused = next(err for rc, _, err in results if rc)
+    assert refused.strip().splitlines()[-1].startswith(f"s2t transcribe: {place.path('out')}/_lease.json: run "
+                                                       f"{first_run_id} (pid ")
+
     files = [name for name in place.names("out") if name.endswith(".parquet")]
     assert len(files) >= 3
     torn_rows = 0
