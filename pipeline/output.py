@@ -32,9 +32,10 @@ LEASE_FILES = re.compile(r"^_lease\.json$|^_lease\.takeover-[^/]+$")
 # What the jobs write: the marker, summaries, and Parquet files of their own naming (backfill's in tgt_lang=xx/).
 OWN_FILES = re.compile(rf"^{re.escape(MARKER)}$|^_summary\.json$|^_runs/[0-9A-Za-z-]+\.json$"
                        rf"|^(tgt_lang=[^/]+/)?s2t-[0-9A-Za-z]+_\d+-\d+\.parquet$")
-# The columns every version of the jobs wrote (the first, 6bf948f, on): Parquet files with all of them, in a folder
-# without the marker, are an output of an older version and can be adopted.
-S2T_COLUMNS = {"id", "audio", "text", "tgt_lang", "num_tokens", "avg_logprob", "error", "model"}
+# The columns every version of the jobs wrote in each file (the first, 6bf948f, on; backfill's tgt_lang is in its
+# folder's name): Parquet files with all of them, in a folder without the marker, are an older version's output and
+# can be adopted.
+S2T_COLUMNS = {"id", "audio", "text", "num_tokens", "avg_logprob", "error", "model"}
 JOBS = "s2t transcribe or s2t backfill"
 
 
@@ -106,11 +107,23 @@ def mark_output(fs: fsspec.AbstractFileSystem, root: str, job: str) -> None:
     if fs.exists(f"{root}/{MARKER}"):
         return
     for path in fs.find(root) if fs.exists(root) else []:
-        name = posixpath.relpath(path, root)
-        if path.endswith(".parquet") and not OWN_FILES.match(name):
-            fs.mv(path, own_name(posixpath.dirname(path)))
+        if path.endswith(".parquet") and not OWN_FILES.match(posixpath.relpath(path, root)):
+            adopt_file(fs, path)
     with fs.open(f"{root}/{MARKER}", "w") as f:
         json.dump({"written_by": job}, f)
+
+
+def adopt_file(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    """An older version's file again under the jobs' naming, with the `run_id` column the summary reads (null: no
+    run of this version wrote its rows; the first versions had none). Removed before it is written again, as
+    longform's rewrites: a run killed in between redoes its rows, never doubles them."""
+    with fs.open(path, "rb") as f:
+        table = pq.read_table(f)
+    if "run_id" not in table.column_names:
+        table = table.append_column("run_id", pa.nulls(table.num_rows, pa.string()))
+    fs.rm(path)
+    with fs.open(own_name(posixpath.dirname(path)), "wb") as f:
+        pq.write_table(table, f)
 
 
 def output_files(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:

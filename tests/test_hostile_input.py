@@ -220,7 +220,8 @@ def test_two_runs_started_at_once_write_every_id_once_then_torn_files_are_redone
     rows = demo_rows(12)
     write_manifest(place, rows)
     command = [sys.executable, "-m", "jobs.transcribe", place.url("m.jsonl"), place.url("out"), "--model",
-               DEMO_MODEL, "--num-beams", "1", "--rows-per-file", "2", "--batch-size", "2", *place.cli]
+               DEMO_MODEL, "--num-beams", "1", "--rows-per-file", "2", "--batch-size", "2", "--rows-per-block", "2",
+               *place.cli]
     env = {**os.environ, "RAY_ADDRESS": ray_session}
     runs = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             for _ in range(2)]
@@ -298,6 +299,7 @@ def test_an_older_output_is_refused_with_the_way_to_adopt_it_and_adopted_when_as
     names = place.names("out")
     assert MARKER in names and "_summary.json" in names and len(names) == 3
     assert sorted(output_ids(place)) == before
+    assert [table["run_id"].null_count for _, table in place.tables("out")] == [2]  # what the summary reads
     check_output(fs, root, uri)  # marked: no flag needed now
 
     older_output(place, demo_rows(2), "other")
