@@ -72,7 +72,7 @@ class Place:
         """The files under `folder`, as paths relative to it."""
         return sorted(p[len(self.path(folder)) + 1:] for p in self.fs.find(self.path(folder)))
 
-    def tables(self, folder: str) -> list[tuple[str, "pyarrow.Table"]]:
+    def tables(self, folder: str) -> list[tuple]:
         """(name, table) for every Parquet file under `folder`."""
         import pyarrow.parquet as pq
 
