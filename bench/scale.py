@@ -116,7 +116,7 @@ def main(args) -> None:
         mark = os.path.join(folder, "first-generation-batch")
         first_shard = os.path.join(folder, "manifest", sorted(os.listdir(os.path.join(folder, "manifest")))[0])
         print(f"resume by {args.resume}")
-        print(f"| rows | shards | run | wall s | driver VmHWM MB | first generation batch s | rows this run | rows out "
+        print("| rows | shards | run | wall s | driver VmHWM MB | first generation batch s | rows this run | rows out "
               f"| missing | doubled |")
         print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         for name in ("first", "nothing to do", "10 new rows"):
