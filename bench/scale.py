@@ -117,7 +117,7 @@ def main(args) -> None:
         first_shard = os.path.join(folder, "manifest", sorted(os.listdir(os.path.join(folder, "manifest")))[0])
         print(f"resume by {args.resume}")
         print("| rows | shards | run | wall s | driver VmHWM MB | first generation batch s | rows this run | rows out "
-              f"| missing | doubled |")
+              "| missing | doubled |")
         print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         for name in ("first", "nothing to do", "10 new rows"):
             if name == "10 new rows":
