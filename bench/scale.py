@@ -37,7 +37,7 @@ class MarkFirstBatch(TranscribeAudio):
 
 job.TranscribeAudio = MarkFirstBatch
 if sys.argv[3] == "join":
-    job.not_done = job.anti_join_not_done
+    job.done_filter = job.anti_join_filter
 summary = job.run(job.TranscribeConfig(**json.loads(sys.argv[1])))
 peak = next(line.split()[1] for line in open('/proc/self/status') if line.startswith('VmHWM'))
 print('RESULT ' + json.dumps({'summary': summary, 'vmhwm_kb': int(peak)}))

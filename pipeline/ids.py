@@ -52,12 +52,10 @@ def digest_set(rows, on: tuple[str, ...] = ("id",)):
 
 
 def sorted_digests(*parts: dict[str, np.ndarray]) -> np.ndarray:
-    parts = tuple(p for p in parts if "hi" in p)  # an empty block may skip the map and keep its own columns
+    parts = [p for p in parts if "hi" in p]  # an empty block may skip the map and keep its own columns
     found = np.empty(sum(len(p["hi"]) for p in parts), dtype=DIGEST)
-    at = 0
-    for part in parts:
-        found["hi"][at:at + len(part["hi"])], found["lo"][at:at + len(part["hi"])] = part["hi"], part["lo"]
-        at += len(part["hi"])
+    for name in ("hi", "lo"):
+        found[name] = np.concatenate([p[name] for p in parts]) if parts else []
     found.sort(order=["hi", "lo"])
     return found
 

@@ -112,17 +112,17 @@ def run(config: TranscribeConfig) -> dict:
         mark_output(fs, root, "s2t transcribe")
         join_segments(fs, root)  # what a run killed after its write left unjoined
         done = footers(fs, root)  # and files it left cut short are removed here
-        # Rows already done are dropped before tar shards are read where the manifest knows them (NeMo).
-        rows = manifest.dataset(config.rows_per_block, arrow_filesystem(manifest.fs),
-                                todo=lambda rows: not_done(rows, fs, root, list(done))).map_batches(
+        # One set of the output's ids drops both the rows done and the segments of long recordings done; rows are
+        # dropped before tar shards are read where the manifest knows them (NeMo).
+        not_done = done_filter(fs, root, list(done))
+        rows = manifest.dataset(config.rows_per_block, arrow_filesystem(manifest.fs), todo=not_done).map_batches(
             with_run_id, fn_kwargs=dict(run_id=run_id), batch_format="pyarrow", batch_size=None)
-        # Blocks of rows_per_block rows again after the read tasks (which merge theirs) and the join: the unit the
-        # actor pools share out (a streaming split, not a shuffle).
+        # Blocks of rows_per_block rows again after the read tasks (which merge theirs) and the filter: the unit
+        # the actor pools share out (a streaming split, not a shuffle).
         todo = rows.repartition(target_num_rows_per_block=config.rows_per_block)
         fs.makedirs(root, exist_ok=True)
-        segments_done = [path for path, metadata in done.items() if holds_segments(metadata)]
-        dataset = transcription_dataset(todo, config, folder, model_label,
-                                        done=lambda split: not_done(split, fs, root, segments_done))
+        segments_done = any(holds_segments(metadata) for metadata in done.values())
+        dataset = transcription_dataset(todo, config, folder, model_label, done=not_done if segments_done else None)
         dataset.write_parquet(root, filesystem=arrow_filesystem(fs), min_rows_per_file=config.rows_per_file,
                               filename_provider=OutputNames())
         join_segments(fs, root)
@@ -154,23 +154,24 @@ def with_run_id(batch: pa.Table, run_id: str) -> pa.Table:
     return batch.append_column("run_id", pa.array([run_id] * batch.num_rows, pa.string()))
 
 
-def not_done(rows, fs, root: str, files: list[str]):
-    """`rows` less those whose id `files` of the output already hold (pipeline/ids.py: a sorted digest array
-    in the object store, and a filter; why not a join, there)."""
+def done_filter(fs, root: str, files: list[str]):
+    """-> a function from rows to those rows less the ids `files` of the output already hold (pipeline/ids.py: the
+    ids' sorted digests in the object store, read once here, and a filter; why not a join, there)."""
     if not files:
-        return rows
+        return lambda rows: rows
     done = digest_set(rows_dataset(fs, root, files, ["id"]))
-    return rows.map_batches(drop_listed, fn_kwargs=dict(listed=done), batch_format="pyarrow", batch_size=None)
+    return lambda rows: rows.map_batches(drop_listed, fn_kwargs=dict(listed=done), batch_format="pyarrow",
+                                         batch_size=None)
 
 
-def anti_join_not_done(rows, fs, root: str, files: list[str]):
+def anti_join_filter(fs, root: str, files: list[str]):
     """The same by Ray Data's hash-shuffle anti-join (kept for `s2t bench scale --resume join`, the comparison)."""
     if not files:
-        return rows
+        return lambda rows: rows
     done = rows_dataset(fs, root, files, ["id"])
     # The join's aggregators live as long as the job: a whole CPU each would starve the actor pools after them.
-    return rows.join(done, join_type="left_anti", num_partitions=shuffle_partitions(), on=("id",),
-                     aggregator_ray_remote_args={"num_cpus": 0.01}).map_batches(
+    return lambda rows: rows.join(done, join_type="left_anti", num_partitions=shuffle_partitions(), on=("id",),
+                                  aggregator_ray_remote_args={"num_cpus": 0.01}).map_batches(
         plain_strings, batch_format="pyarrow", batch_size=None)  # the join (polars) gives large_string
 
 
