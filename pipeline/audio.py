@@ -136,6 +136,11 @@ def _check_duration(uri: str, seconds: float, min_s: float, max_s: float) -> Non
         raise AudioError("too_long", f"{uri}: {seconds:.1f} s of audio, more than the maximum {max_s} s")
 
 
+def is_remote(uri: str | None) -> bool:
+    """Whether reading `uri` waits on a network (any URL but file://)."""
+    return uri is not None and "://" in uri and not uri.startswith("file://")
+
+
 def open_audio(uri: str, storage_options: dict | None, data: bytes | None = None) -> io.BufferedIOBase:
     """A seekable binary file for the audio: `data` when given, else `uri`'s file streamed, zip members read as
     their byte range."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import itertools
 import json
 import math
@@ -30,10 +31,12 @@ from typing import Iterable, Iterator
 
 import fsspec
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.json as pajson
 import pyarrow.parquet as pq
 from ray.data.datasource import FileBasedDatasource
 
-from .audio import INLINE_AUDIO
+from .audio import INLINE_AUDIO, is_remote
 
 AUDIO_COLUMNS = ("audio_filepath", "audio", "path", "file")
 REFERENCE_COLUMNS = ("text", "tgt_text", "sentence", "transcription", "transcript")  # first found is the reference
@@ -49,6 +52,7 @@ SCHEMA = pa.schema([("id", pa.string()), ("audio", pa.string()), ("offset_s", pa
                     ("duration_s", pa.float64()), ("reference", pa.string()), ("tgt_lang", pa.string()),
                     ("error", pa.string())])
 MAX_SECONDS = 1e7  # ~116 days: an offset or duration beyond it is a mistake, not a recording
+ARROW_LINES = 4096  # JSONL lines parsed by Arrow at once (its cost per call is that of ~100 lines)
 PEEK_ROWS = 100  # records of the first file read on the driver to fail early on a manifest that cannot work
 
 
@@ -91,7 +95,7 @@ class Manifest:
     def __init__(self, uri: str, storage_options: dict | None = None, tarred_audio=None):
         self.uri = uri
         self.fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
-        self.remote = "://" in uri and not uri.startswith("file://")
+        self.remote = is_remote(uri)
         self.files = expand(self.fs, path, uri) if is_glob(uri) else self._single(path)
         kinds = {kind_of(f) for f in self.files}
         if len(kinds) > 1:
@@ -190,14 +194,24 @@ def read_blocks(f, uri: str, rows_per_block: int, base: str | None, with_audio: 
                 ) -> Iterator[pa.Table]:
     """One manifest file (an open binary stream) -> tables of at most `rows_per_block` normalised rows."""
     seen = Repeats()
+    if suffix_of(uri) in ("jsonl", "json"):
+        # Each block parsed by Arrow when it can be (~1.6 us a row, against ~10 us through Python objects); a block
+        # it cannot take goes the row-by-row way, which gives each row its own error.
+        for lines in _line_blocks(f, rows_per_block * -(-ARROW_LINES // rows_per_block)):
+            table = _json_table([line for _, line in lines], uri, base, seen) or \
+                normalise(list(_json_records(((n, _decode(line, "utf-8-sig" if n == 1 else "utf-8"))
+                                               for n, line in lines), uri)), uri, base, seen, strict=False)
+            for start in range(0, table.num_rows, rows_per_block):
+                yield table.slice(start, rows_per_block)
+        return
     block = []
     for record in _records(f, uri, with_audio):
         block.append(record)
         if len(block) == rows_per_block:
-            yield normalise(block, uri, base, seen)
+            yield normalise(block, uri, base, seen, strict=False)
             block = []
     if block:
-        yield normalise(block, uri, base, seen)
+        yield normalise(block, uri, base, seen, strict=False)
 
 
 def _records(f, uri: str, with_audio: bool = True) -> Iterator[dict]:
@@ -208,18 +222,36 @@ def _records(f, uri: str, with_audio: bool = True) -> Iterator[dict]:
             _json_records(_lines(f), uri))
 
 
-def _lines(f) -> Iterator[str | None]:
-    """Lines of a binary stream, decoded; a line that is not UTF-8 comes as None (a bad line, not a failed file).
-    The first line is read as utf-8-sig: Excel and Notepad start their exports with a byte-order mark."""
-    rest, encoding = b"", "utf-8-sig"
+def _raw_lines(f) -> Iterator[bytes]:
+    rest = b""
     while chunk := f.read(1 << 20):
         lines = (rest + chunk).split(b"\n")
         rest = lines.pop()
-        for line in lines:
-            yield _decode(line, encoding)
-            encoding = "utf-8"
+        yield from lines
     if rest:
-        yield _decode(rest, encoding)
+        yield rest
+
+
+def _lines(f) -> Iterator[tuple[int, str | None]]:
+    """Numbered lines of a binary stream, decoded; a line that is not UTF-8 comes as None (a bad line, not a failed
+    file). The first line is read as utf-8-sig: Excel and Notepad start their exports with a byte-order mark."""
+    for number, line in enumerate(_raw_lines(f), start=1):
+        yield number, _decode(line, "utf-8-sig" if number == 1 else "utf-8")
+
+
+def _line_blocks(f, size: int) -> Iterator[list[tuple[int, bytes]]]:
+    """Blocks of `size` numbered lines that are not blank (bytes, a first line's byte-order mark removed)."""
+    block = []
+    for number, line in enumerate(_raw_lines(f), start=1):
+        if number == 1:
+            line = line.removeprefix(b"\xef\xbb\xbf")
+        if line.strip():
+            block.append((number, line))
+            if len(block) == size:
+                yield block
+                block = []
+    if block:
+        yield block
 
 
 def _decode(line: bytes, encoding: str = "utf-8") -> str | None:
@@ -229,8 +261,8 @@ def _decode(line: bytes, encoding: str = "utf-8") -> str | None:
         return None
 
 
-def _json_records(lines: Iterable[str | None], uri: str) -> Iterator[dict]:
-    for number, line in enumerate(lines, start=1):
+def _json_records(lines: Iterable[tuple[int, str | None]], uri: str) -> Iterator[dict]:
+    for number, line in lines:
         if line is not None and not line.strip():
             continue
         try:
@@ -245,10 +277,10 @@ def _json_records(lines: Iterable[str | None], uri: str) -> Iterator[dict]:
         yield record
 
 
-def _delimited_records(lines: Iterable[str | None], delimiter: str, uri: str) -> Iterator[dict]:
+def _delimited_records(lines: Iterable[tuple[int, str | None]], delimiter: str, uri: str) -> Iterator[dict]:
     # fairseq writes its TSVs unquoted (csv.QUOTE_NONE); CSV files follow the usual quoting.
     quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
-    reader = csv.reader((line if line is not None else "\x00" for line in lines), delimiter=delimiter,
+    reader = csv.reader((line if line is not None else "\x00" for _, line in lines), delimiter=delimiter,
                         quoting=quoting)
     header = next(reader, None)
     for row in reader:
@@ -305,29 +337,30 @@ def _inline_audio(record: dict, column: str, uri: str, index: int, with_audio: b
 
 class Repeats:
     """Repeated ids of one file, numbered in file order: the second `x` becomes `x#2`, or the next `x#<n>` no row
-    of the file has taken yet (so `x, x, x#2` give `x, x#2, x#2#2`). Holds 8-byte digests of each id given and each
-    id's next number (~200 bytes a row with the dicts' overhead; in the read task, not the driver: shard a manifest
-    of tens of millions of rows). Ids repeated across shards are left as they are; the summary counts per manifest
-    row."""
+    of the file has taken yet (so `x, x, x#2` give `x, x#2, x#2#2`). Holds each id given (~100 bytes a row; in the
+    read task, not the driver: shard a manifest of tens of millions of rows). Ids repeated across shards are left as
+    they are; the summary counts per manifest row."""
 
     def __init__(self):
-        self.counts: dict[bytes, int] = {}
-        self.given: set[bytes] = set()
+        self.counts: dict[str, int] = {}  # the next number of each id seen more than once
+        self.given: set[str] = set()
+
+    def number_all(self, ids: list[str]) -> list[str]:
+        if len(set(ids)) == len(ids) and self.given.isdisjoint(ids):  # the usual block: no id seen before
+            self.given.update(ids)
+            return ids
+        return [self.number(row_id) for row_id in ids]
 
     def number(self, row_id: str) -> str:
-        key = _digest(row_id)
-        count = self.counts.get(key, 1)
+        count = self.counts.get(row_id, 1)
         numbered = row_id if count == 1 else f"{row_id}#{count}"
-        while _digest(numbered) in self.given:
+        while numbered in self.given:
             count += 1
             numbered = f"{row_id}#{count}"
-        self.counts[key] = count
-        self.given.add(_digest(numbered))
+        if count > 1:
+            self.counts[row_id] = count
+        self.given.add(numbered)
         return numbered
-
-
-def _digest(text: str) -> bytes:
-    return hashlib.blake2b(text.encode(), digest_size=8).digest()
 
 
 def _first(record: dict, names: tuple[str, ...]):
@@ -337,14 +370,16 @@ def _first(record: dict, names: tuple[str, ...]):
     return None
 
 
-def normalise(records: list[dict], uri: str, base: str | None, repeats: Repeats | None = None) -> pa.Table:
-    """Records as read (each with its `_line`) -> the job's table; raises ManifestError when no row could name
-    its audio."""
+def normalise(records: list[dict], uri: str, base: str | None, repeats: Repeats | None = None,
+              strict: bool = True) -> pa.Table:
+    """Records as read (each with its `_line`) -> the job's table. Strict: raises ManifestError when no row could name
+    its audio (the driver's look at a first file); else such rows get the error `names no audio file` (a read
+    task's block of them is no reason to fail the job)."""
     repeats = repeats or Repeats()
     columns = {name for record in records for name in record if name not in PRIVATE_KEYS}
     inline = any("_audio" in record for record in records)  # rows carrying their audio (a Parquet's audio bytes)
     audio_column = None if inline else next((name for name in AUDIO_COLUMNS if name in columns), None)
-    if audio_column is None and not inline and any("_bad_line" not in record for record in records):
+    if strict and audio_column is None and not inline and any("_bad_line" not in record for record in records):
         raise ManifestError(
             f"{uri}: no audio column; a manifest needs one of {', '.join(AUDIO_COLUMNS)} "
             f"(it has {', '.join(sorted(columns)) or 'no columns'})"
@@ -354,7 +389,6 @@ def normalise(records: list[dict], uri: str, base: str | None, repeats: Repeats 
     rows = []
     for record in records:
         row = _normalise_row(record, uri, base)
-        row["id"] = repeats.number(row["id"])
         for name in passthrough:
             value = record.get(name)
             key = f"manifest_{name}" if name in OUTPUT_COLUMNS else name
@@ -362,6 +396,8 @@ def normalise(records: list[dict], uri: str, base: str | None, repeats: Repeats 
         rows.append(row)
     if not rows:
         return SCHEMA.empty_table()
+    for row, numbered in zip(rows, repeats.number_all([row["id"] for row in rows])):
+        row["id"] = numbered
     table = pa.Table.from_pylist(rows)
     return table.cast(pa.schema([SCHEMA.field(n) if n in SCHEMA.names else table.schema.field(n)
                                  for n in table.column_names]))
@@ -396,6 +432,94 @@ def _normalise_row(record: dict, uri: str, base: str | None) -> dict:
         "tgt_lang": _first(record, TGT_LANG_COLUMNS),
         "error": error,
     }
+
+
+class RowByRow(Exception):
+    """A block Arrow's JSON path leaves to `normalise` (which gives each odd row its own error)."""
+
+
+def _json_table(lines: list[bytes], uri: str, base: str | None, repeats: Repeats) -> pa.Table | None:
+    """JSONL lines (none blank) -> the table `normalise` gives for them, computed by Arrow with no Python object per
+    row; None when the block needs the row-by-row path: a line that is not a JSON object, a nested, date-like or
+    oddly typed value, a number to refuse, a row naming no audio."""
+    data = b"\n".join(lines)
+    try:
+        table = pajson.read_json(io.BytesIO(data), read_options=pajson.ReadOptions(use_threads=False,
+                                                                                    block_size=len(data) + 1))
+        if table.num_rows != len(lines) or any(pa.types.is_nested(t) or pa.types.is_temporal(t) or
+                                               pa.types.is_binary(t) for t in table.schema.types):
+            raise RowByRow
+        return _normalise_table(table, base, repeats)
+    except (RowByRow, pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+        return None
+
+
+def _normalise_table(table: pa.Table, base: str | None, repeats: Repeats) -> pa.Table:
+    """`normalise` of records parsed by Arrow (no error in any row, or RowByRow)."""
+    names = table.column_names
+    audio_column = next((name for name in AUDIO_COLUMNS if name in names), None)
+    audio = _first_text(table, AUDIO_COLUMNS)
+    if audio_column is None or audio.null_count:
+        raise RowByRow
+    if base is not None:  # `resolve`, by columns
+        absolute = pc.or_(pc.match_substring(audio, "://"), pc.starts_with(audio, "/"))
+        joined = pc.binary_join_element_wise(pa.scalar(base if base.endswith("/") else base + "/"), audio, "")
+        audio = pc.if_else(absolute, audio, joined)
+    offset = _seconds_column(table, "offset")
+    offset = pc.if_else(pc.equal(pc.fill_null(offset, 0.0), 0.0), 0.0, offset)  # `or 0.0`
+    duration = _seconds_column(table, "duration")
+    ids = _given_ids(table).to_pylist()
+    if None in ids:
+        audios, offsets = audio.to_pylist(), offset.to_pylist()
+        ids = [i if i is not None else derive_id(audios[k], offsets[k]) for k, i in enumerate(ids)]
+    columns = {"id": None, "audio": audio, "offset_s": offset,
+               "duration_s": duration, "reference": _first_text(table, REFERENCE_COLUMNS),
+               "tgt_lang": _first_text(table, TGT_LANG_COLUMNS), "error": pa.nulls(table.num_rows, pa.string())}
+    used = {audio_column, "id", "offset", "duration", *REFERENCE_COLUMNS[:2], *TGT_LANG_COLUMNS}
+    for name in sorted(set(names) - used):
+        key = f"manifest_{name}" if name in OUTPUT_COLUMNS else name
+        if key in columns:
+            raise RowByRow
+        columns[key] = table[name]
+    columns["id"] = pa.array(repeats.number_all(ids), pa.string())  # last: the block is not given back after this
+    return pa.table(columns).combine_chunks()
+
+
+def _first_text(table: pa.Table, names: tuple[str, ...]) -> pa.ChunkedArray:
+    """`_first` of string columns: each row's first value that is not null or ""."""
+    found = []
+    for name in names:
+        if name not in table.column_names or pa.types.is_null(table[name].type):
+            continue
+        if not pa.types.is_string(table[name].type):
+            raise RowByRow
+        found.append(pc.if_else(pc.equal(table[name], ""), pa.scalar(None, pa.string()), table[name]))
+    return pc.coalesce(*found) if found else pa.chunked_array([pa.nulls(table.num_rows, pa.string())])
+
+
+def _seconds_column(table: pa.Table, name: str) -> pa.ChunkedArray:
+    """`_seconds` of a numeric column (null where absent); RowByRow where a row's number would be refused."""
+    if name not in table.column_names or pa.types.is_null(table[name].type):
+        return pa.chunked_array([pa.nulls(table.num_rows, pa.float64())])
+    if not (pa.types.is_integer(table[name].type) or pa.types.is_floating(table[name].type)):
+        raise RowByRow
+    seconds = pc.cast(table[name], pa.float64())
+    refused = pc.or_(pc.invert(pc.is_finite(seconds)), pc.or_(pc.greater(seconds, MAX_SECONDS),
+                                                              pc.less(seconds, 0.0)))
+    if name == "duration":
+        refused = pc.or_(refused, pc.equal(seconds, 0.0))
+    if pc.any(refused).as_py():
+        raise RowByRow
+    return seconds
+
+
+def _given_ids(table: pa.Table) -> pa.ChunkedArray:
+    """The `id` column as text, null where a row has none (null or "")."""
+    if "id" not in table.column_names or pa.types.is_null(table["id"].type):
+        return pa.chunked_array([pa.nulls(table.num_rows, pa.string())])
+    if pa.types.is_integer(table["id"].type):
+        return pc.cast(table["id"], pa.string())
+    return _first_text(table, ("id",))
 
 
 class BadNumber(ValueError):

@@ -34,7 +34,7 @@ import pyarrow as pa
 import soundfile
 from ray.data.datasource import FileBasedDatasource
 
-from .audio import INLINE_AUDIO
+from .audio import INLINE_AUDIO, is_remote
 from .manifest import SCHEMA, ManifestError, Repeats, expand, normalise
 
 # WebDataset's split of a member name into sample key and field (webdataset.tariterators.base_plus_ext).
@@ -249,7 +249,7 @@ class TarredAudio:
 
         self.pattern = pattern
         self.fs, path = fsspec.core.url_to_fs(pattern, **(storage_options or {}))
-        remote = "://" in pattern and not pattern.startswith("file://")
+        remote = is_remote(pattern)
         files = expand(self.fs, path, pattern)
         self.paths: dict[int, tuple[str, str]] = {}  # shard id -> (path in self.fs, URL)
         for path in files:

@@ -25,6 +25,7 @@ from s2t_model import FeatureExtractor, checkpoint
 from s2t_model.batching import CPU_MAX_FRAMES
 from s2t_model.speech2text import MIN_AVG_LOGPROB
 
+from .audio import is_remote
 from .config import JobConfig
 from .ids import digest_set, drop_listed
 from .lease import Lease
@@ -96,7 +97,7 @@ class TranscribeConfig(JobConfig):
 
     def options_for(self, uri: str) -> dict | None:
         """Storage options only for URLs of a protocol that takes them (s3fs' are no use to the local filesystem)."""
-        return self.storage() if "://" in uri and not uri.startswith("file://") else None
+        return self.storage() if is_remote(uri) else None
 
 
 def run(config: TranscribeConfig) -> dict:
