@@ -20,35 +20,32 @@ from .output import shuffle_partitions
 SUMS = pa.schema([("name", pa.string()), ("value", pa.float64())])
 
 
-def reason(error: str | None) -> str | None:
-    return None if error is None else error.split(":", 1)[0]
-
-
 def block_sums(batch: pa.Table, run_id: str | None = None) -> pa.Table:
     """Output rows -> their sums, one (name, value) row per figure: n_out, ok, audio_s, run_rows, run_audio_s,
-    wer_edits, wer_words, bleu:<lang>:<k>, error:<reason>."""
-    rows = batch.to_pylist()
-    sums: dict[str, float] = dict.fromkeys(["n_out", "ok", "audio_s", "run_rows", "run_audio_s", "wer_edits",
-                                            "wer_words"], 0.0)
+    wer_edits, wer_words, bleu:<lang>:<k>, error:<reason>. Counts by Arrow; only rows with a score to compute
+    become Python objects."""
+    error = column(batch, "error")
+    ok = pc.fill_null(pc.equal(error, ""), True)  # no error, or an empty one
+    seconds = pc.if_else(ok, pc.fill_null(column(batch, "duration_s", pa.float64()), 0.0), 0.0)
+    this_run = pc.fill_null(pc.equal(column(batch, "run_id"), run_id), False) if run_id is not None else \
+        pa.array([False] * batch.num_rows)
+    sums: dict[str, float] = {
+        "n_out": batch.num_rows, "ok": pc.sum(ok).as_py() or 0, "audio_s": pc.sum(seconds).as_py() or 0.0,
+        "run_rows": pc.sum(this_run).as_py() or 0,
+        "run_audio_s": pc.sum(pc.if_else(this_run, seconds, 0.0)).as_py() or 0.0, "wer_edits": 0.0, "wer_words": 0.0}
+    reasons = pc.list_element(pc.split_pattern(pc.filter(error, pc.invert(ok)), ":", max_splits=1), 0)
+    for counted in pc.value_counts(reasons).to_pylist():
+        sums[f"error:{counted['values']}"] = counted["counts"]
+    scored = batch.filter(ok)
+    lang = column(scored, "tgt_lang")
+    for row in scored.filter(pc.is_null(lang)).select(present(scored, ["reference", "text"])).to_pylist():
+        edits, words = scoring.wer_counts(row.get("reference"), row.get("text"))
+        sums["wer_edits"] += edits
+        sums["wer_words"] += words
     by_lang: dict[str, list[dict]] = {}
-    for row in rows:
-        ok = not row.get("error")
-        this_run = run_id is not None and row.get("run_id") == run_id
-        seconds = (row.get("duration_s") or 0.0) if ok else 0.0
-        sums["n_out"] += 1
-        sums["ok"] += ok
-        sums["audio_s"] += seconds
-        sums["run_rows"] += this_run
-        sums["run_audio_s"] += seconds if this_run else 0.0
-        if not ok:
-            name = f"error:{reason(row['error'])}"
-            sums[name] = sums.get(name, 0.0) + 1
-        elif row.get("tgt_lang") is None:
-            edits, words = scoring.wer_counts(row.get("reference"), row.get("text"))
-            sums["wer_edits"] += edits
-            sums["wer_words"] += words
-        elif row.get("text") is not None:
-            by_lang.setdefault(row["tgt_lang"], []).append(row)
+    translated = scored.filter(pc.and_(pc.is_valid(lang), pc.is_valid(column(scored, "text"))))
+    for row in translated.to_pylist():
+        by_lang.setdefault(row["tgt_lang"], []).append(row)
     for lang, lang_rows in by_lang.items():
         # Translation references sit in text_<lang> columns (as in the demo corpus), else in the manifest's text.
         pairs = [(r.get(f"text_{lang}") or r.get("reference"), r["text"]) for r in lang_rows]
@@ -56,7 +53,16 @@ def block_sums(batch: pa.Table, run_id: str | None = None) -> pa.Table:
         stats = scoring.bleu_stats([ref for ref, _ in pairs], [hyp for _, hyp in pairs])
         for k in range(scoring.BLEU_STATS):
             sums[f"bleu:{lang}:{k}"] = float(sum(row_stats[k] for row_stats in stats))
-    return pa.table({"name": list(sums), "value": list(sums.values())}, schema=SUMS)
+    return pa.table({"name": list(sums), "value": [float(v) for v in sums.values()]}, schema=SUMS)
+
+
+def column(batch: pa.Table, name: str, type: pa.DataType = pa.string()) -> pa.ChunkedArray:
+    """A column of the batch, or nulls when it has none (an output written before the column existed)."""
+    return batch[name] if name in batch.column_names else pa.chunked_array([pa.nulls(batch.num_rows, type)])
+
+
+def present(batch: pa.Table, names: list[str]) -> list[str]:
+    return [name for name in names if name in batch.column_names]
 
 
 def summed(dataset, run_id: str | None = None) -> dict[str, float]:
@@ -83,13 +89,15 @@ def figures(sums: dict[str, float]) -> dict:
     return out
 
 
-def corpus_summary(manifest_ids, output_rows, run_id: str) -> dict:
+def corpus_summary(manifest_ids, output_rows, run_id: str, output_ids=None) -> dict:
     """Counts over the manifest's rows as the output now holds them, quality over those rows, and what this run did.
 
-    manifest_ids: Dataset with the manifest's `id`; output_rows: Dataset of the output (None when it has no file)."""
+    manifest_ids: Dataset with the manifest's `id`; output_rows: Dataset of the output (None when it has no file);
+    output_ids: the digest set of output_rows' ids when the caller has it (else read here)."""
     import ray
 
-    output_ids = digest_set(output_rows) if output_rows is not None else ray.put(sorted_digests())
+    if output_ids is None:
+        output_ids = digest_set(output_rows) if output_rows is not None else ray.put(sorted_digests())
     counts, unlisted = ray.remote(num_returns=2)(compare).remote(digest_set(manifest_ids), output_ids)
     ids = ray.get(counts)
     if output_rows is not None and ids["unlisted"]:  # rows of ids the manifest does not have are not counted

@@ -27,7 +27,7 @@ from s2t_model.speech2text import MIN_AVG_LOGPROB
 
 from .audio import is_remote
 from .config import JobConfig
-from .ids import digest_set, drop_listed
+from .ids import digest_set, drop_listed, union
 from .lease import Lease
 from .longform import join_segments, split_long_audio
 from .manifest import Manifest
@@ -115,7 +115,7 @@ def run(config: TranscribeConfig) -> dict:
         done = footers(fs, root)  # and files it left cut short are removed here
         # One set of the output's ids drops both the rows done and the segments of long recordings done; rows are
         # dropped before tar shards are read where the manifest knows them (NeMo).
-        not_done = done_filter(fs, root, list(done))
+        not_done, done_ids = done_filter(fs, root, list(done))
         rows = manifest.dataset(config.rows_per_block, arrow_filesystem(manifest.fs), todo=not_done).map_batches(
             with_run_id, fn_kwargs=dict(run_id=run_id), batch_format="pyarrow", batch_size=None)
         # Blocks of rows_per_block rows again after the read tasks (which merge theirs) and the filter: the unit
@@ -132,7 +132,7 @@ def run(config: TranscribeConfig) -> dict:
         out = rows_dataset(fs, root, list(written), summary_columns(written)) if written else None
         # The manifest's ids again, without audio bytes (WebDataset: each shard read again, its audio skipped).
         ids = manifest.dataset(config.rows_per_block, arrow_filesystem(manifest.fs), audio=False)
-        summary = corpus_summary(ids, out, run_id)
+        summary = corpus_summary(ids, out, run_id, output_ids=ids_after_run(fs, root, done, done_ids, written))
         wall_s = time.time() - started
         summary.update(wall_s=wall_s, rtfx=summary["audio_hours_this_run"] * 3600 / wall_s if wall_s > 0 else None,
                        manifest=config.manifest, output=config.output, model=model_label, run_id=run_id)
@@ -156,24 +156,33 @@ def with_run_id(batch: pa.Table, run_id: str) -> pa.Table:
 
 
 def done_filter(fs, root: str, files: list[str]):
-    """-> a function from rows to those rows less the ids `files` of the output already hold (pipeline/ids.py: the
-    ids' sorted digests in the object store, read once here, and a filter; why not a join, there)."""
+    """-> (a function from rows to those rows less the ids `files` of the output already hold, the digest set of
+    those ids: their sorted digests in the object store, read once here; pipeline/ids.py says why not a join)."""
     if not files:
-        return lambda rows: rows
+        return (lambda rows: rows), None
     done = digest_set(rows_dataset(fs, root, files, ["id"]))
-    return lambda rows: rows.map_batches(drop_listed, fn_kwargs=dict(listed=done), batch_format="pyarrow",
-                                         batch_size=None)
+    return (lambda rows: rows.map_batches(drop_listed, fn_kwargs=dict(listed=done), batch_format="pyarrow",
+                                          batch_size=None)), done
+
+
+def ids_after_run(fs, root: str, before: dict, before_ids, after: dict):
+    """The digest set of the output's ids after the run: those read before it and those of the files it added, so
+    that no file is read twice; None (all read again) where a file there before is gone (rewritten by a join)."""
+    if before_ids is None or any(path not in after for path in before):
+        return None
+    added = [path for path in after if path not in before]
+    return union(before_ids, digest_set(rows_dataset(fs, root, added, ["id"]))) if added else before_ids
 
 
 def anti_join_filter(fs, root: str, files: list[str]):
     """The same by Ray Data's hash-shuffle anti-join (kept for `s2t bench scale --resume join`, the comparison)."""
     if not files:
-        return lambda rows: rows
+        return (lambda rows: rows), None
     done = rows_dataset(fs, root, files, ["id"])
     # The join's aggregators live as long as the job: a whole CPU each would starve the actor pools after them.
-    return lambda rows: rows.join(done, join_type="left_anti", num_partitions=shuffle_partitions(), on=("id",),
-                                  aggregator_ray_remote_args={"num_cpus": 0.01}).map_batches(
-        plain_strings, batch_format="pyarrow", batch_size=None)  # the join (polars) gives large_string
+    return (lambda rows: rows.join(done, join_type="left_anti", num_partitions=shuffle_partitions(), on=("id",),
+                                   aggregator_ray_remote_args={"num_cpus": 0.01}).map_batches(
+        plain_strings, batch_format="pyarrow", batch_size=None)), None  # the join (polars) gives large_string
 
 
 def summary_columns(written: dict[str, pq.FileMetaData]) -> list[str]:

@@ -148,7 +148,7 @@ def killed_mid_job(manifest: str, output, ray_address: str, files: int, options=
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while time.time() < deadline and len(list(output.glob("*.parquet"))) < files and driver.poll() is None:
-        time.sleep(0.2)
+        time.sleep(0.05)  # a small job may write all its files within a few tenths of a second
     driver.send_signal(signal.SIGKILL)
     driver.wait()
     intact = []
