@@ -28,7 +28,7 @@ from .lease import Lease, LeaseHeld  # noqa: F401 (LeaseHeld: what a refused run
 from .longform import join_segments
 from .manifest import Manifest
 from .output import (OutputNames, arrow_filesystem, check_output, footers, mark_output, output_filesystem, own_name,
-                     rows_dataset)
+                     rows_dataset, each_language)
 from .summary import run_summary
 from .transcribe import TranscribeConfig, transcription_dataset
 
@@ -102,13 +102,6 @@ def missing_pairs(manifest: Manifest, rows_per_block: int, langs: list[str], run
                                   batch_size=None)
     return pairs.repartition(target_num_rows_per_block=rows_per_block)
 
-
-def each_language(batch: pa.Table, langs: list[str], run_id: str) -> pa.Table:
-    """Manifest rows -> one row per (row, language), with the run's id."""
-    index = batch.column_names.index("tgt_lang")
-    tables = [batch.set_column(index, "tgt_lang", pa.array([lang] * batch.num_rows, pa.string())) for lang in langs]
-    table = pa.concat_tables(tables)
-    return table.append_column("run_id", pa.array([run_id] * table.num_rows, pa.string()))
 
 
 def drop_errors(fs, root: str) -> None:

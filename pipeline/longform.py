@@ -20,10 +20,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import soundfile
 
-from s2t_model.segment import segment_stream
-
 from .audio import INLINE_AUDIO, AudioError, _check_duration, open_audio, slice_frames
-from .output import (OutputNames, arrow_filesystem, footers, holds_segments, own_name, plain_strings,
+from .output import (OutputFiles, OutputNames, arrow_filesystem, footers, holds_segments, own_name, plain_strings,
                      shuffle_partitions)
 
 SEGMENT_FIELDS = [("segment_of", pa.string()), ("segment_index", pa.int32()), ("segment_count", pa.int32()),
@@ -90,6 +88,8 @@ def split_row(row: dict, max_segment_s: float, max_duration_s: float, storage_op
             sound.seek(start)
             blocks = sound.blocks(blocksize=round(BLOCK_S * sound.samplerate), frames=frames,
                                   dtype="float32", always_2d=True)
+            from s2t_model.segment import segment_stream  # here: torch only in processes that split a recording
+
             segments = list(segment_stream(blocks, sound.samplerate, max_segment_s))
             if not segments:  # no speech: the later stages give it the text "" without reading it again
                 return [{**row, "duration_s": seconds, "speech_s": 0.0}]
@@ -172,7 +172,8 @@ def with_folders(fs, files: list[str]):
 def read_parquet_files(fs, files: list[str]):
     import ray
 
-    return ray.data.read_parquet(files, filesystem=arrow_filesystem(fs), include_paths=True, partitioning=None)
+    return ray.data.read_datasource(OutputFiles(files, columns=None, filesystem=arrow_filesystem(fs),
+                                                include_paths=True), override_num_blocks=len(files))
 
 
 def folder_column(batch: pa.Table) -> pa.Table:

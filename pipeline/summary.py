@@ -1,6 +1,6 @@
-"""Corpus figures of a job's output, computed by Ray Data aggregations: each block of output rows becomes its sums
-(rows ok, audio seconds, word edits, BLEU n-gram counts, errors by reason, ...) as (name, value) rows, Ray sums them
-by name on the cluster, and the driver gets one number per name. WER and BLEU come from those summed sufficient
+"""Corpus figures of a job's output, computed on the cluster: each block of output rows becomes its sums (rows ok,
+audio seconds, word edits, BLEU n-gram counts, errors by reason, ...) as (name, value) rows, by Arrow in Ray Data's
+read tasks; one task adds them up by name, and the driver gets one number per name. WER and BLEU come from those summed sufficient
 statistics, equal to jiwer's and sacrebleu's corpus figures over the same rows.
 
 Which rows count: the manifest's, as the output now holds them. The sorted id digests of both (pipeline/ids.py),
@@ -15,7 +15,6 @@ import pyarrow.compute as pc
 
 from . import scoring
 from .ids import compare, digest_set, drop_listed, sorted_digests
-from .output import shuffle_partitions
 
 SUMS = pa.schema([("name", pa.string()), ("value", pa.float64())])
 
@@ -66,12 +65,19 @@ def present(batch: pa.Table, names: list[str]) -> list[str]:
 
 
 def summed(dataset, run_id: str | None = None) -> dict[str, float]:
-    """The sums of `block_sums` over a dataset of output rows: a group-by over a few rows per block."""
-    from ray.data.aggregate import Sum
+    """The sums of `block_sums` over a dataset of output rows: each block's few rows, added up by one task (a
+    group-by's shuffle would start its aggregator actors for them: seconds on a small machine)."""
+    import ray
 
-    by_name = dataset.map_batches(block_sums, fn_kwargs=dict(run_id=run_id), batch_format="pyarrow").groupby(
-        "name", num_partitions=shuffle_partitions()).aggregate(Sum("value", alias_name="value"))
-    return {row["name"]: row["value"] for row in by_name.take_all()}  # one row per figure, not per output row
+    parts = dataset.map_batches(block_sums, fn_kwargs=dict(run_id=run_id), batch_format="pyarrow",
+                                batch_size=None).to_arrow_refs()
+    return ray.get(ray.remote(total).remote(*parts))  # one number per figure, not per output row
+
+
+def total(*parts: pa.Table) -> dict[str, float]:
+    parts = [part for part in parts if "name" in part.column_names]  # an empty block may skip the map
+    by_name = pa.concat_tables([SUMS.empty_table(), *parts]).group_by("name").aggregate([("value", "sum")])
+    return dict(zip(by_name["name"].to_pylist(), by_name["value_sum"].to_pylist()))
 
 
 def figures(sums: dict[str, float]) -> dict:

@@ -17,7 +17,6 @@ import uuid
 from typing import Literal
 
 import fsspec
-import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field
 
@@ -33,7 +32,8 @@ from .longform import join_segments, split_long_audio
 from .manifest import Manifest
 from .shards import TarredAudio
 from .output import (OutputNames, arrow_filesystem, check_output, footers, holds_segments, mark_output,  # noqa: F401
-                     output_filesystem, plain_strings, read_output, rows_dataset, scan_output, shuffle_partitions)
+                     output_filesystem, plain_strings, read_output, rows_dataset, scan_output, shuffle_partitions,
+                     with_run_id)
 from .summary import corpus_summary
 from .stages import ComputeFeatures, GenerateText, TranscribeAudio
 
@@ -149,10 +149,6 @@ def check_inputs(config: TranscribeConfig) -> tuple[Manifest, fsspec.AbstractFil
     fs, root = output_filesystem(config.output, config.options_for(config.output))
     check_output(fs, root, config.output, adopt=config.adopt_output)
     return manifest, fs, root
-
-
-def with_run_id(batch: pa.Table, run_id: str) -> pa.Table:
-    return batch.append_column("run_id", pa.array([run_id] * batch.num_rows, pa.string()))
 
 
 def done_filter(fs, root: str, files: list[str]):
