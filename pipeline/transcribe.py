@@ -1,7 +1,7 @@
 """The corpus transcription job: manifest -> CPU feature actors -> generation actor pool -> Parquet, plus a summary.
 
     read (manifest read tasks) -> drop ids done (a filter on the output's id digests) -> split_long_audio
-    -> ComputeFeatures -> GenerateText -> write_parquet;  then join_segments, and the summary by Ray Data aggregations
+    -> ComputeFeatures -> GenerateText -> write_parquet;  then join_segments, and the summary (pipeline/summary.py)
 
 The driver holds no rows: it lists files and reads Parquet footers. Resuming filters out the ids the output holds:
 re-running the same command after a crash writes only what is missing. A Parquet file cut short by the crash has no

@@ -2,12 +2,14 @@
 bad input, and a resume after the driver is killed. References are the demo corpus' own texts."""
 
 import csv
+import io
 import json
 import os
 import signal
 import struct
 import subprocess
 import sys
+import tarfile
 import time
 import zipfile
 
@@ -163,16 +165,7 @@ def test_translation_forced_per_job(ray_session, corpus, tmp_path):
 def test_bad_input_rows_carry_their_reason(ray_session, corpus, tmp_path, feature_stage):
     root, rows = corpus
     bad = tmp_path / "bad"
-    bad.mkdir()
-    (bad / "zero.wav").write_bytes(b"")
-    (bad / "text.wav").write_text("this is not audio\n" * 20)
-    flac = open(rows[3]["audio_filepath"], "rb").read()
-    (bad / "truncated.flac").write_bytes(flac[: len(flac) // 2])
-    soundfile.write(bad / "tiny.wav", np.zeros(160, np.float32), 16000)  # 10 ms
-    soundfile.write(bad / "nan.wav", np.full(16000, np.nan, np.float32), 16000, subtype="FLOAT")
-    long = np.concatenate([soundfile.read(r["audio_filepath"], dtype="float32")[0] for r in demo_rows(20)])
-    soundfile.write(bad / "long.flac", long, 16000)
-    assert len(long) / 16000 > 30
+    bad_audio_files(bad, rows)
     good = [{"id": r["id"], "audio_filepath": f"{root}/audio/{r['file']}", "text": r["text"]} for r in rows[:3]]
     lines = [json.dumps(line) for line in good] + [
         json.dumps({"id": "missing", "audio_filepath": str(bad / "nowhere.flac"), "text": "x"}),
@@ -201,6 +194,48 @@ def test_bad_input_rows_carry_their_reason(ray_session, corpus, tmp_path, featur
     assert_transcribed([row for row in out if not row["error"]], [g["id"] for g in good],
                        {g["id"]: g["text"] for g in good})
     assert sum(summary["errors_by_reason"].values()) == 8 and summary["errors_by_reason"]["missing"] == 1
+
+
+def bad_audio_files(bad, rows: list[dict]) -> dict[str, str]:
+    """Audio files each broken in its own way, in the folder `bad`: id -> the reason its row's error must give."""
+    bad.mkdir()
+    (bad / "zero.wav").write_bytes(b"")
+    (bad / "text.wav").write_text("this is not audio\n" * 20)
+    flac = open(rows[3]["audio_filepath"], "rb").read()
+    (bad / "truncated.flac").write_bytes(flac[: len(flac) // 2])
+    soundfile.write(bad / "tiny.wav", np.zeros(160, np.float32), 16000)  # 10 ms
+    soundfile.write(bad / "nan.wav", np.full(16000, np.nan, np.float32), 16000, subtype="FLOAT")
+    long = np.concatenate([soundfile.read(r["audio_filepath"], dtype="float32")[0] for r in demo_rows(20)])
+    soundfile.write(bad / "long.flac", long, 16000)
+    assert len(long) / 16000 > 30
+    return {"zero": "empty", "text": "unreadable", "truncated": "corrupt|truncated", "tiny": "too_short",
+            "nan": "corrupt", "long": "too_long"}
+
+
+def test_bad_audio_in_a_webdataset_shard_carries_its_reason(ray_session, corpus, tmp_path):
+    """The same broken files as tar members, beside good samples in the same shard: every sample one row."""
+    root, rows = corpus
+    expected = bad_audio_files(tmp_path / "bad", rows)
+    samples = [(r["id"], r["audio_filepath"], r["text"]) for r in rows[:3]]
+    samples += [(name, str(path), "x") for path in sorted((tmp_path / "bad").iterdir())
+                for name in [path.name.split(".")[0]]]
+    with tarfile.open(tmp_path / "shard-000000.tar", "w") as tar:
+        for key, path, text in samples:
+            for name, data in [(f"{key}.{path.rsplit('.', 1)[1]}", open(path, "rb").read()),
+                               (f"{key}.json", json.dumps({"id": key, "text": text}).encode())]:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    summary, out = job(tmp_path / "shard-000000.tar", tmp_path / "out", max_duration_s=30.0)
+    assert len(out) == len(samples) == summary["rows_in"] == summary["rows_out"]
+    reasons = {row["id"]: (row["error"] or "").split(":")[0] for row in out}
+    for key, reason in expected.items():
+        assert reasons.pop(key) in reason.split("|"), key
+    assert reasons == {r["id"]: "" for r in rows[:3]}
+    texts = {row["id"]: row["text"] for row in out if not row["error"]}
+    # Three short clips, 37 words: one clip half-transcribed is already 13 % WER; the layout WER test is test_shards.
+    assert scoring.wer([r["text"] for r in rows[:3]], [texts[r["id"]] for r in rows[:3]]) <= 20.0
+    assert sum(summary["errors_by_reason"].values()) == len(expected)
 
 
 def test_manifest_without_audio_column_fails_before_any_work(tmp_path):
