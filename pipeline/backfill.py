@@ -16,7 +16,6 @@ import time
 import uuid
 
 import fsspec
-import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import Field
@@ -64,7 +63,7 @@ def run(config: BackfillConfig) -> dict:
         join_segments(fs, root)  # long recordings a killed run left in segments
         if config.retry_errors:
             drop_errors(fs, root)  # first, so that a retried pair is never in the output twice
-        todo = missing_pairs(manifest, config.rows_per_block, langs, run_id, fs, root).materialize()
+        todo = missing_pairs(manifest, manifest.block_rows(config.rows_per_block), langs, run_id, fs, root).materialize()
         pairs_found = todo.count()
         log.info("%d (id, language) pairs to do", pairs_found)
         if pairs_found:

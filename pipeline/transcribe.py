@@ -80,7 +80,9 @@ class TranscribeConfig(JobConfig):
     max_duration_s: float = Field(4 * 3600.0, gt=0, description="longest recording, in seconds")
     max_segment_s: float = Field(20.0, gt=0, description="longer recordings are cut at pauses into segments this long")
     rows_per_file: int = Field(10000, ge=1, description="rows per Parquet file (the last ones may have fewer)")
-    rows_per_block: int = Field(256, ge=1, description="manifest rows per Ray Data block")
+    rows_per_block: int | None = Field(None, ge=1, description="manifest rows per Ray Data block, the unit the actors "
+                                                                "share out (default: 1,024; 256 for rows carrying "
+                                                                "their audio: tar shards, Parquet with audio bytes)")
     lease_ttl_s: float = Field(600.0, gt=0, description="a run's lease on its output not renewed for this long is "
                                                        "taken over")
     adopt_output: bool = Field(False, description="take an output folder of an older version of s2t (Parquet files "
@@ -116,11 +118,12 @@ def run(config: TranscribeConfig) -> dict:
         # One set of the output's ids drops both the rows done and the segments of long recordings done; rows are
         # dropped before tar shards are read where the manifest knows them (NeMo).
         not_done, done_ids = done_filter(fs, root, list(done))
-        rows = manifest.dataset(config.rows_per_block, arrow_filesystem(manifest.fs), todo=not_done).map_batches(
+        block_rows = manifest.block_rows(config.rows_per_block)
+        rows = manifest.dataset(block_rows, arrow_filesystem(manifest.fs), todo=not_done).map_batches(
             with_run_id, fn_kwargs=dict(run_id=run_id), batch_format="pyarrow", batch_size=None)
         # Blocks of rows_per_block rows again after the read tasks (which merge theirs) and the filter: the unit
         # the actor pools share out (a streaming split, not a shuffle).
-        todo = rows.repartition(target_num_rows_per_block=config.rows_per_block)
+        todo = rows.repartition(target_num_rows_per_block=block_rows)
         fs.makedirs(root, exist_ok=True)
         segments_done = any(holds_segments(metadata) for metadata in done.values())
         dataset = transcription_dataset(todo, config, folder, model_label, done=not_done if segments_done else None)
@@ -131,7 +134,7 @@ def run(config: TranscribeConfig) -> dict:
         written = footers(fs, root)
         out = rows_dataset(fs, root, list(written), summary_columns(written)) if written else None
         # The manifest's ids again, without audio bytes (WebDataset: each shard read again, its audio skipped).
-        ids = manifest.dataset(config.rows_per_block, arrow_filesystem(manifest.fs), audio=False)
+        ids = manifest.dataset(block_rows, arrow_filesystem(manifest.fs), audio=False)
         summary = corpus_summary(ids, out, run_id, output_ids=ids_after_run(fs, root, done, done_ids, written))
         wall_s = time.time() - started
         summary.update(wall_s=wall_s, rtfx=summary["audio_hours_this_run"] * 3600 / wall_s if wall_s > 0 else None,
