@@ -4,13 +4,15 @@ path, forced for the whole file."""
 
 import io
 import json
+import tarfile
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 
 import pipeline.manifest as manifest
-from pipeline.manifest import Repeats, read_blocks
+from pipeline.manifest import Manifest, Repeats, read_blocks
 
 
 def lines(*records) -> bytes:
@@ -81,3 +83,21 @@ def test_clean_blocks_take_the_arrow_path(monkeypatch, data):
 
 def test_repeated_ids_are_numbered_in_file_order():
     assert Repeats().number_all(["x", "x", "x#2", "y", "x", "x#3"]) == ["x", "x#2", "x#2#2", "y", "x#3", "x#3#2"]
+
+
+def test_rows_carrying_their_audio_come_in_smaller_blocks(tmp_path):
+    """Blocks of 1,024 manifest rows (~200 bytes a row), 256 for rows with their audio's bytes (tar members, Parquet
+    audio cells); an explicit --rows-per-block wins."""
+    (tmp_path / "m.jsonl").write_bytes(PLAIN)
+    with tarfile.open(tmp_path / "shard-000.tar", "w") as tar:
+        for name, data in [("a.wav", b"RIFF"), ("a.json", b'{"id": "a"}')]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    audio = pa.array([{"bytes": b"RIFF", "path": "a.wav"}], pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
+    pq.write_table(pa.table({"audio": audio, "text": ["one"]}), tmp_path / "test-00000.parquet")
+    pq.write_table(pa.table({"audio": ["a.wav"], "text": ["one"]}), tmp_path / "plain.parquet")
+    blocks = {name: Manifest(str(tmp_path / name)).block_rows(None)
+              for name in ["m.jsonl", "shard-000.tar", "test-00000.parquet", "plain.parquet"]}
+    assert blocks == {"m.jsonl": 1024, "shard-000.tar": 256, "test-00000.parquet": 256, "plain.parquet": 1024}
+    assert Manifest(str(tmp_path / "m.jsonl")).block_rows(64) == 64
