@@ -207,8 +207,7 @@ def read_blocks(f, uri: str, rows_per_block: int, base: str | None, with_audio: 
         # it cannot take goes the row-by-row way, which gives each row its own error.
         for lines in _line_blocks(f, rows_per_block * -(-ARROW_LINES // rows_per_block)):
             table = _json_table([line for _, line in lines], uri, base, seen) or \
-                normalise(list(_json_records(((n, _decode(line, "utf-8-sig" if n == 1 else "utf-8"))
-                                               for n, line in lines), uri)), uri, base, seen, strict=False)
+                normalise(list(_json_records(_decoded(lines), uri)), uri, base, seen, strict=False)
             for start in range(0, table.num_rows, rows_per_block):
                 yield table.slice(start, rows_per_block)
         return
@@ -241,9 +240,14 @@ def _raw_lines(f) -> Iterator[bytes]:
 
 
 def _lines(f) -> Iterator[tuple[int, str | None]]:
-    """Numbered lines of a binary stream, decoded; a line that is not UTF-8 comes as None (a bad line, not a failed
-    file). The first line is read as utf-8-sig: Excel and Notepad start their exports with a byte-order mark."""
-    for number, line in enumerate(_raw_lines(f), start=1):
+    """Numbered lines of a binary stream, decoded (`_decoded`)."""
+    return _decoded(enumerate(_raw_lines(f), start=1))
+
+
+def _decoded(lines: Iterable[tuple[int, bytes]]) -> Iterator[tuple[int, str | None]]:
+    """Numbered lines, decoded; a line that is not UTF-8 comes as None (a bad line, not a failed file). The first
+    line is read as utf-8-sig: Excel and Notepad start their exports with a byte-order mark."""
+    for number, line in lines:
         yield number, _decode(line, "utf-8-sig" if number == 1 else "utf-8")
 
 
@@ -502,13 +506,17 @@ def _first_text(table: pa.Table, names: tuple[str, ...]) -> pa.ChunkedArray:
         if not pa.types.is_string(table[name].type):
             raise RowByRow
         found.append(pc.if_else(pc.equal(table[name], ""), pa.scalar(None, pa.string()), table[name]))
-    return pc.coalesce(*found) if found else pa.chunked_array([pa.nulls(table.num_rows, pa.string())])
+    return pc.coalesce(*found) if found else _nulls(table, pa.string())
+
+
+def _nulls(table: pa.Table, type: pa.DataType) -> pa.ChunkedArray:
+    return pa.chunked_array([pa.nulls(table.num_rows, type)])
 
 
 def _seconds_column(table: pa.Table, name: str) -> pa.ChunkedArray:
     """`_seconds` of a numeric column (null where absent); RowByRow where a row's number would be refused."""
     if name not in table.column_names or pa.types.is_null(table[name].type):
-        return pa.chunked_array([pa.nulls(table.num_rows, pa.float64())])
+        return _nulls(table, pa.float64())
     if not (pa.types.is_integer(table[name].type) or pa.types.is_floating(table[name].type)):
         raise RowByRow
     seconds = pc.cast(table[name], pa.float64())
@@ -524,7 +532,7 @@ def _seconds_column(table: pa.Table, name: str) -> pa.ChunkedArray:
 def _given_ids(table: pa.Table) -> pa.ChunkedArray:
     """The `id` column as text, null where a row has none (null or "")."""
     if "id" not in table.column_names or pa.types.is_null(table["id"].type):
-        return pa.chunked_array([pa.nulls(table.num_rows, pa.string())])
+        return _nulls(table, pa.string())
     if pa.types.is_integer(table["id"].type):
         return pc.cast(table["id"], pa.string())
     return _first_text(table, ("id",))
