@@ -23,6 +23,7 @@ ZIP_MEMBER = re.compile(r"^(?P<path>.+\.zip):(?P<offset>\d+):(?P<length>\d+)$")
 DATA_CHUNK_LOG = re.compile(r"^data\s*:\s*(?P<claimed>\d+) \(should be (?P<there>\d+)\)", re.MULTILINE)
 ROUNDING_S = 0.1  # how far past the end of a file a manifest's offset + duration may reach
 WHOLE_FILE_BYTES = 16 << 20  # remote files up to this size are fetched whole (larger: streamed, slices read alone)
+ONE_GET_MAX_S = 300.0  # a row of up to this long from offset 0 is first asked for with one GET of WHOLE_FILE_BYTES
 # A row's own encoded audio file (WebDataset and NeMo tar members, Hugging Face datasets' Audio bytes): read from it,
 # not from `audio`; dropped once the features are computed, never written to the output.
 INLINE_AUDIO = "audio_bytes"
@@ -43,14 +44,18 @@ def load_audio(
     max_duration_s: float = float("inf"),
     storage_options: dict | None = None,
     data: bytes | None = None,
+    connections: int = 1,
 ) -> np.ndarray:
     """Mono float32 samples at `sampling_rate` of [offset_s, offset_s + duration_s) of `uri` (to the end if None),
     or of `data`, the file's bytes when the row carries them (`uri` then only names them in errors).
+    connections: how many reads this process makes at once (its object-store client keeps as many connections).
 
     Only the slice is decoded when the format can seek (wav, flac, ogg); channels are averaged; other rates are
     resampled with soxr. The length is checked from the header before anything is decoded.
     """
-    with open_audio(uri, storage_options, data) as f:
+    # An utterance from its start: most likely a file of its own, small enough to fetch whole in one request.
+    one_get = not offset_s and (duration_s is None or duration_s <= ONE_GET_MAX_S)
+    with open_audio(uri, storage_options, data, connections, one_get) as f:
         return decode_audio(f, uri, sampling_rate, offset_s, duration_s, min_duration_s, max_duration_s)
 
 
@@ -141,9 +146,11 @@ def is_remote(uri: str | None) -> bool:
     return uri is not None and "://" in uri and not uri.startswith("file://")
 
 
-def open_audio(uri: str, storage_options: dict | None, data: bytes | None = None) -> io.BufferedIOBase:
+def open_audio(uri: str, storage_options: dict | None, data: bytes | None = None, connections: int = 1,
+               one_get: bool = False) -> io.BufferedIOBase:
     """A seekable binary file for the audio: `data` when given, else `uri`'s file streamed, zip members read as
-    their byte range."""
+    their byte range. one_get: the file is most likely small (an utterance of its own): on an object store, ask for
+    it with one ranged GET before anything else."""
     if data is not None:
         if not data:
             raise AudioError("empty", f"{uri}: zero bytes of audio")
@@ -151,7 +158,13 @@ def open_audio(uri: str, storage_options: dict | None, data: bytes | None = None
     member = ZIP_MEMBER.match(uri)
     path = member["path"] if member else uri
     try:
-        fs, fs_path = fsspec.core.url_to_fs(path, **(storage_options or {}))
+        fs, fs_path = filesystem(path, storage_options, connections)
+        if one_get and not member and is_remote(path):
+            whole = first_bytes(fs, fs_path)
+            if whole is not None:
+                if not whole:
+                    raise AudioError("empty", f"{uri}: the file has zero bytes")
+                return io.BytesIO(whole)
         # Opening learns the size (one HEAD on object stores): no separate size request, a round trip saved.
         f = None if member else fs.open(fs_path, "rb")
         size = fs.size(fs_path) if member else getattr(f, "size", None)
@@ -177,3 +190,25 @@ def open_audio(uri: str, storage_options: dict | None, data: bytes | None = None
         with f:
             return io.BytesIO(f.read())
     return f
+
+
+def first_bytes(fs, path: str) -> bytes | None:
+    """The whole file in one ranged GET (no HEAD first: on an object store each request is a round trip of 30-100
+    ms), or None when it is larger than WHOLE_FILE_BYTES or the store refused the range (an empty object can: the
+    HEAD that follows then says what is wrong). FileNotFoundError passes: a missing file is missing either way."""
+    try:
+        head = fs.cat_file(path, start=0, end=WHOLE_FILE_BYTES)
+    except FileNotFoundError:
+        raise
+    except OSError:
+        return None
+    return head if len(head) < WHOLE_FILE_BYTES else None
+
+
+def filesystem(path: str, storage_options: dict | None, connections: int = 1):
+    """(filesystem, path) for `path`, its client able to keep `connections` requests in flight: s3fs (aiobotocore)
+    keeps 10 connections by default, and the 11th read at once would wait for one."""
+    options = dict(storage_options or {})
+    if fsspec.core.split_protocol(path)[0] in ("s3", "s3a") and connections > 10:
+        options["config_kwargs"] = {"max_pool_connections": connections, **options.get("config_kwargs", {})}
+    return fsspec.core.url_to_fs(path, **options)

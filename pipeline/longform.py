@@ -51,18 +51,19 @@ def split_long_audio(batch: pa.Table, max_segment_s: float, max_duration_s: floa
     if not long.num_rows:
         return kept
     with ThreadPoolExecutor(min(io_concurrency, long.num_rows), thread_name_prefix="split-read") as reads:
-        results = list(reads.map(lambda row: split_or_error(row, max_segment_s, max_duration_s, storage_options, done),
-                                 long.to_pylist()))
+        results = list(reads.map(lambda row: split_or_error(row, max_segment_s, max_duration_s, storage_options, done,
+                                                            io_concurrency), long.to_pylist()))
     return pa.concat_tables([kept, pa.Table.from_pylist([row for rows in results for row in rows], schema=schema)])
 
 
-def split_or_error(row: dict, max_segment_s: float, max_duration_s: float, storage_options, done) -> list[dict]:
+def split_or_error(row: dict, max_segment_s: float, max_duration_s: float, storage_options, done,
+                   connections: int = 1) -> list[dict]:
     """One row -> its segments, or itself (short, or with the error that kept it from being read)."""
     row.update(dict.fromkeys(SEGMENT_COLUMNS + ["speech_s"]))
     if row["error"] is not None or (row["duration_s"] is not None and row["duration_s"] <= max_segment_s):
         return [row]
     try:
-        return split_row(row, max_segment_s, max_duration_s, storage_options, done)
+        return split_row(row, max_segment_s, max_duration_s, storage_options, done, connections)
     except AudioError as error:
         row["error"] = str(error)
     except Exception as error:  # this row's file system or codec failure only
@@ -70,8 +71,9 @@ def split_or_error(row: dict, max_segment_s: float, max_duration_s: float, stora
     return [row]
 
 
-def split_row(row: dict, max_segment_s: float, max_duration_s: float, storage_options, done) -> list[dict]:
-    with open_audio(row["audio"], storage_options, row.get(INLINE_AUDIO)) as f:
+def split_row(row: dict, max_segment_s: float, max_duration_s: float, storage_options, done,
+              connections: int = 1) -> list[dict]:
+    with open_audio(row["audio"], storage_options, row.get(INLINE_AUDIO), connections) as f:
         try:
             sound = soundfile.SoundFile(f)
         except (soundfile.LibsndfileError, RuntimeError, TypeError):

@@ -7,6 +7,7 @@ that fails keeps going with its `error` set; later stages leave such rows alone.
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -17,6 +18,10 @@ from s2t_model import FeatureExtractor, Speech2Text
 from s2t_model.vad import shared_vad, speech_features
 
 from .audio import INLINE_AUDIO, AudioError, is_remote, load_audio
+
+# Batches an audio actor works on at once (Ray Data's `max_concurrent_calls_per_actor`): one batch's reads wait on
+# storage while another's features are computed. The CPU work itself goes one batch at a time (`ComputeFeatures.busy`).
+CALLS_PER_ACTOR = 2
 
 
 def set_column(table: pa.Table, name: str, values, type: pa.DataType) -> pa.Table:
@@ -47,6 +52,9 @@ class ComputeFeatures:
         # batch's rows at once. Memory stays one batch of samples, as when read one by one; libsndfile (called
         # through cffi) releases the GIL while it decodes.
         self.reads = ThreadPoolExecutor(io_concurrency, thread_name_prefix="audio-read")
+        self.io_concurrency = io_concurrency
+        # Held while a batch's features are computed: a second batch meanwhile only reads (CALLS_PER_ACTOR).
+        self.busy = threading.Lock()
         self.vad = shared_vad() if vad == "silero" else None
         self.limits = dict(min_duration_s=min_duration_s, max_duration_s=max_duration_s)
         self.storage_options = storage_options
@@ -79,7 +87,9 @@ class ComputeFeatures:
                 waves[i], durations[i] = loaded, len(loaded) / rate
         features: list[np.ndarray | None] = [None] * len(rows)
         good = sorted(waves)
-        computed, seconds = speech_features(self.extractor, [waves[i] for i in good], rate, self.max_frames, self.vad)
+        with self.busy:
+            computed, seconds = speech_features(self.extractor, [waves[i] for i in good], rate, self.max_frames,
+                                                self.vad)
         for i, row, row_speech in zip(good, computed, seconds):
             features[i], speech[i] = None if row is None else row.numpy(), row_speech
         if INLINE_AUDIO in batch.column_names:  # decoded: not carried on to the generation actors or the output
@@ -92,7 +102,8 @@ class ComputeFeatures:
         """One row's samples, or its error."""
         try:
             return load_audio(row["audio"], self.extractor.sampling_rate, row["offset_s"] or 0.0, row["duration_s"],
-                              storage_options=self.storage_options, data=row.get(INLINE_AUDIO), **self.limits)
+                              storage_options=self.storage_options, data=row.get(INLINE_AUDIO),
+                              connections=self.io_concurrency, **self.limits)
         except AudioError as error:
             return str(error)
         except Exception as error:  # a file system or codec failure of this row only
@@ -182,6 +193,9 @@ class TranscribeAudio:
     def __init__(self, features: dict, generation: dict):
         self.compute_features = ComputeFeatures(**features)
         self.generate_text = GenerateText(**generation)
+        self.generating = threading.Lock()  # one batch through the model at a time (CALLS_PER_ACTOR)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return self.generate_text.generate(*self.compute_features.compute(batch))
+        batch, features = self.compute_features.compute(batch)
+        with self.generating:
+            return self.generate_text.generate(batch, features)

@@ -35,7 +35,7 @@ from .output import (OutputNames, arrow_filesystem, check_output, footers, holds
                      output_filesystem, plain_strings, read_output, rows_dataset, scan_output, shuffle_partitions,
                      with_run_id)
 from .summary import corpus_summary
-from .stages import ComputeFeatures, GenerateText, TranscribeAudio
+from .stages import CALLS_PER_ACTOR, ComputeFeatures, GenerateText, TranscribeAudio
 
 log = logging.getLogger(__name__)
 SUMMARY = "_summary.json"
@@ -202,10 +202,10 @@ def transcription_dataset(rows, config: TranscribeConfig, folder: str, model_lab
     """
     import ray
 
-    generation_pool = ray.data.ActorPoolStrategy(
-        min_size=config.generation_actors,
-        max_size=max(config.generation_actors, config.max_generation_actors or config.generation_actors),
-    )
+    pool_size = dict(min_size=config.generation_actors,
+                     max_size=max(config.generation_actors, config.max_generation_actors or config.generation_actors))
+    # Actors that read audio take CALLS_PER_ACTOR batches at once: one reads while another computes.
+    reading = dict(max_concurrent_calls_per_actor=CALLS_PER_ACTOR, enable_true_multi_threading=True)
     audio_options = config.options_for(config.manifest) or config.storage() or None
     features = dict(
         feature_config=FeatureExtractor.from_pretrained(folder).to_dict(),
@@ -238,19 +238,20 @@ def transcription_dataset(rows, config: TranscribeConfig, folder: str, model_lab
     )
     if done is not None:
         dataset = done(dataset)
-    generation_options = dict(batch_format="pyarrow", batch_size=config.batch_size, compute=generation_pool,
-                              num_gpus=config.num_gpus, num_cpus=config.generation_cpus)
+    generation_options = dict(batch_format="pyarrow", batch_size=config.batch_size, num_gpus=config.num_gpus,
+                              num_cpus=config.generation_cpus)
     if fused_features(config):
         return dataset.map_batches(TranscribeAudio, fn_constructor_kwargs=dict(features=features, generation=generation),
-                                   **generation_options)
+                                   compute=ray.data.ActorPoolStrategy(**pool_size, **reading), **generation_options)
     return dataset.map_batches(
         ComputeFeatures,
         batch_format="pyarrow",
         batch_size=config.feature_batch_size,
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=config.feature_actors),
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=config.feature_actors, **reading),
         num_cpus=config.feature_cpus,
         fn_constructor_kwargs=features,
-    ).map_batches(GenerateText, fn_constructor_kwargs=generation, **generation_options)
+    ).map_batches(GenerateText, fn_constructor_kwargs=generation, compute=ray.data.ActorPoolStrategy(**pool_size),
+                  **generation_options)
 
 
 def fused_features(config: TranscribeConfig) -> bool:

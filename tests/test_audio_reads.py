@@ -1,6 +1,7 @@
 """How the audio stages read: `io_concurrency` files at once per feature actor and per split task (seen through a
-filesystem whose opens wait for each other), no header read by the split for rows the manifest says are short, and a
-long recording carried as bytes split into segments that each carry only their own slice."""
+filesystem whose opens wait for each other, and on S3 through a real HTTP proxy that counts the requests), one GET
+for an utterance's file, no header read by the split for rows the manifest says are short, and a long recording
+carried as bytes split into segments that each carry only their own slice."""
 
 import io
 import json
@@ -13,7 +14,11 @@ import pyarrow as pa
 import soundfile
 from fsspec.implementations.local import LocalFileSystem
 
+import pytest
+
+from bench.io import start_proxy
 from helpers import demo_rows
+from pipeline import audio
 from pipeline.audio import INLINE_AUDIO
 from pipeline.longform import joined_row, split_long_audio
 from pipeline.manifest import SCHEMA
@@ -104,3 +109,77 @@ def test_a_long_recording_in_bytes_gives_each_segment_its_own_slice():
     # Joined back, the recording's offset is the row's, as for a file.
     texts = [{**p, "text": "x", "num_tokens": 1, "avg_logprob": 0.0, "speech_s": 1.0} for p in pieces]
     assert joined_row(texts)["offset_s"] == offset
+
+
+@pytest.fixture
+def proxied_bucket(s3_bucket, s3_endpoint):
+    """(the bucket's filesystem, bucket, the proxy's server, storage options reading the bucket through the proxy)."""
+    from conftest import S3_CREDENTIALS
+
+    fs, bucket = s3_bucket
+    proxy, url = start_proxy(s3_endpoint, latency_s=0.0)
+    yield fs, bucket, proxy, dict(S3_CREDENTIALS, client_kwargs={"endpoint_url": url})
+    proxy.shutdown()
+
+
+def s3_rows(fs, bucket: str, rows: list[dict], **columns) -> pa.Table:
+    for row in rows:
+        fs.put_file(row["audio_filepath"], f"{bucket}/{row['id']}.flac")
+    return pa.Table.from_pylist([
+        {"id": r["id"], "audio": f"s3://{bucket}/{r['id']}.flac", "offset_s": 0.0, "duration_s": r["duration"],
+         "reference": r["text"], "tgt_lang": None, "error": None, **columns} for r in rows], schema=SCHEMA)
+
+
+def test_an_utterance_on_s3_is_one_get_and_decodes_as_the_local_file(proxied_bucket):
+    fs, bucket, proxy, options = proxied_bucket
+    rows = demo_rows(4)
+    fs.pipe_file(f"{bucket}/empty.flac", b"")
+    table = pa.concat_tables([s3_rows(fs, bucket, rows), pa.Table.from_pylist([
+        {"id": name, "audio": f"s3://{bucket}/{name}.flac", "offset_s": 0.0, "duration_s": 1.0, "error": None}
+        for name in ("empty", "missing")], schema=SCHEMA)])
+    stage = ComputeFeatures(FeatureExtractor.from_pretrained(DEMO_MODEL).to_dict(), min_duration_s=0.1,
+                            max_duration_s=60.0, storage_options=options, vad="off", io_concurrency=CONCURRENCY)
+    proxy.requests.clear()
+    loaded = [stage.load(row) for row in table.to_pylist()[:len(rows)]]
+    assert proxy.requests == {"GET": len(rows)}  # no HEAD before any of them
+    loaded += [stage.load(row) for row in table.to_pylist()[len(rows):]]
+
+    for row, samples in zip(rows, loaded):
+        whole = soundfile.read(row["audio_filepath"], dtype="float32")[0]
+        np.testing.assert_array_equal(samples, whole[:round(row["duration"] * 16000)])  # the manifest's duration
+    assert loaded[-2] == f"empty: s3://{bucket}/empty.flac: the file has zero bytes"
+    assert loaded[-1] == f"missing: s3://{bucket}/missing.flac: no such file"
+
+
+def test_files_larger_than_one_get_and_slices_are_read_as_before(proxied_bucket, monkeypatch):
+    """A file past WHOLE_FILE_BYTES (made small here) is read again after its first GET, whole; a row from an offset
+    asks the size first (a slice of what may be a long recording): each decodes as the local file does."""
+    fs, bucket, proxy, options = proxied_bucket
+    row = demo_rows(1)[0]
+    table = s3_rows(fs, bucket, [row])
+    monkeypatch.setattr(audio, "WHOLE_FILE_BYTES", 4096)
+    assert os.path.getsize(row["audio_filepath"]) > 4096
+    stage = ComputeFeatures(FeatureExtractor.from_pretrained(DEMO_MODEL).to_dict(), min_duration_s=0.1,
+                            max_duration_s=60.0, storage_options=options, vad="off", io_concurrency=CONCURRENCY)
+    local = soundfile.read(row["audio_filepath"], dtype="float32")[0]
+
+    proxy.requests.clear()
+    np.testing.assert_array_equal(stage.load({**table.to_pylist()[0], "duration_s": None}), local)
+    assert proxy.requests["GET"] >= 2 and proxy.requests["HEAD"] == 1
+    proxy.requests.clear()
+    sliced = stage.load({**table.to_pylist()[0], "offset_s": 0.5, "duration_s": 1.0})
+    np.testing.assert_array_equal(sliced, local[8000:24000])
+    assert proxy.requests["HEAD"] == 1
+
+
+def test_an_s3_client_keeps_io_concurrency_requests_in_flight(proxied_bucket):
+    """s3fs keeps 10 connections unless told more: 16 reads at once must not queue for them."""
+    fs, bucket, proxy, options = proxied_bucket
+    rows = [dict(row, id=f"clip-{i}") for i, row in enumerate(demo_rows(1) * 16)]
+    table = s3_rows(fs, bucket, rows)
+    proxy.latency_s = 0.5  # every read is still waiting when the 16th starts
+    stage = ComputeFeatures(FeatureExtractor.from_pretrained(DEMO_MODEL).to_dict(), min_duration_s=0.1,
+                            max_duration_s=60.0, storage_options=options, vad="off", io_concurrency=16)
+    out, _ = stage.compute(table)
+    assert out["error"].to_pylist() == [None] * 16
+    assert proxy.most_at_once == 16
