@@ -1,6 +1,7 @@
 """`s2t bench io`: audio rows per second of ONE audio actor (`ComputeFeatures`, no model) reading the same clips
 from an object store with latency, as per-file rows (at `io_concurrency` 1 and at the job's default), as Hugging
-Face datasets Parquet (audio bytes in the rows) and as WebDataset tar shards.
+Face datasets Parquet (audio bytes in the rows) and as WebDataset tar shards; and from local disk, the actor's
+ceiling on this machine (its decoding, speech detection and features, with no store to wait on).
 
 The store is the local S3 test server (moto's ThreadedMotoServer on 127.0.0.1, as the tests start it) behind a
 small proxy that waits `--latency-ms` before forwarding each request. A proxy rather than an fsspec wrapper that
@@ -40,7 +41,7 @@ BUCKET = "bench-io"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--latency-ms", type=float, default=50.0, help="wait before each request is forwarded")
-    parser.add_argument("--clips", type=int, default=128, help="rows (the demo clips, repeated under new names)")
+    parser.add_argument("--clips", type=int, default=512, help="rows (the demo clips, repeated under new names)")
     parser.add_argument("--batch-size", type=int, default=32, help="rows per actor batch (feature_batch_size)")
     parser.add_argument("--shards", type=int, default=2, help="Parquet files and tar shards the clips are split into")
     parser.add_argument("--vad", choices=["silero", "off"], default="silero", help="the actor's speech detection")
@@ -130,8 +131,7 @@ def demo_clips(count: int) -> list[dict]:
 
 def upload(fs, clips: list[dict], shards: int, folder: str) -> dict[str, str]:
     """The clips on the server in each layout -> {layout: the manifest or shard pattern to read}."""
-    lines = [json.dumps({"id": c["key"], "audio_filepath": f"audio/{c['key']}.flac", "duration": c["duration"],
-                         "text": c["text"]}) for c in clips]
+    lines = [manifest_line(c) for c in clips]
     for c in clips:
         fs.pipe_file(f"{BUCKET}/files/audio/{c['key']}.flac", c["data"])
     fs.pipe_file(f"{BUCKET}/files/manifest.jsonl", ("\n".join(lines) + "\n").encode())
@@ -141,6 +141,22 @@ def upload(fs, clips: list[dict], shards: int, folder: str) -> dict[str, str]:
         fs.pipe_file(f"{BUCKET}/wds/shard-{i:06d}.tar", webdataset_tar(part))
     return {"files": f"s3://{BUCKET}/files/manifest.jsonl", "hf": f"s3://{BUCKET}/hf/data/test-*.parquet",
             "wds": f"s3://{BUCKET}/wds/shard-{{000000..{shards - 1:06d}}}.tar"}
+
+
+def local_files(clips: list[dict], folder: str) -> str:
+    """The clips as per-file rows on local disk -> their manifest."""
+    os.makedirs(os.path.join(folder, "audio"))
+    with open(os.path.join(folder, "manifest.jsonl"), "w") as manifest:
+        for c in clips:
+            with open(os.path.join(folder, "audio", f"{c['key']}.flac"), "wb") as f:
+                f.write(c["data"])
+            manifest.write(manifest_line(c) + "\n")
+    return os.path.join(folder, "manifest.jsonl")
+
+
+def manifest_line(clip: dict) -> str:
+    return json.dumps({"id": clip["key"], "audio_filepath": f"audio/{clip['key']}.flac", "duration": clip["duration"],
+                       "text": clip["text"]})
 
 
 def split(clips: list[dict], parts: int) -> list[list[dict]]:
@@ -267,27 +283,30 @@ def main(args) -> None:
         moto_url, proxy_url = urls.get(timeout=120)
         direct = s3fs.S3FileSystem(**CREDENTIALS, client_kwargs={"endpoint_url": moto_url})
         direct.mkdir(BUCKET)
+        clips = demo_clips(args.clips)
         with tempfile.TemporaryDirectory(prefix="s2t-bench-io-") as folder:
-            sources = upload(direct, demo_clips(args.clips), args.shards, folder)
-        # Reads through the proxy (a filesystem instance of their own: fsspec caches instances by their options).
-        options = {**CREDENTIALS, "client_kwargs": {"endpoint_url": proxy_url}}
-        runs = [("per-file rows", "files", 1), ("per-file rows", "files", default),
-                ("HF Parquet (bytes in rows)", "hf", default)]
-        runs += [("WebDataset shards", "wds", default)] if webdataset_reader() else []
-        print(f"{args.clips} demo clips, latency {args.latency_ms:.0f} ms per request (proxy in front of moto, both in "
-              f"a process of their own), batches of {args.batch_size}, VAD {args.vad}, {os.cpu_count()} cores, load "
-              f"average {os.getloadavg()[0]:.1f}")
-        print("| layout | io_concurrency | actor rows/s | vs per-file at 1 | reads alone, rows/s | vs per-file at 1 "
-              "| rows ok |\n| --- | --- | --- | --- | --- | --- | --- |")
-        base = {}
-        for name, layout, concurrency in runs:
-            speeds = {}
-            for read_only in (False, True):
-                speeds[read_only], ok = rows_per_second(sources[layout], options, concurrency, args.batch_size,
-                                                        args.vad, read_only)
-                base.setdefault(read_only, speeds[read_only])
-            print(f"| {name} | {concurrency} | {speeds[False]:.1f} | {speeds[False] / base[False]:.1f}x | "
-                  f"{speeds[True]:.1f} | {speeds[True] / base[True]:.1f}x | {ok}/{args.clips} |", flush=True)
+            sources = upload(direct, clips, args.shards, folder)
+            # Reads through the proxy (a filesystem instance of their own: fsspec caches instances by their options).
+            options = {**CREDENTIALS, "client_kwargs": {"endpoint_url": proxy_url}}
+            runs = [("per-file rows", "files", 1), ("per-file rows", "files", default),
+                    ("HF Parquet (bytes in rows)", "hf", default)]
+            runs += [("WebDataset shards", "wds", default)] if webdataset_reader() else []
+            sources["local"] = local_files(clips, folder)
+            runs += [("per-file rows on local disk (no store: the actor's ceiling here)", "local", default)]
+            print(f"{args.clips} demo clips, latency {args.latency_ms:.0f} ms per request (proxy in front of moto, both "
+                  f"in a process of their own), batches of {args.batch_size}, VAD {args.vad}, {os.cpu_count()} cores, "
+                  f"load average {os.getloadavg()[0]:.1f}")
+            print("| layout | io_concurrency | actor rows/s | vs per-file at 1 | reads alone, rows/s | vs per-file at 1 "
+                  "| rows ok |\n| --- | --- | --- | --- | --- | --- | --- |")
+            base = {}
+            for name, layout, concurrency in runs:
+                speeds = {}
+                for read_only in (False, True):
+                    speeds[read_only], ok = rows_per_second(sources[layout], None if layout == "local" else options,
+                                                            concurrency, args.batch_size, args.vad, read_only)
+                    base.setdefault(read_only, speeds[read_only])
+                print(f"| {name} | {concurrency} | {speeds[False]:.1f} | {speeds[False] / base[False]:.1f}x | "
+                      f"{speeds[True]:.1f} | {speeds[True] / base[True]:.1f}x | {ok}/{args.clips} |", flush=True)
         if not webdataset_reader():
             print("| WebDataset shards | - | missing: pipeline/shards.py (webdataset_rows) is not in this tree | | | | |")
         print(f"load average at the end {os.getloadavg()[0]:.1f}")

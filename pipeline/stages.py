@@ -46,7 +46,7 @@ class ComputeFeatures:
 
     def __init__(self, feature_config: dict, min_duration_s: float, max_duration_s: float,
                  storage_options: dict | None = None, max_frames: int = 24000, vad: str = "silero",
-                 io_concurrency: int = 16):
+                 io_concurrency: int = 32):
         self.extractor = FeatureExtractor.from_dict(feature_config)
         # Reading a file is mostly waiting on storage (30-100 ms a request on an object store): threads read a
         # batch's rows at once. Memory stays one batch of samples, as when read one by one; libsndfile (called

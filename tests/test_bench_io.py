@@ -18,7 +18,7 @@ def test_every_layout_reads_all_rows_through_the_proxy(capsys):
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "rows/s" not in line
              and "---" not in line and "missing" not in line]
     assert [line.split(" | ")[:2] for line in lines][:3] == [
-        ["| per-file rows", "1"], ["| per-file rows", "16"], ["| HF Parquet (bytes in rows)", "16"]]
+        ["| per-file rows", "1"], ["| per-file rows", "32"], ["| HF Parquet (bytes in rows)", "32"]]
     assert all(line.rstrip(" |").endswith("6/6") for line in lines), lines
 
 
