@@ -119,3 +119,36 @@ def test_an_output_folder_holding_files_the_jobs_did_not_write_is_refused_before
         assert f"holds files not written by s2t transcribe or s2t backfill: {place.url(f'{out}/{foreign}')};" in str(
             caught.value)
         assert place.names(out) == sorted([foreign] + (own if earlier_run else []))  # nothing done
+
+
+def test_a_backfill_over_webdataset_shards_streams_their_audio(ray_session, tmp_path, monkeypatch):
+    """Rows of tar shards carry their audio's bytes, once per language: the run streams them to the actors and never
+    materializes the pairs (made to fail here), and each pair is translated once, references from the json's text_fr."""
+    from pipeline import backfill
+    from test_shards import webdataset_members, write_tar
+
+    rows = demo_rows(6)
+    for shard, part in enumerate((rows[:3], rows[3:])):
+        members = webdataset_members(part, "json")
+        for i, row in enumerate(part):  # the json's passthrough fields: each language's reference
+            members[2 * i + 1] = (members[2 * i + 1][0], json.dumps(
+                {"id": row["id"], "text": row["text"], "text_fr": row["text_fr"]}).encode())
+        write_tar(tmp_path / f"shard-{shard:06d}.tar", members)
+
+    def unmaterialized(*args, **kwargs):
+        pairs = find_pairs(*args, **kwargs)
+        pairs.materialize = refused
+        return pairs
+
+    def refused(*args, **kwargs):
+        raise AssertionError("the backfill materialized its pairs")
+
+    find_pairs = backfill.missing_pairs
+    monkeypatch.setattr(backfill, "missing_pairs", unmaterialized)
+    output = tmp_path / "out"
+    config = dict(manifest=str(tmp_path / "shard-{000000..000001}.tar"), output=str(output), model=DEMO_MODEL, **SMALL)
+    first = run(BackfillConfig(tgt_langs="fr,de", **config))
+    assert pairs(output) == Counter({(row["id"], lang): 1 for row in rows for lang in ("fr", "de")})
+    assert first["pairs_found"] == 12 and first["pairs_errored"] == 0
+    assert first["bleu"]["fr"] >= 50
+    assert run(BackfillConfig(tgt_langs="fr,de", **config))["pairs_found"] == 0
