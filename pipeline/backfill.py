@@ -87,7 +87,9 @@ def missing_pairs(manifest: Manifest, rows_per_block: int, langs: list[str], run
     """Every (manifest row, language) pair the output holds no row for (done or errored), as a Dataset: the
     manifest's rows once per language, less the output's (id, tgt_lang) pairs (pipeline/ids.py: their sorted
     digests in the object store, and a filter)."""
-    pairs = manifest.dataset(rows_per_block, arrow_filesystem(manifest.fs)).map_batches(
+    # An id more than one manifest file holds gets its file's label, as `s2t transcribe` gives it.
+    repeated = manifest.ids(rows_per_block, arrow_filesystem(manifest.fs))[1] if len(manifest.files) > 1 else None
+    pairs = manifest.dataset(rows_per_block, arrow_filesystem(manifest.fs), repeated=repeated).map_batches(
         each_language, fn_kwargs=dict(langs=langs, run_id=run_id), batch_format="pyarrow", batch_size=None)
     files = list(footers(fs, root))
     if files:

@@ -101,6 +101,32 @@ def drop_listed(batch: pa.Table, listed, on: tuple[str, ...] = ("id",)) -> pa.Ta
     return batch if keep.all() else batch.filter(pa.array(keep))
 
 
+def repeated_ids(found) -> tuple[object, int]:
+    """The ObjectRef of a digest set -> (the ObjectRef of the digests in it more than once, how many those are)."""
+    import ray
+
+    listed, count = ray.remote(num_returns=2)(repeated).remote(found)
+    return listed, ray.get(count)
+
+
+def repeated(found: np.ndarray) -> tuple[np.ndarray, int]:
+    ids, times = distinct(found)
+    return ids[times > 1], int((times > 1).sum())
+
+
+def qualified(batch: pa.Table, listed: np.ndarray, label: str) -> pa.Table:
+    """The batch with `<label>/` before each id in `listed` (ids more than one manifest file holds: their file's
+    label makes each row's id its own)."""
+    if not len(listed) or not batch.num_rows:
+        return batch
+    ids = batch["id"].cast(pa.string()).to_pylist()
+    hit = lookup(digests(ids), listed) >= 0
+    if not hit.any():
+        return batch
+    named = pa.array([f"{label}/{i}" if h else i for i, h in zip(ids, hit)], pa.string())
+    return batch.set_column(batch.column_names.index("id"), "id", named)
+
+
 def distinct(found: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """A sorted digest array -> (its distinct digests, how many times each is there)."""
     if not len(found):

@@ -150,14 +150,34 @@ class Manifest:
         folder = posixpath.dirname(path)
         return self.fs.unstrip_protocol(folder) if self.remote else os.path.dirname(os.path.abspath(path))
 
-    def dataset(self, rows_per_block: int, filesystem, audio: bool = True, todo=None):
+    def labels(self) -> dict[str, str]:
+        """Each file's path from the files' common folder, less its extension: what an id it shares with another file
+        is prefixed with (`shards/a.jsonl` and `shards/b.jsonl` both holding `x`: `a/x` and `b/x`)."""
+        root = posixpath.commonpath(self.files) if len(self.files) > 1 else posixpath.dirname(self.files[0])
+        return {f: posixpath.splitext(posixpath.relpath(f, root))[0] for f in self.files}
+
+    def ids(self, rows_per_block: int, filesystem) -> tuple[object, object, int]:
+        """(the digest set of the rows' ids as the work reads them, the ObjectRef of the digests of ids more than one
+        file holds or None, how many those are), read on the cluster without audio bytes (WebDataset: each shard
+        read, its audio skipped); read twice only where some id is in more than one file."""
+        from .ids import digest_set, repeated_ids
+
+        found = digest_set(self.dataset(rows_per_block, filesystem, audio=False))
+        repeated, count = repeated_ids(found) if len(self.files) > 1 else (None, 0)
+        if not count:
+            return found, None, 0
+        return digest_set(self.dataset(rows_per_block, filesystem, audio=False, repeated=repeated)), repeated, count
+
+    def dataset(self, rows_per_block: int, filesystem, audio: bool = True, todo=None, repeated=None):
         """The rows as a Ray Dataset: one read task per file, each streaming its file in blocks. Rows from tar shards
         and from Parquet files holding audio carry its bytes (`audio_bytes`) unless `audio` is False (ids and the rest
         only: the summary's). todo: Dataset -> the rows still to do (a resume's filter), applied before tars are read
-        where the rows are known without them (NeMo: a shard whose rows are all done is not read)."""
+        where the rows are known without them (NeMo: a shard whose rows are all done is not read). repeated: the
+        ObjectRef of the digests of ids more than one file holds (`ids.repeated_ids`): those get their file's label."""
         import ray
 
         todo = todo or (lambda rows: rows)
+        repeated = RepeatedIds(repeated, self.labels()) if repeated is not None else None
 
         if self.kind == "audio":
             rows = [{"audio": self.url(f), "_line": i + 1} for i, f in enumerate(self.files)]
@@ -170,13 +190,32 @@ class Manifest:
 
             return todo(ray.data.read_datasource(
                 WebDatasetDatasource(self.files, filesystem=filesystem, rows_per_block=rows_per_block, urls=urls,
-                                     with_audio=audio), override_num_blocks=len(self.files)))
+                                     with_audio=audio, repeated=repeated), override_num_blocks=len(self.files)))
         rows = todo(ray.data.read_datasource(
             ManifestDatasource(self.files, filesystem=filesystem, rows_per_block=rows_per_block,
-                               bases={f: self.base(f) for f in self.files}, urls=urls, with_audio=audio),
+                               bases={f: self.base(f) for f in self.files}, urls=urls, with_audio=audio,
+                               repeated=repeated),
             override_num_blocks=len(self.files),
         ))
         return self.tarred_audio.attach(rows, rows_per_block) if self.tarred_audio is not None and audio else rows
+
+
+class RepeatedIds:
+    """Ids more than one manifest file holds (the ObjectRef of their digests; each file numbers the ids repeated
+    within it itself) and each file's label: a read task puts the label before such an id, so that every row keeps an
+    id of its own, the same in every run."""
+
+    def __init__(self, listed, labels: dict[str, str]):
+        self.listed, self.labels = listed, labels
+
+    def named(self, blocks: Iterable[pa.Table], path: str) -> Iterator[pa.Table]:
+        import ray
+
+        from .ids import qualified
+
+        listed = ray.get(self.listed)
+        for block in blocks:
+            yield qualified(block, listed, self.labels[path])
 
 
 class ManifestDatasource(FileBasedDatasource):
@@ -184,13 +223,14 @@ class ManifestDatasource(FileBasedDatasource):
     each parsing its file line by line into blocks of `rows_per_block` rows."""
 
     def __init__(self, paths: list[str], *, rows_per_block: int, bases: dict, urls: dict, with_audio: bool = True,
-                 **kwargs):
+                 repeated: RepeatedIds | None = None, **kwargs):
         super().__init__(paths, **kwargs)
         self.rows_per_block, self.bases, self.urls, self.with_audio = rows_per_block, bases, urls, with_audio
+        self.repeated = repeated
 
     def _read_stream(self, f, path: str) -> Iterator[pa.Table]:
-        yield from read_blocks(f, self.urls.get(path, path), self.rows_per_block, self.bases.get(path),
-                               self.with_audio)
+        blocks = read_blocks(f, self.urls.get(path, path), self.rows_per_block, self.bases.get(path), self.with_audio)
+        yield from self.repeated.named(blocks, path) if self.repeated else blocks
 
     def _open_input_source(self, filesystem, path, **open_args):
         if suffix_of(path) == "parquet":  # a footer first: random access, not a stream

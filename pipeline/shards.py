@@ -35,7 +35,7 @@ import soundfile
 from ray.data.datasource import FileBasedDatasource
 
 from .audio import INLINE_AUDIO, is_remote
-from .manifest import SCHEMA, ManifestError, Repeats, expand, normalise
+from .manifest import SCHEMA, ManifestError, RepeatedIds, Repeats, expand, normalise
 
 # WebDataset's split of a member name into sample key and field (webdataset.tariterators.base_plus_ext).
 SAMPLE_MEMBER = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
@@ -219,12 +219,14 @@ class WebDatasetDatasource(FileBasedDatasource):
     """Ray Data's file datasource (its listing, read tasks, retries, filesystem) for WebDataset shards: one read
     task per shard, streaming it into blocks of `rows_per_block` samples."""
 
-    def __init__(self, paths: list[str], *, rows_per_block: int, urls: dict, with_audio: bool = True, **kwargs):
+    def __init__(self, paths: list[str], *, rows_per_block: int, urls: dict, with_audio: bool = True,
+                 repeated: RepeatedIds | None = None, **kwargs):
         super().__init__(paths, **kwargs)
-        self.rows_per_block, self.urls, self.with_audio = rows_per_block, urls, with_audio
+        self.rows_per_block, self.urls, self.with_audio, self.repeated = rows_per_block, urls, with_audio, repeated
 
     def _read_stream(self, f, path: str) -> Iterator[pa.Table]:
-        yield from webdataset_rows(f, self.urls.get(path, path), self.rows_per_block, self.with_audio)
+        blocks = webdataset_rows(f, self.urls.get(path, path), self.rows_per_block, self.with_audio)
+        yield from self.repeated.named(blocks, path) if self.repeated else blocks
 
     def _open_input_source(self, filesystem, path, **open_args):
         """Without audio (the summary's ids) a local, uncompressed shard is opened for random access: its audio

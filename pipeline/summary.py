@@ -98,13 +98,13 @@ def figures(sums: dict[str, float]) -> dict:
 def corpus_summary(manifest_ids, output_rows, run_id: str, output_ids=None) -> dict:
     """Counts over the manifest's rows as the output now holds them, quality over those rows, and what this run did.
 
-    manifest_ids: Dataset with the manifest's `id`; output_rows: Dataset of the output (None when it has no file);
-    output_ids: the digest set of output_rows' ids when the caller has it (else read here)."""
+    manifest_ids: the digest set of the manifest's ids (`ids.digest_set`); output_rows: Dataset of the output (None
+    when it has no file); output_ids: the digest set of output_rows' ids when the caller has it (else read here)."""
     import ray
 
     if output_ids is None:
         output_ids = digest_set(output_rows) if output_rows is not None else ray.put(sorted_digests())
-    counts, unlisted = ray.remote(num_returns=2)(compare).remote(digest_set(manifest_ids), output_ids)
+    counts, unlisted = ray.remote(num_returns=2)(compare).remote(manifest_ids, output_ids)
     ids = ray.get(counts)
     if output_rows is not None and ids["unlisted"]:  # rows of ids the manifest does not have are not counted
         output_rows = output_rows.map_batches(drop_listed, fn_kwargs=dict(listed=unlisted), batch_format="pyarrow")

@@ -121,7 +121,13 @@ def run(config: TranscribeConfig) -> dict:
         # dropped before tar shards are read where the manifest knows them (NeMo).
         not_done, done_ids = done_filter(fs, root, list(done))
         block_rows = manifest.block_rows(config.rows_per_block)
-        rows = manifest.dataset(block_rows, arrow_filesystem(manifest.fs), todo=not_done).map_batches(
+        # The manifest's ids before the work (the summary counts against them): an id more than one manifest file
+        # holds gets its file's label, in every run the same.
+        manifest_ids, repeated, repeated_count = manifest.ids(block_rows, arrow_filesystem(manifest.fs))
+        if repeated_count:
+            log.warning("%d ids are held by more than one manifest file: each such row's id gets its file's label "
+                        "(<file>/<id>)", repeated_count)
+        rows = manifest.dataset(block_rows, arrow_filesystem(manifest.fs), todo=not_done, repeated=repeated).map_batches(
             with_run_id, fn_kwargs=dict(run_id=run_id), batch_format="pyarrow", batch_size=None)
         # Blocks of rows_per_block rows again after the read tasks (which merge theirs) and the filter: the unit
         # the actor pools share out (a streaming split, not a shuffle).
@@ -135,9 +141,8 @@ def run(config: TranscribeConfig) -> dict:
 
         written = footers(fs, root)
         out = rows_dataset(fs, root, list(written), summary_columns(written)) if written else None
-        # The manifest's ids again, without audio bytes (WebDataset: each shard read again, its audio skipped).
-        ids = manifest.dataset(block_rows, arrow_filesystem(manifest.fs), audio=False)
-        summary = corpus_summary(ids, out, run_id, output_ids=ids_after_run(fs, root, done, done_ids, written))
+        summary = corpus_summary(manifest_ids, out, run_id, output_ids=ids_after_run(fs, root, done, done_ids, written))
+        summary["ids_in_several_files"] = repeated_count
         wall_s = time.time() - started
         summary.update(wall_s=wall_s, rtfx=summary["audio_hours_this_run"] * 3600 / wall_s if wall_s > 0 else None,
                        manifest=config.manifest, output=config.output, model=model_label, run_id=run_id)

@@ -12,6 +12,7 @@ import pytest
 from helpers import demo_rows, killed_mid_job
 from pipeline import scoring
 from pipeline.backfill import Lease, LeaseHeld
+from pipeline.ids import digest_set
 from pipeline.manifest import Manifest, ManifestError, read_manifest
 from pipeline.summary import corpus_summary
 from pipeline.transcribe import TranscribeConfig, run
@@ -118,7 +119,7 @@ def test_summary_figures_equal_jiwer_and_sacrebleu(ray_session, tmp_path):
     foreign = [dict(asr[0], id="not-in-the-manifest", text="nothing alike")]
     output = pa.Table.from_pylist(asr + fr + failed + foreign + [asr[1]])  # asr[1] written twice
     manifest_ids = [r["id"] for r in asr + fr + failed] + ["never-written"]
-    summary = corpus_summary(ray.data.from_items([{"id": i} for i in manifest_ids]),
+    summary = corpus_summary(digest_set(ray.data.from_items([{"id": i} for i in manifest_ids])),
                              ray.data.from_arrow([output.slice(0, 30), output.slice(30)]), run_id="now")
 
     expected_wer = 100 * jiwer.wer([scoring.normalise(r["reference"]) for r in asr + [asr[1]]],
