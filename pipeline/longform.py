@@ -73,7 +73,9 @@ def split_or_error(row: dict, max_segment_s: float, max_duration_s: float, stora
 
 def split_row(row: dict, max_segment_s: float, max_duration_s: float, storage_options, done,
               connections: int = 1) -> list[dict]:
-    with open_audio(row["audio"], storage_options, row.get(INLINE_AUDIO), connections) as f:
+    # A length the manifest does not give, from the start: most likely an utterance of its own (one GET, no HEAD).
+    one_get = not row["offset_s"] and row["duration_s"] is None
+    with open_audio(row["audio"], storage_options, row.get(INLINE_AUDIO), connections, one_get) as f:
         try:
             sound = soundfile.SoundFile(f)
         except (soundfile.LibsndfileError, RuntimeError, TypeError):

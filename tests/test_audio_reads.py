@@ -183,3 +183,13 @@ def test_an_s3_client_keeps_io_concurrency_requests_in_flight(proxied_bucket):
     out, _ = stage.compute(table)
     assert out["error"].to_pylist() == [None] * 16
     assert proxy.most_at_once == 16
+
+
+def test_the_split_reads_an_s3_row_of_unknown_length_with_one_get(proxied_bucket):
+    fs, bucket, proxy, options = proxied_bucket
+    rows = demo_rows(3)
+    table = s3_rows(fs, bucket, rows).set_column(3, "duration_s", pa.nulls(3, pa.float64()))
+    proxy.requests.clear()
+    split = split_long_audio(table, max_segment_s=20.0, max_duration_s=60.0, storage_options=options)
+    assert split["id"].to_pylist() == [r["id"] for r in rows] and split["error"].to_pylist() == [None] * 3
+    assert proxy.requests == {"GET": 3}
