@@ -54,7 +54,7 @@ def test_renamed_duplicate_ids_never_collide(tmp_path, order):
     assert read_manifest(str(tmp_path / "m.jsonl"))["id"].to_pylist() == ids  # the same on every read
 
 
-def test_an_id_in_two_manifest_files_is_each_files_own_and_a_lost_file_is_redone(ray_session, tmp_path):
+def test_an_id_in_two_manifest_files_is_each_files_own_and_a_lost_one_is_redone(ray_session, place):
     """Two shards of one manifest both name `x` (each file numbers only its own repeats): each row gets its file's
     label (`a/x`, `b/x`), the same on every run, so that one of them lost from the output is redone alone (with one
     bare `x` for both, the other's row would stand for it)."""
@@ -62,26 +62,29 @@ def test_an_id_in_two_manifest_files_is_each_files_own_and_a_lost_file_is_redone
     from s2t_model import DEMO_MODEL
 
     rows = demo_rows(4)
-    (tmp_path / "shards").mkdir()
     for name, part in (("a", rows[:2]), ("b", rows[2:])):
-        lines = [dict(part[0], id="x"), part[1]]
-        (tmp_path / "shards" / f"{name}.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
-    config = TranscribeConfig(manifest=str(tmp_path / "shards" / "*.jsonl"), output=str(tmp_path / "out"),
-                              model=DEMO_MODEL, num_beams=1, rows_per_file=1)
+        lines = []
+        for row in part:
+            audio = f"audio/{os.path.basename(row['audio_filepath'])}"
+            place.fs.put_file(row["audio_filepath"], place.path(f"shards/{audio}"))
+            lines.append(dict(row, audio_filepath=audio, id="x" if row is part[0] else row["id"]))
+        place.write(f"shards/{name}.jsonl", "".join(json.dumps(line) + "\n" for line in lines))
+    config = TranscribeConfig(manifest=place.url("shards/*.jsonl"), output=place.url("out"), model=DEMO_MODEL,
+                              num_beams=1, **place.options)
     first = run(config)
-    files = {row["id"]: path for path in (tmp_path / "out").glob("*.parquet")
-             for row in pq.read_table(path, columns=["id"]).to_pylist()}
-    assert sorted(files) == sorted(["a/x", "b/x", rows[1]["id"], rows[3]["id"]])
+    found = {row["id"]: (name, row) for name, table in place.tables("out") for row in table.to_pylist()}
+    assert sorted(found) == sorted(["a/x", "b/x", rows[1]["id"], rows[3]["id"]])
     assert (first["rows_in"], first["rows_out"], first["rows_missing"], first["ids_in_several_files"]) == (4, 4, 0, 1)
-    texts = {row["id"]: row["text"] for path in files.values() for row in pq.read_table(path).to_pylist()}
-    assert scoring.wer([rows[0]["text"], rows[2]["text"]], [texts["a/x"], texts["b/x"]]) <= 20  # each its own clip
+    texts = [found["a/x"][1]["text"], found["b/x"][1]["text"]]
+    assert scoring.wer([rows[0]["text"], rows[2]["text"]], texts) <= 20  # each its own clip
 
-    held = pq.read_table(files["b/x"])  # b's x lost, as if a killed run had not written it
-    pq.write_table(held.filter(pc.not_equal(held["id"], "b/x")), files["b/x"])
+    name = found["b/x"][0]  # b's x lost, as if a killed run had not written it
+    held = dict(place.tables("out"))[name]
+    with place.fs.open(place.path(f"out/{name}"), "wb") as f:
+        pq.write_table(held.filter(pc.not_equal(held["id"], "b/x")), f)
     second = run(config)
     assert second["rows_this_run"] == 1 and (second["rows_out"], second["rows_missing"]) == (4, 0)
-    ids = [row["id"] for path in (tmp_path / "out").glob("*.parquet") for row in pq.read_table(path).to_pylist()]
-    assert sorted(ids) == sorted(files)
+    assert sorted(row["id"] for _, table in place.tables("out") for row in table.to_pylist()) == sorted(found)
 
 
 @pytest.mark.parametrize("field, value, says", [
