@@ -193,9 +193,10 @@ class TranscribeAudio:
     def __init__(self, features: dict, generation: dict):
         self.compute_features = ComputeFeatures(**features)
         self.generate_text = GenerateText(**generation)
-        self.generating = threading.Lock()  # one batch through the model at a time (CALLS_PER_ACTOR)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         batch, features = self.compute_features.compute(batch)
-        with self.generating:
+        # The features' lock: one batch's CPU work at a time, features or generation (the actor reserved
+        # --generation-cpus, not twice that); another batch meanwhile only reads (CALLS_PER_ACTOR).
+        with self.compute_features.busy:
             return self.generate_text.generate(batch, features)
