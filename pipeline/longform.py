@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import soundfile
 
-from .audio import INLINE_AUDIO, AudioError, _check_duration, open_audio, slice_frames
+from .audio import INLINE_AUDIO, IO_CONCURRENCY, AudioError, _check_duration, open_audio, slice_frames
 from .output import (OutputFiles, OutputNames, arrow_filesystem, footers, holds_segments, own_name, plain_strings,
                      shuffle_partitions)
 
@@ -33,7 +33,7 @@ BLOCK_S = 60.0  # seconds of audio read at a time while looking for pauses
 
 
 def split_long_audio(batch: pa.Table, max_segment_s: float, max_duration_s: float, storage_options: dict | None,
-                     done: frozenset = frozenset(), io_concurrency: int = 32) -> pa.Table:
+                     done: frozenset = frozenset(), io_concurrency: int = IO_CONCURRENCY) -> pa.Table:
     """Rows -> the same rows, each long one replaced by its segments not yet in `done` (ids already written).
 
     Rows are read `io_concurrency` at a time (each read is mostly waiting on storage); a row whose manifest duration

@@ -17,7 +17,7 @@ import torch
 from s2t_model import FeatureExtractor, Speech2Text
 from s2t_model.vad import shared_vad, speech_features
 
-from .audio import INLINE_AUDIO, AudioError, is_remote, load_audio
+from .audio import INLINE_AUDIO, IO_CONCURRENCY, AudioError, is_remote, load_audio
 
 # Batches an audio actor works on at once (Ray Data's `max_concurrent_calls_per_actor`): one batch's reads wait on
 # storage while another's features are computed. The CPU work itself goes one batch at a time (`ComputeFeatures.busy`).
@@ -46,7 +46,7 @@ class ComputeFeatures:
 
     def __init__(self, feature_config: dict, min_duration_s: float, max_duration_s: float,
                  storage_options: dict | None = None, max_frames: int = 24000, vad: str = "silero",
-                 io_concurrency: int = 32):
+                 io_concurrency: int = IO_CONCURRENCY):
         self.extractor = FeatureExtractor.from_dict(feature_config)
         # Reading a file is mostly waiting on storage (30-100 ms a request on an object store): threads read a
         # batch's rows at once. Memory stays one batch of samples, as when read one by one; libsndfile (called

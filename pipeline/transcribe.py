@@ -24,7 +24,7 @@ from s2t_model import FeatureExtractor, checkpoint
 from s2t_model.batching import CPU_MAX_FRAMES
 from s2t_model.speech2text import MIN_AVG_LOGPROB
 
-from .audio import is_remote
+from .audio import IO_CONCURRENCY, is_remote
 from .config import JobConfig
 from .ids import digest_set, drop_listed, union
 from .lease import Lease
@@ -59,9 +59,7 @@ class TranscribeConfig(JobConfig):
     feature_batch_size: int = Field(32, ge=1, description="rows handed to a feature actor at a time")
     feature_actors: int = Field(2, ge=1, description="most CPU feature actors")
     feature_cpus: float = Field(1.0, gt=0, description="CPUs each feature actor reserves")
-    # 32: a feature batch's reads all in flight at once while the actor computes another batch's features (behind
-    # s2t bench io's 100 ms proxy, 16 reads at once kept 82 rows/s coming, 32 kept 107).
-    io_concurrency: int = Field(32, ge=1, description="audio files each actor (and each long-form split task) "
+    io_concurrency: int = Field(IO_CONCURRENCY, ge=1, description="audio files each actor (and each long-form split task) "
                                                       "reads at once: hides object-store latency")
     generation_actors: int = Field(1, ge=1, description="fewest generation actors")
     max_generation_actors: int | None = Field(None, description="most generation actors (default: the fewest)")
