@@ -88,7 +88,7 @@ def missing_pairs(manifest: Manifest, rows_per_block: int, langs: list[str], run
     manifest's rows once per language, less the output's (id, tgt_lang) pairs (pipeline/ids.py: their sorted
     digests in the object store, and a filter)."""
     # An id more than one manifest file holds gets its file's label, as `s2t transcribe` gives it.
-    repeated = manifest.ids(rows_per_block, arrow_filesystem(manifest.fs))[1] if len(manifest.files) > 1 else None
+    repeated = manifest.repeats(rows_per_block, arrow_filesystem(manifest.fs))[1] if len(manifest.files) > 1 else None
     pairs = manifest.dataset(rows_per_block, arrow_filesystem(manifest.fs), repeated=repeated).map_batches(
         each_language, fn_kwargs=dict(langs=langs, run_id=run_id), batch_format="pyarrow", batch_size=None)
     files = list(footers(fs, root))

@@ -156,14 +156,22 @@ class Manifest:
         root = posixpath.commonpath(self.files) if len(self.files) > 1 else posixpath.dirname(self.files[0])
         return {f: posixpath.splitext(posixpath.relpath(f, root))[0] for f in self.files}
 
-    def ids(self, rows_per_block: int, filesystem) -> tuple[object, object, int]:
-        """(the digest set of the rows' ids as the work reads them, the ObjectRef of the digests of ids more than one
-        file holds or None, how many those are), read on the cluster without audio bytes (WebDataset: each shard
-        read, its audio skipped); read twice only where some id is in more than one file."""
+    def repeats(self, rows_per_block: int, filesystem) -> tuple[object, object, int]:
+        """(the digest set of the rows' ids as each file names them, the ObjectRef of the digests of ids more than one
+        file holds or None, how many those are), read once on the cluster without audio bytes (WebDataset: each shard
+        read, its audio skipped)."""
         from .ids import digest_set, repeated_ids
 
         found = digest_set(self.dataset(rows_per_block, filesystem, audio=False))
         repeated, count = repeated_ids(found) if len(self.files) > 1 else (None, 0)
+        return found, repeated if count else None, count
+
+    def ids(self, rows_per_block: int, filesystem) -> tuple[object, object, int]:
+        """`repeats`, with the digest set of the ids as the work reads them: read a second time only where some id
+        is in more than one file (then with its file's label)."""
+        from .ids import digest_set
+
+        found, repeated, count = self.repeats(rows_per_block, filesystem)
         if not count:
             return found, None, 0
         return digest_set(self.dataset(rows_per_block, filesystem, audio=False, repeated=repeated)), repeated, count
