@@ -58,10 +58,15 @@ def rows_table(rows: list[dict], durations: bool) -> pa.Table:
         for r in rows], schema=SCHEMA)
 
 
+def feature_stage(storage_options: dict | None, io_concurrency: int) -> ComputeFeatures:
+    return ComputeFeatures(FeatureExtractor.from_pretrained(DEMO_MODEL).to_dict(), min_duration_s=0.1,
+                           max_duration_s=60.0, storage_options=storage_options, vad="off",
+                           io_concurrency=io_concurrency)
+
+
 def test_feature_actor_reads_io_concurrency_files_at_once():
     MeetingFileSystem.barrier.reset()
-    stage = ComputeFeatures(FeatureExtractor.from_pretrained(DEMO_MODEL).to_dict(), min_duration_s=0.1,
-                            max_duration_s=60.0, vad="off", io_concurrency=CONCURRENCY)
+    stage = feature_stage(None, CONCURRENCY)
     out, features = stage.compute(rows_table(demo_rows(2 * CONCURRENCY), durations=True))
     assert out["error"].to_pylist() == [None] * 2 * CONCURRENCY
     assert all(f is not None for f in features)
@@ -137,8 +142,7 @@ def test_an_utterance_on_s3_is_one_get_and_decodes_as_the_local_file(proxied_buc
     table = pa.concat_tables([s3_rows(fs, bucket, rows), pa.Table.from_pylist([
         {"id": name, "audio": f"s3://{bucket}/{name}.flac", "offset_s": 0.0, "duration_s": 1.0, "error": None}
         for name in ("empty", "missing")], schema=SCHEMA)])
-    stage = ComputeFeatures(FeatureExtractor.from_pretrained(DEMO_MODEL).to_dict(), min_duration_s=0.1,
-                            max_duration_s=60.0, storage_options=options, vad="off", io_concurrency=CONCURRENCY)
+    stage = feature_stage(options, CONCURRENCY)
     proxy.requests.clear()
     loaded = [stage.load(row) for row in table.to_pylist()[:len(rows)]]
     assert proxy.requests == {"GET": len(rows)}  # no HEAD before any of them
@@ -159,8 +163,7 @@ def test_files_larger_than_one_get_and_slices_are_read_as_before(proxied_bucket,
     table = s3_rows(fs, bucket, [row])
     monkeypatch.setattr(audio, "WHOLE_FILE_BYTES", 4096)
     assert os.path.getsize(row["audio_filepath"]) > 4096
-    stage = ComputeFeatures(FeatureExtractor.from_pretrained(DEMO_MODEL).to_dict(), min_duration_s=0.1,
-                            max_duration_s=60.0, storage_options=options, vad="off", io_concurrency=CONCURRENCY)
+    stage = feature_stage(options, CONCURRENCY)
     local = soundfile.read(row["audio_filepath"], dtype="float32")[0]
 
     proxy.requests.clear()
@@ -178,8 +181,7 @@ def test_an_s3_client_keeps_io_concurrency_requests_in_flight(proxied_bucket):
     rows = [dict(row, id=f"clip-{i}") for i, row in enumerate(demo_rows(1) * 16)]
     table = s3_rows(fs, bucket, rows)
     proxy.latency_s = 0.5  # every read is still waiting when the 16th starts
-    stage = ComputeFeatures(FeatureExtractor.from_pretrained(DEMO_MODEL).to_dict(), min_duration_s=0.1,
-                            max_duration_s=60.0, storage_options=options, vad="off", io_concurrency=16)
+    stage = feature_stage(options, 16)
     out, _ = stage.compute(table)
     assert out["error"].to_pylist() == [None] * 16
     assert proxy.most_at_once == 16
