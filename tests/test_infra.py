@@ -318,7 +318,7 @@ def logical_lines(text: str) -> list[str]:
 def shell_texts() -> list[tuple[str, str]]:
     """(file, line) for every line of infra/ that is a command: YAML string values (entrypoints, scripts, setup
     commands, embedded manifests), YAML comment lines written as commands ('#   cmd'), Dockerfile RUN lines, and
-    the README's fenced code blocks."""
+    the shell blocks of infra/README.md, README.md and docs/."""
     found = []
 
     def strings(node):
@@ -341,9 +341,10 @@ def shell_texts() -> list[tuple[str, str]]:
     dockerfile = INFRA / "Dockerfile"
     found += [("infra/Dockerfile", line) for line in logical_lines(dockerfile.read_text())
               if re.match(r"#   \S", line) or line.startswith("RUN ")]
-    readme = (INFRA / "README.md").read_text()
-    for block in re.findall(r"^```(?:bash|sh|shell|console)?\n(.*?)^```", readme, flags=re.M | re.S):
-        found += [("infra/README.md", line) for line in logical_lines(block)]
+    for page in [INFRA / "README.md", ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]:
+        text = page.read_text()
+        for block in re.findall(r"^```(?:bash|sh|shell|console)?\n(.*?)^```", text, flags=re.M | re.S):
+            found += [(str(page.relative_to(ROOT)), line) for line in logical_lines(block)]
     return found
 
 

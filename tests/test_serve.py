@@ -372,3 +372,17 @@ def test_verbose_json_carries_no_non_finite_number():
                  "temperature": 0.0}]
     body = json.dumps(render("verbose_json", "", segments, 1.0, "transcribe", "en"), allow_nan=False)  # JSON as is
     assert json.loads(body)["segments"][0]["avg_logprob"] is None
+
+
+def test_the_docs_client_code_runs_against_the_endpoint(server, tmp_path):
+    """README.md's and docs/'s `openai` client blocks, as written, against a real endpoint (their URL and key come
+    from S2T_URL and S2T_API_KEY when set)."""
+    from test_docs import python_blocks, run_block
+
+    blocks = python_blocks(needs_endpoint=True)
+    assert blocks
+    env = {**os.environ, "S2T_URL": f"{server}/v1", "S2T_API_KEY": API_KEY}
+    for where, code in blocks:
+        run = run_block(code, tmp_path, env)
+        assert run.returncode == 0, f"{where} fails:\n{run.stderr[-3000:]}"
+        assert "forty thousand seven hundred and twenty three" in run.stdout, where
