@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # torch is pinned to the CPU wheel this machine has on disk; any other spec pulls gigabytes of CUDA packages.
 PIP_INSTALL := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt
 
-.PHONY: install system-packages test bench demo demo-assets clean
+.PHONY: install system-packages test bench demo demo-assets clean docs/configuration.md
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -60,3 +60,7 @@ clean:
 infra/serve.yaml: $(VENV)/.installed pipeline/serve.py jobs/serve.py
 	{ sed -n 1,3p $@; $(S2T) $$(sed -n 2p $@ | sed 's/^#   s2t //'); } > $@.new && mv $@.new $@
 	$(PY) infra/render.py  # the RayService's serveConfigV2 is this file
+
+# Every option of the jobs, from their typed configs (tests/test_docs.py checks the page is up to date).
+docs/configuration.md: $(VENV)/.installed
+	$(PY) -m jobs.configuration_page > $@

@@ -46,6 +46,20 @@ class JobConfig(pydantic.BaseModel):
                 parser.add_argument(flag, type=kind if kind in (int, float) else str, default=None, help=help)
 
     @classmethod
+    def options_table(cls, skip: tuple[str, ...] = ()) -> str:
+        """A Markdown table of the command-line options: option, type, default, what (docs/configuration.md)."""
+        rows = ["| option | type | default | what |", "| --- | --- | --- | --- |"]
+        for name, field in cls.model_fields.items():
+            if name in cls.hidden_options or name in skip:
+                continue
+            kind = typing.get_args(field.annotation) if typing.get_origin(field.annotation) is typing.Literal else None
+            type_name = " \\| ".join(map(str, kind)) if kind else _plain_type(field.annotation).__name__
+            default = "required" if field.is_required() else f"`{field.get_default(call_default_factory=True)}`"
+            what = (field.description or "").replace("|", "\\|")
+            rows.append(f"| `--{name.replace('_', '-')}` | {type_name} | {default} | {what} |")
+        return "\n".join(rows) + "\n"
+
+    @classmethod
     def from_args(cls, args: argparse.Namespace) -> "JobConfig":
         given = {n: getattr(args, n) for n in cls.model_fields if getattr(args, n, None) is not None}
         try:

@@ -38,3 +38,9 @@ def test_every_page_with_python_is_covered():
     """The collector sees the pages' blocks (a renamed fence would silently skip them)."""
     found = {where.split(":")[0] for where, _ in python_blocks(False) + python_blocks(True)}
     assert {"README.md", "docs/python-api.md", "docs/serving.md"} <= found
+
+
+def test_the_configuration_page_lists_every_option_as_the_configs_define_it():
+    from jobs.configuration_page import page
+
+    assert (ROOT / "docs" / "configuration.md").read_text() == page(), "run `make docs/configuration.md`"
