@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from bench import (io as bench_io, model as bench_model, pipeline as bench_pipeline, scale as bench_scale,
-                   serve as bench_serve, vad as bench_vad)
+                   serve as bench_serve, vad as bench_vad, words as bench_words)
 from demo import corpus, evaluate, train
 
 from . import backfill, serve, transcribe
@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
             bench_serve.add_arguments, bench_serve.main)
     command(benchmarks, "vad", "speech detection: audio-s/s per core, ours vs silero-vad's own forms, share of the job",
             bench_vad.add_arguments, bench_vad.main)
+    command(benchmarks, "words", "word timestamps against true word boundaries; heads ranked for choosing them",
+            bench_words.add_arguments, bench_words.main)
     command(commands, "transcribe", "transcribe (or translate) a corpus on Ray Data into a Parquet dataset",
             transcribe.add_arguments, transcribe.main)
     command(commands, "backfill", "translate the (id, language) pairs a partitioned output lacks",

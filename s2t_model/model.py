@@ -105,6 +105,15 @@ class Attention(nn.Module):
         out = weights.softmax(-1) @ v  # (R, H, 1, D/H)
         return self.out_proj(out.transpose(1, 2).flatten(2))
 
+    def weights(self, x: Tensor, k: Tensor, mask: Tensor | None = None) -> Tensor:
+        """The attention weights of queries from x (B, Q, D) over keys k (B, H, K, D/H): (B, H, Q, K), rows summing
+        to 1 (what word alignment reads from cross-attention, s2t_model/alignment.py)."""
+        q = self.split_heads(self.q_proj(x)) * (k.shape[-1] ** -0.5)
+        scores = q @ k.transpose(-1, -2)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        return scores.softmax(-1)
+
 
 class EncoderLayer(nn.Module):
     def __init__(self, config: Speech2TextConfig):
@@ -146,8 +155,10 @@ class DecoderLayer(nn.Module):
 
     def forward(
         self, x: Tensor, cross_kv: tuple[Tensor, Tensor], cross_mask: Tensor, cache: "KVCache | None", index: int,
+        cross_weights: list[Tensor] | None = None,
     ) -> Tensor:
         """x (B, Q, D) -> (B, Q, D); `index` is this layer's place in the stack (its slot in the cache).
+        cross_weights: a list to which the layer appends its cross-attention weights (B, H, Q, S).
 
         Without a cache, Q is the target sequence and self-attention is causal over it (training, scoring).
         With a cache, Q holds one new token for each of an utterance's beams: each row attends to its own past, and
@@ -162,7 +173,10 @@ class DecoderLayer(nn.Module):
             h = self.self_attn.attend_few(rows, k, v, mask).reshape(x.shape)
         x = x + F.dropout(h, self.dropout, self.training)
         cross_attend = self.encoder_attn.attend if cache is None else self.encoder_attn.attend_few
-        h = cross_attend(self.encoder_attn_layer_norm(x), *cross_kv, cross_mask)
+        h = self.encoder_attn_layer_norm(x)
+        if cross_weights is not None:
+            cross_weights.append(self.encoder_attn.weights(h, cross_kv[0], cross_mask))
+        h = cross_attend(h, *cross_kv, cross_mask)
         x = x + F.dropout(h, self.dropout, self.training)
         return x + feed_forward(self, x)
 
@@ -245,14 +259,16 @@ class Decoder(nn.Module):
         cross_kv: list[tuple[Tensor, Tensor]],
         encoder_mask: Tensor,
         cache: KVCache | None = None,
+        cross_weights: list[Tensor] | None = None,
     ) -> Tensor:
-        """tokens, positions (B, Q) -> hidden states (B, Q, D); see DecoderLayer for what Q is with a cache."""
+        """tokens, positions (B, Q) -> hidden states (B, Q, D); see DecoderLayer for what Q is with a cache.
+        cross_weights: a list that gets every layer's cross-attention weights (B, H, Q, S), layer by layer."""
         x = self.embed_scale * self.embed_tokens(tokens)
         x = x + sinusoids(positions, x.shape[-1], self.config.pad_token_id).to(x.dtype)
         x = F.dropout(x, self.config.dropout, self.training)
         cross_mask = encoder_mask[:, None, None, :]
         for i, layer in enumerate(self.layers):
-            x = layer(x, cross_kv[i], cross_mask, cache, i)
+            x = layer(x, cross_kv[i], cross_mask, cache, i, cross_weights)
         if cache is not None:
             cache.advance()
         return self.layer_norm(x)

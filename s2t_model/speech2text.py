@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import checkpoint
+from . import alignment, checkpoint
 from .batching import default_max_frames, frame_budget_batches
 from .config import Speech2TextConfig
 from .decoding import GenerationOutput, generate
@@ -146,13 +146,17 @@ class Speech2Text(Speech2TextModule):
         tgt_lang: TgtLang = None,
         max_frames: int | None = None,
         min_avg_logprob: float | None = None,
+        word_timestamps: bool = False,
+        logprobs: bool = False,
         **generate_options,
     ) -> list[Transcript]:
         """Features of utterances, each (T_i, 80) -> one `Transcript` each, in the order given.
 
         None stands for an utterance without speech (see `vad.speech_features`): its transcript is empty, and the
         model does not run on it. A transcript whose mean log-probability is below `min_avg_logprob` is flagged
-        `low_confidence`.
+        `low_confidence`. word_timestamps: each transcript's `words`, timed in its utterance; logprobs: each
+        token's log-probability (`token_logprobs`); both from one teacher-forced pass over the ids decoded
+        (s2t_model/alignment.py).
 
         The one path from features to text that the batch job, the Serve endpoint and `transcribe` share: utterances
         are sorted by length and cut into batches of at most `max_frames` padded frames (fairseq's max_tokens), so a
@@ -170,9 +174,43 @@ class Speech2Text(Speech2TextModule):
             batch = [heard[j] for j in batch]
             padded, lengths = pad_features([features[i] for i in batch], self.device)
             out = self.generate(padded, lengths, tgt_lang=[langs[i] for i in batch], **generate_options)
-            for i, ids, score in zip(batch, out.ids, out.scores):
+            timed = self.timed(padded, lengths, out.ids, word_timestamps) if word_timestamps or logprobs else None
+            for n, (i, ids, score) in enumerate(zip(batch, out.ids, out.scores)):
                 low = min_avg_logprob is not None and score < min_avg_logprob
                 results[i] = Transcript(self.tokenizer.decode(ids), ids, score, low_confidence=low)
+                if timed is not None:
+                    results[i].token_logprobs = timed[n][0] if logprobs else None
+                    results[i].words = timed[n][1]
+        return results
+
+    def timed(self, padded: Tensor, lengths: Tensor, ids: list[list[int]], word_timestamps: bool = True
+              ) -> list[tuple[list[float], list[alignment.Word] | None]]:
+        """A batch's decoded ids -> each row's token log-probabilities and (with word_timestamps) its words."""
+        heads = alignment.alignment_heads(self) if word_timestamps else []
+        passes = alignment.teacher_forced(self, padded, lengths, ids, heads)
+        out = []
+        for row, result in zip(ids, passes):
+            found = None
+            if word_timestamps:
+                pieces, content = alignment.text_pieces(self, row)
+                found = alignment.words(pieces, content, result.weights, alignment.frame_seconds(self),
+                                        bool(row) and row[-1] == self.config.eos_token_id, result.weights.shape[-1],
+                                        alignment.filter_width(self), alignment.method(self))
+            out.append((result.logprobs, found))
+        return out
+
+    def align_ids(self, features: Sequence[Tensor | np.ndarray], ids: Sequence[list[int]],
+                  max_frames: int | None = None) -> list[Transcript]:
+        """Forced alignment: utterances' features (T_i, 80) and given token ids (a reference's `tokenizer.encode`)
+        -> one `Transcript` each with those ids' words and log-probabilities (no decoding)."""
+        results: list[Transcript | None] = [None] * len(features)
+        max_frames = max_frames or default_max_frames(self.device)
+        for batch in frame_budget_batches([len(f) for f in features], max_frames):
+            padded, lengths = pad_features([features[i] for i in batch], self.device)
+            for i, (logprobs, found) in zip(batch, self.timed(padded, lengths, [list(ids[i]) for i in batch])):
+                mean = sum(logprobs) / max(1, len(logprobs))
+                results[i] = Transcript(self.tokenizer.decode(ids[i]), list(ids[i]), mean, words=found,
+                                        token_logprobs=logprobs)
         return results
 
 
@@ -183,6 +221,8 @@ class Transcript:
     avg_logprob: float | None  # mean log-probability per generated token; None without speech
     low_confidence: bool = False  # avg_logprob below the caller's min_avg_logprob
     speech: bool = True  # False: speech detection found none, and the model did not run
+    words: list[alignment.Word] | None = None  # with word_timestamps: times from the utterance's start
+    token_logprobs: list[float] | None = None  # with logprobs: one per id
 
 
 def pad_features(features: Sequence[Tensor | np.ndarray], device: torch.device) -> tuple[Tensor, Tensor]:
