@@ -219,6 +219,10 @@ def joined_row(parts: list[dict]) -> dict:
         segments=[{"start_s": p["segment_start_s"], "end_s": p["segment_start_s"] + p["duration_s"],
                    "text": p["text"]} for p in parts],
     )
+    if "words" in first:  # --word-timestamps: each segment's words moved into the recording's time
+        row["words"] = None if failed else [
+            {**w, "start_s": p["segment_start_s"] + w["start_s"], "end_s": p["segment_start_s"] + w["end_s"]}
+            for p in parts for w in p["words"] or []]
     return row
 
 

@@ -1,6 +1,8 @@
 """The model on Ray Serve behind an OpenAI-compatible audio API, sharing the batch job's generation code.
 
-    POST /v1/audio/transcriptions   multipart: file, model, language, response_format, temperature (ignored)
+    POST /v1/audio/transcriptions   multipart: file, model, language, response_format, temperature (ignored),
+                                    stream, timestamp_granularities[], include[], chunking_strategy, prompt
+                                    (pipeline/openai_api.py)
     POST /v1/audio/translations     the same plus target_language (speech-translation checkpoints have several)
     GET  /v1/models, GET /healthz
 
@@ -22,7 +24,7 @@ import numpy as np
 import torch
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import Field
 from ray import serve
 from starlette.datastructures import UploadFile as AnyUploadFile  # what FastAPI hands over
@@ -36,6 +38,7 @@ from s2t_model.vad import shared_vad, speech_features
 from .audio import AudioError, decode_audio
 from .config import JobConfig
 from .http_guard import GuardLimits, RequestGuard, error_body, quote
+from .openai_api import ApiOptions, OptionError, delta_event, done_event, parse_options, timed_words, token_logprobs, usage
 
 logger = logging.getLogger(__name__)
 MULTIPART_OVERHEAD_BYTES = 64 * 1024  # a request body may exceed the upload limit by its form fields and boundaries
@@ -110,6 +113,11 @@ async def _request_error(request: Request, error: RequestError) -> JSONResponse:
     return error_response(error.status, error.message, error.code, error.headers)
 
 
+@app.exception_handler(OptionError)
+async def _option_error(request: Request, error: OptionError) -> JSONResponse:
+    return error_response(400, error.message, error.code)
+
+
 @app.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
     problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
@@ -175,23 +183,27 @@ class Speech2TextServer:
         self.decode_batch.set_batch_wait_timeout_s(c.batch_wait_ms / 1000)
         self.languages = self.model.tokenizer.langs if self.model.tokenizer else []
         self.vad = shared_vad() if c.vad == "silero" else None
+        self.open_streams = 0  # streamed answers in progress (a client gone mid-stream must not leave one open)
 
     def check_health(self) -> None:
         if self.model is None:
             raise RuntimeError("the model is not loaded")
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)
-    async def decode_batch(self, requests: list[tuple[np.ndarray, str | None]]) -> list[Transcript]:
-        """(16 kHz waveform, target language or None) of each request -> its `Transcript`."""
+    async def decode_batch(self, requests: list[tuple]) -> list[Transcript]:
+        """(16 kHz waveform, target language or None[, timed]) of each request -> its `Transcript`; timed: with
+        words and token log-probabilities (one more decoder pass, for the whole batch when one asks)."""
         # In a thread, so the replica keeps taking requests (and health checks) while the batch decodes.
-        return await asyncio.to_thread(self.transcribe, [audio for audio, _ in requests], [lang for _, lang in requests])
+        timed = any(len(r) > 2 and r[2] for r in requests)
+        return await asyncio.to_thread(self.transcribe, [r[0] for r in requests], [r[1] for r in requests], timed)
 
-    def transcribe(self, waveforms: list[np.ndarray], langs: list[str | None]) -> list[Transcript]:
+    def transcribe(self, waveforms: list[np.ndarray], langs: list[str | None], timed: bool = False
+                   ) -> list[Transcript]:
         c, model = self.config, self.model
         features, _ = speech_features(model.feature_extractor, waveforms, model.feature_extractor.sampling_rate,
                                       c.max_frames, self.vad, model.device)
         return model.transcribe_features(features, tgt_lang=langs, num_beams=c.num_beams, max_frames=c.max_frames,
-                                         min_avg_logprob=c.min_avg_logprob)
+                                         min_avg_logprob=c.min_avg_logprob, word_timestamps=timed, logprobs=timed)
 
     async def read_audio(self, file: UploadFile | None) -> tuple[np.ndarray, float]:
         limit = int(self.config.max_upload_mb * 1024 * 1024)
@@ -212,7 +224,8 @@ class Speech2TextServer:
             raise RequestError(AUDIO_STATUS.get(error.reason, 400), str(error), error.reason) from None
         return audio, len(audio) / rate
 
-    async def respond(self, file, response_format: str, tgt_lang: str | None, task: str):
+    async def respond(self, file, response_format: str, tgt_lang: str | None, task: str,
+                      options: ApiOptions = ApiOptions()):
         formats = ("json", "text", "verbose_json", "srt", "vtt")
         if response_format not in formats:
             raise RequestError(400, f"response_format {quote(response_format)} is not one of {', '.join(formats)}",
@@ -226,18 +239,65 @@ class Speech2TextServer:
             pieces = [(s.start_s, s.end_s) for s in found]
         else:
             pieces = [(0.0, duration)]
-        results = await asyncio.gather(*[self.decode_batch((audio[round(a * rate): round(b * rate)], tgt_lang))
-                                         for a, b in pieces])
+        if options.stream:  # from here on errors are events: the status line is sent with the first one
+            return StreamingResponse(self.stream(audio, pieces, tgt_lang, options, duration),
+                                     media_type="text/event-stream")
+        results = await asyncio.gather(*[self.decode_batch((audio[round(a * rate): round(b * rate)], tgt_lang,
+                                                            options.timed)) for a, b in pieces])
         heard = [(piece, r) for piece, r in zip(pieces, results) if r.speech]  # no speech: no segment
         segments = [{"id": i, "start": round(a, 3), "end": round(b, 3), "text": r.text, "tokens": r.ids,
                      "avg_logprob": r.avg_logprob, "low_confidence": r.low_confidence, "temperature": 0.0}
                     for i, ((a, b), r) in enumerate(heard)]
         text = " ".join(r.text for r in results if r.text)
-        return render(response_format, text, segments, duration, task, tgt_lang or "en")
+        body = render(response_format, text, segments, duration, task, tgt_lang or "en")
+        if options.words:
+            body["words"] = timed_words([(a, r) for (a, _), r in heard])
+        if response_format == "verbose_json" and not options.segments:
+            del body["segments"]
+        if options.logprobs:
+            body["logprobs"] = [entry for r in results for entry in token_logprobs(self.model, r)]
+        return body
+
+    async def stream(self, audio: np.ndarray, pieces: list[tuple[float, float]], tgt_lang: str | None,
+                     options: ApiOptions, duration: float):
+        """Server-Sent Events of one upload: a delta per segment with text, in order, as soon as it is decoded,
+        then the whole text. The first segment is decoded on its own, so its delta does not wait for the rest; the
+        rest then go in together. A client gone mid-stream cancels what is not decoded yet (Serve drops cancelled
+        requests from its batches)."""
+        rate = self.model.feature_extractor.sampling_rate
+
+        def submit(a: float, b: float) -> asyncio.Future:
+            return asyncio.ensure_future(self.decode_batch((audio[round(a * rate): round(b * rate)], tgt_lang,
+                                                            options.timed)))
+
+        tasks = [submit(*pieces[0])]
+        self.open_streams += 1
+        try:
+            texts, results, logprobs = [], [], []
+            for n in range(len(pieces)):
+                result = await tasks[n]
+                if n == 0:
+                    tasks += [submit(a, b) for a, b in pieces[1:]]
+                results.append(result)
+                entries = token_logprobs(self.model, result) if options.logprobs else None
+                logprobs += entries or []
+                if result.text:
+                    yield delta_event(result.text if not texts else " " + result.text, entries)
+                    texts.append(result.text)
+            yield done_event(" ".join(texts), logprobs if options.logprobs else None, usage(duration, results))
+        finally:
+            for task in tasks:
+                task.cancel()
+            self.open_streams -= 1
+
+    def streams_open(self) -> int:
+        """Streamed answers in progress (for tests and operators, through a deployment handle)."""
+        return self.open_streams
 
     @app.post("/v1/audio/transcriptions")
     async def transcriptions(
         self,
+        request: Request,
         file: UploadFile | None = File(None),
         model: str | None = Form(None),
         language: str | None = Form(None),
@@ -245,11 +305,13 @@ class Speech2TextServer:
         temperature: float | None = Form(None),
         prompt: str | None = Form(None),
     ):
-        return await self.respond(file, response_format, None, "transcribe")
+        options = parse_options(await request.form(), response_format)
+        return await self.respond(file, response_format, None, "transcribe", options)
 
     @app.post("/v1/audio/translations")
     async def translations(
         self,
+        request: Request,
         file: UploadFile | None = File(None),
         model: str | None = Form(None),
         target_language: str | None = Form(None),
@@ -261,7 +323,8 @@ class Speech2TextServer:
             given = "no target_language" if target_language is None else f"target_language {quote(target_language)}"
             raise RequestError(400, f"{given}: this model translates into {', '.join(self.languages) or 'nothing'}",
                                "invalid_target_language")
-        return await self.respond(file, response_format, target_language, "translate")
+        options = parse_options(await request.form(), response_format)
+        return await self.respond(file, response_format, target_language, "translate", options)
 
     @app.get("/v1/models")
     async def models(self):

@@ -22,6 +22,8 @@ from .audio import INLINE_AUDIO, IO_CONCURRENCY, AudioError, is_remote, load_aud
 # Batches an audio actor works on at once (Ray Data's `max_concurrent_calls_per_actor`): one batch's reads wait on
 # storage while another's features are computed. The CPU work itself goes one batch at a time (`ComputeFeatures.busy`).
 CALLS_PER_ACTOR = 2
+# The `words` column (--word-timestamps): each word's times in seconds from the row's start, and the word.
+WORDS_TYPE = pa.list_(pa.struct([("start_s", pa.float64()), ("end_s", pa.float64()), ("word", pa.string())]))
 
 
 def set_column(table: pa.Table, name: str, values, type: pa.DataType) -> pa.Table:
@@ -119,14 +121,15 @@ class GenerateText:
 
     def __init__(self, model_uri: str, model_label: str, device: str = "cpu", dtype: str = "float32",
                  cuda_graphs: bool = True, storage_options: dict | None = None, tgt_lang: str | None = None,
-                 **generate_options):
+                 word_timestamps: bool = False, **generate_options):
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = Speech2Text.from_pretrained(model_uri, device=device, dtype=getattr(torch, dtype),
                                                  storage_options=storage_options, cuda_graphs=cuda_graphs)
         self.model_label = model_label
         self.tgt_lang = tgt_lang
-        self.generate_options = generate_options
+        self.word_timestamps = word_timestamps
+        self.generate_options = dict(generate_options, word_timestamps=word_timestamps)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return self.generate(batch.drop_columns(["features"]), features_column(batch, self.model.config.input_feat_per_channel))
@@ -138,13 +141,16 @@ class GenerateText:
         langs = self._target_languages(batch, errors)
         todo = [i for i, error in enumerate(errors) if error is None]
         results = self._transcribe([features[i] for i in todo], [langs[i] for i in todo])
-        texts, num_tokens, scores, low = ([None] * len(errors) for _ in range(4))
+        texts, num_tokens, scores, low, words = ([None] * len(errors) for _ in range(5))
         for i, result in zip(todo, results):
             if isinstance(result, str):
                 errors[i] = result
             else:
                 texts[i], num_tokens[i], scores[i] = result.text, len(result.ids), result.avg_logprob
                 low[i] = result.low_confidence
+                words[i] = [{"start_s": w.start_s, "end_s": w.end_s, "word": w.word} for w in result.words or []]
+        if self.word_timestamps:
+            batch = set_column(batch, "words", words, WORDS_TYPE)
         for name, values, type in [("text", texts, pa.string()), ("tgt_lang", langs, pa.string()),
                                    ("num_tokens", num_tokens, pa.int32()), ("avg_logprob", scores, pa.float32()),
                                    ("low_confidence", low, pa.bool_()),

@@ -56,6 +56,8 @@ class TranscribeConfig(JobConfig):
     max_new_tokens: int | None = Field(None, description="default: the model's max_length - 1")
     max_frames: int | None = Field(None, ge=1, description="padded feature frames per generation batch (fairseq max_tokens; default: 24,000 on a CPU, 192,000 on a GPU)")
     batch_size: int = Field(64, ge=1, description="rows handed to a generation actor at a time")
+    word_timestamps: bool = Field(False, description="a words column: each word's (start_s, end_s, word), in the "
+                                                     "row's time (a long recording's: in the recording's)")
     feature_batch_size: int = Field(32, ge=1, description="rows handed to a feature actor at a time")
     feature_actors: int = Field(2, ge=1, description="most CPU feature actors")
     feature_cpus: float = Field(1.0, gt=0, description="CPUs each feature actor reserves")
@@ -233,6 +235,7 @@ def transcription_dataset(rows, config: TranscribeConfig, folder: str, model_lab
         max_new_tokens=config.max_new_tokens,
         max_frames=config.max_frames,
         min_avg_logprob=config.min_avg_logprob,
+        word_timestamps=config.word_timestamps,
     )
     dataset = rows.map_batches(
         split_long_audio,

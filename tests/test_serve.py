@@ -386,3 +386,105 @@ def test_the_docs_client_code_runs_against_the_endpoint(server, tmp_path):
         run = run_block(code, tmp_path, env)
         assert run.returncode == 0, f"{where} fails:\n{run.stderr[-3000:]}"
         assert "forty thousand seven hundred and twenty three" in run.stdout, where
+
+
+def long_recording() -> tuple[dict, bytes]:
+    """The 87 s long-form recording (13 utterances at known times) and its FLAC bytes."""
+    with open(os.path.join(DEMO_LONG_FORM, "manifest.jsonl")) as f:
+        recording = [json.loads(line) for line in f][1]
+    with open(os.path.join(DEMO_LONG_FORM, recording["audio_filepath"]), "rb") as f:
+        return recording, f.read()
+
+
+def test_openai_client_streams_a_delta_per_segment_then_done_with_usage_and_logprobs(server):
+    from openai import OpenAI
+
+    recording, audio = long_recording()
+    client = OpenAI(base_url=f"{server}/v1", api_key=API_KEY)
+    whole = client.audio.transcriptions.create(model="s2t", file=("long.flac", audio)).text
+    events = list(client.audio.transcriptions.create(model="s2t", file=("long.flac", audio), stream=True,
+                                                     include=["logprobs"]))
+    types = [e.type for e in events]
+    assert types[-1] == "transcript.text.done" and set(types[:-1]) == {"transcript.text.delta"}
+    deltas, done = events[:-1], events[-1]
+    assert len(deltas) >= len(recording["segments"]) // 2  # per segment of the upload, not one at the end
+    assert "".join(d.delta for d in deltas) == done.text == whole
+    assert scoring.wer([recording["text"]], [done.text]) <= 10.0
+    assert done.usage.type == "tokens" and done.usage.output_tokens > len(done.text.split())
+    assert done.usage.total_tokens == done.usage.input_tokens + done.usage.output_tokens
+    for d in deltas:  # each delta's tokens spell its text
+        assert "".join(p.token for p in d.logprobs).strip() == d.delta.strip()
+        assert all(p.logprob <= 0 and bytes(p.bytes).decode() == p.token for p in d.logprobs)
+    assert [p.token for p in done.logprobs] == [p.token for d in deltas for p in d.logprobs]
+
+
+def test_word_timestamps_fall_on_the_true_utterance_starts_and_logprobs_come_with_json(server):
+    from openai import OpenAI
+
+    recording, audio = long_recording()
+    client = OpenAI(base_url=f"{server}/v1", api_key=API_KEY)
+    verbose = client.audio.transcriptions.create(model="s2t", file=("long.flac", audio), response_format="verbose_json",
+                                                 timestamp_granularities=["word", "segment"])
+    assert " ".join(w.word for w in verbose.words) == verbose.text and verbose.segments
+    starts = [w.start for w in verbose.words]
+    assert starts == sorted(starts) and all(w.start < w.end for w in verbose.words)
+    # The first word of each utterance begins where the utterance was put into the recording (the true time, from
+    # the manifest), after at most the clip's own leading silence (<= 0.5 s).
+    hits = 0
+    for truth in recording["segments"]:
+        first = truth["text"].split()[0]
+        hits += any(w.word == first and truth["start_s"] - 0.2 <= w.start <= truth["start_s"] + 0.7
+                    for w in verbose.words)
+    assert hits >= len(recording["segments"]) - 1, hits
+    only_words = client.audio.transcriptions.create(model="s2t", file=("long.flac", audio),
+                                                    response_format="verbose_json", timestamp_granularities=["word"])
+    assert only_words.segments is None and [w.word for w in only_words.words] == [w.word for w in verbose.words]
+    clip = demo_rows(1)[0]
+    with open(clip["audio_filepath"], "rb") as f:
+        short = f.read()
+    scored = client.audio.transcriptions.create(model="s2t", file=("a.flac", short), include=["logprobs"])
+    assert "".join(p.token for p in scored.logprobs).strip() == scored.text == clip["text"]
+
+
+def test_options_the_model_cannot_honour_are_400_naming_what_is_supported(server):
+    import openai
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{server}/v1", api_key=API_KEY)
+    flac = open(demo_rows(1)[0]["audio_filepath"], "rb").read()
+    create = client.audio.transcriptions.create
+    refused = {
+        "prompt": (dict(prompt="numbers"), "prompt"),
+        "server_vad": (dict(chunking_strategy={"type": "server_vad", "threshold": 0.5}), '"auto"'),
+        "words with json": (dict(timestamp_granularities=["word"]), "verbose_json"),
+        "logprobs with verbose_json": (dict(include=["logprobs"], response_format="verbose_json"), "json"),
+        "stream with srt": (dict(stream=True, response_format="srt"), "json or text"),
+    }
+    for name, (options, named) in refused.items():
+        with pytest.raises(openai.BadRequestError) as error:
+            create(model="s2t", file=("a.flac", flac), **options)
+        assert named in error.value.body["message"], (name, error.value.body)
+    assert create(model="s2t", file=("a.flac", flac), chunking_strategy="auto").text == demo_rows(1)[0]["text"]
+    # An error found before the first event is an HTTP error, not a stream.
+    with pytest.raises(openai.APIStatusError) as error:
+        create(model="s2t", file=("notes.wav", b"not audio at all\n" * 50), stream=True)
+    assert error.value.status_code == 415
+
+
+def test_a_client_gone_mid_stream_leaves_no_stream_open(server):
+    from ray import serve
+
+    _, audio = long_recording()
+    with httpx.stream("POST", f"{server}/v1/audio/transcriptions", files={"file": ("long.flac", audio)},
+                      data={"stream": "true"}, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        first = next(line for line in r.iter_lines() if line.startswith("data: "))
+        assert json.loads(first[6:])["type"] == "transcript.text.delta"
+    handle = serve.get_app_handle("s2t")
+    for _ in range(120):  # the replica sees the disconnect, cancels the rest and closes the stream
+        if handle.streams_open.remote().result() == 0:
+            break
+        time.sleep(0.5)
+    assert handle.streams_open.remote().result() == 0
+    assert post(server, files={"file": ("a.flac", open(demo_rows(1)[0]["audio_filepath"], "rb").read())}).json()[
+        "text"] == demo_rows(1)[0]["text"]
