@@ -8,7 +8,7 @@ from bench import (io as bench_io, model as bench_model, pipeline as bench_pipel
                    serve as bench_serve, vad as bench_vad, words as bench_words)
 from demo import corpus, evaluate, train
 
-from . import backfill, serve, transcribe
+from . import backfill, export, serve, transcribe
 
 
 def command(subparsers, name: str, help: str, add_arguments, run) -> None:
@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
             transcribe.add_arguments, transcribe.main)
     command(commands, "backfill", "translate the (id, language) pairs a partitioned output lacks",
             backfill.add_arguments, backfill.main)
+    command(commands, "export", "one srt/vtt/txt/json file per recording of a transcription output",
+            export.add_arguments, export.main)
     command(commands, "serve", "the model behind an OpenAI-compatible audio API on Ray Serve",
             serve.add_arguments, serve.main)
     command(commands, "evaluate", "WER and BLEU of a checkpoint on a corpus with references",

@@ -39,6 +39,7 @@ from .audio import AudioError, decode_audio
 from .config import JobConfig
 from .http_guard import GuardLimits, RequestGuard, error_body, quote
 from .openai_api import ApiOptions, OptionError, delta_event, done_event, parse_options, timed_words, token_logprobs, usage
+from .subtitles import subtitles
 
 logger = logging.getLogger(__name__)
 MULTIPART_OVERHEAD_BYTES = 64 * 1024  # a request body may exceed the upload limit by its form fields and boundaries
@@ -138,23 +139,13 @@ def render(response_format: str, text: str, segments: list[dict], duration: floa
         return {"task": task, "language": language, "duration": round(duration, 3), "text": text,
                 "segments": [{key: finite_or_none(value) if isinstance(value, float) else value
                               for key, value in segment.items()} for segment in segments]}
-    cues = []
-    for number, s in enumerate(segments, start=1):
-        start, end = timestamp(s["start"], response_format), timestamp(s["end"], response_format)
-        cues.append((f"{number}\n" if response_format == "srt" else "") + f"{start} --> {end}\n{s['text']}\n")
-    header = "WEBVTT\n\n" if response_format == "vtt" else ""
-    return PlainTextResponse(header + "\n".join(cues), media_type="text/vtt" if response_format == "vtt" else None)
+    body = subtitles([(s["start"], s["end"], s["text"]) for s in segments], response_format)
+    return PlainTextResponse(body, media_type="text/vtt" if response_format == "vtt" else None)
 
 
 def finite_or_none(value: float) -> float | None:
     """JSON has no NaN or Infinity: a number that is not finite (a score, say) is reported as null, not as a 500."""
     return value if math.isfinite(value) else None
-
-
-def timestamp(seconds: float, response_format: str) -> str:
-    ms = round(seconds * 1000)
-    h, m, s, ms = ms // 3_600_000, ms // 60_000 % 60, ms // 1000 % 60, ms % 1000
-    return f"{h:02d}:{m:02d}:{s:02d}{',' if response_format == 'srt' else '.'}{ms:03d}"
 
 
 @app.exception_handler(Exception)
