@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 
 from bench import (io as bench_io, model as bench_model, pipeline as bench_pipeline, scale as bench_scale,
-                   serve as bench_serve, vad as bench_vad, words as bench_words)
+                   serve as bench_serve, stream as bench_stream, vad as bench_vad,
+                   words as bench_words)
 from demo import corpus, evaluate, train
 
 from . import backfill, export, serve, transcribe
@@ -32,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
             bench_scale.add_arguments, bench_scale.main)
     command(benchmarks, "serve", "the Serve endpoint with batching vs without: throughput, p50/p99 by concurrency",
             bench_serve.add_arguments, bench_serve.main)
+    command(benchmarks, "stream", "a streamed 2-minute upload: time to the first event vs to the whole answer",
+            bench_stream.add_arguments, bench_stream.main)
     command(benchmarks, "vad", "speech detection: audio-s/s per core, ours vs silero-vad's own forms, share of the job",
             bench_vad.add_arguments, bench_vad.main)
     command(benchmarks, "words", "word timestamps against true word boundaries; heads ranked for choosing them",

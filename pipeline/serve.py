@@ -38,7 +38,8 @@ from s2t_model.vad import shared_vad, speech_features
 from .audio import AudioError, decode_audio
 from .config import JobConfig
 from .http_guard import GuardLimits, RequestGuard, error_body, quote
-from .openai_api import ApiOptions, OptionError, delta_event, done_event, parse_options, timed_words, token_logprobs, usage
+from .openai_api import (ApiOptions, OptionError, delta_event, done_event, parse_options, timed_words,
+                         token_logprobs, usage)
 from .subtitles import subtitles
 
 logger = logging.getLogger(__name__)
