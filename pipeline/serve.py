@@ -176,6 +176,7 @@ class Speech2TextServer:
         self.languages = self.model.tokenizer.langs if self.model.tokenizer else []
         self.vad = shared_vad() if c.vad == "silero" else None
         self.open_streams = 0  # streamed answers in progress (a client gone mid-stream must not leave one open)
+        self.cancelled_segments = 0  # segments of streams whose client went away before they were decoded
 
     def check_health(self) -> None:
         if self.model is None:
@@ -278,13 +279,13 @@ class Speech2TextServer:
                     texts.append(result.text)
             yield done_event(" ".join(texts), logprobs if options.logprobs else None, usage(duration, results))
         finally:
-            for task in tasks:
-                task.cancel()
+            self.cancelled_segments += sum(task.cancel() for task in tasks)  # False for those already done
             self.open_streams -= 1
 
-    def streams_open(self) -> int:
-        """Streamed answers in progress (for tests and operators, through a deployment handle)."""
-        return self.open_streams
+    def stream_counts(self) -> dict:
+        """Streamed answers in progress and segments cancelled so far (for tests and operators, through a
+        deployment handle)."""
+        return {"open": self.open_streams, "cancelled_segments": self.cancelled_segments}
 
     @app.post("/v1/audio/transcriptions")
     async def transcriptions(

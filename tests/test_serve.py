@@ -471,20 +471,23 @@ def test_options_the_model_cannot_honour_are_400_naming_what_is_supported(server
     assert error.value.status_code == 415
 
 
-def test_a_client_gone_mid_stream_leaves_no_stream_open(server):
+def test_a_client_gone_mid_stream_cancels_its_rest_and_leaves_no_stream_open(server):
     from ray import serve
 
     _, audio = long_recording()
+    handle = serve.get_app_handle("s2t")
+    cancelled = handle.stream_counts.remote().result()["cancelled_segments"]
     with httpx.stream("POST", f"{server}/v1/audio/transcriptions", files={"file": ("long.flac", audio)},
                       data={"stream": "true"}, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         first = next(line for line in r.iter_lines() if line.startswith("data: "))
         assert json.loads(first[6:])["type"] == "transcript.text.delta"
-    handle = serve.get_app_handle("s2t")
     for _ in range(120):  # the replica sees the disconnect, cancels the rest and closes the stream
-        if handle.streams_open.remote().result() == 0:
+        if handle.stream_counts.remote().result()["open"] == 0:
             break
         time.sleep(0.5)
-    assert handle.streams_open.remote().result() == 0
+    counts = handle.stream_counts.remote().result()
+    # 13 segments, 8 a batch: at least the last batch's were never decoded.
+    assert counts["open"] == 0 and counts["cancelled_segments"] > cancelled, counts
     assert post(server, files={"file": ("a.flac", open(demo_rows(1)[0]["audio_filepath"], "rb").read())}).json()[
         "text"] == demo_rows(1)[0]["text"]
