@@ -150,6 +150,15 @@ def errors_ms(model: Speech2Text, utterances, forced: bool) -> tuple[list[float]
     return starts, ends, skipped
 
 
+def best_time(work, repeats: int = 2) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        work()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
 def figures(values: list[float]) -> str:
     if not values:
         return "no words"
@@ -187,6 +196,11 @@ def main(args: argparse.Namespace) -> None:
     model.config.extra["alignment_method"] = args.method
     print(f"model {'random s2t-small' if args.random_small else uri}; heads {heads}; filter {args.filter_width}; "
           f"method {args.method}")
+    features = model.features([wave for wave, _, _ in measured], SAMPLE_RATE)
+    plain = best_time(lambda: model.transcribe_features(features))
+    timed = best_time(lambda: model.transcribe_features(features, word_timestamps=True, logprobs=True))
+    print(f"cost: beam-{model.config.num_beams} decoding {plain:.2f} s, with words and logprobs {timed:.2f} s "
+          f"({timed / plain:.2f}x; best of 2, same run)")
     for forced in (False, True):
         starts, ends, skipped = errors_ms(model, measured, forced)
         name = "reference tokens (forced)" if forced else "decoded words          "
