@@ -70,7 +70,21 @@ class ComputeFeatures:
     def compute(self, batch: pa.Table) -> tuple[pa.Table, list[np.ndarray | None]]:
         """-> the batch with `error`, `duration_s` and `speech_s` filled in, and each row's features (T, 80), None
         for errors and rows without speech."""
-        # speech_s 0.0: a long recording found silent
+        batch, waves, speech = self.read(batch)
+        rate = self.extractor.sampling_rate
+        features: list[np.ndarray | None] = [None] * batch.num_rows
+        good = sorted(waves)
+        with self.busy:
+            computed, seconds = speech_features(self.extractor, [waves[i] for i in good], rate, self.max_frames,
+                                                self.vad)
+        for i, row, row_speech in zip(good, computed, seconds):
+            features[i], speech[i] = None if row is None else row.numpy(), row_speech
+        return set_column(batch, "speech_s", speech, pa.float64()), features
+
+    def read(self, batch: pa.Table) -> tuple[pa.Table, dict[int, np.ndarray], list[float | None]]:
+        """-> the batch with `error` and `duration_s` filled in (its inline audio dropped), the samples of each row
+        read (by row index), and each row's `speech_s` as far as known (0.0: a long recording's silent segment,
+        not read)."""
         known = [c for c in ("speech_s", INLINE_AUDIO) if c in batch.column_names]
         rows = batch.select(["audio", "offset_s", "duration_s", "error", *known]).to_pylist()
         rate = self.extractor.sampling_rate
@@ -87,18 +101,11 @@ class ComputeFeatures:
                 errors[i] = loaded
             else:
                 waves[i], durations[i] = loaded, len(loaded) / rate
-        features: list[np.ndarray | None] = [None] * len(rows)
-        good = sorted(waves)
-        with self.busy:
-            computed, seconds = speech_features(self.extractor, [waves[i] for i in good], rate, self.max_frames,
-                                                self.vad)
-        for i, row, row_speech in zip(good, computed, seconds):
-            features[i], speech[i] = None if row is None else row.numpy(), row_speech
         if INLINE_AUDIO in batch.column_names:  # decoded: not carried on to the generation actors or the output
             batch = batch.drop_columns([INLINE_AUDIO])
         batch = set_column(batch, "error", errors, pa.string())
-        batch = set_column(batch, "speech_s", speech, pa.float64())
-        return set_column(batch, "duration_s", durations, pa.float64()), features
+        batch = set_column(batch, "speech_s", speech, pa.float64())  # filled in where speech is detected
+        return set_column(batch, "duration_s", durations, pa.float64()), waves, speech
 
     def load(self, row: dict) -> np.ndarray | str:
         """One row's samples, or its error."""

@@ -35,6 +35,7 @@ from .output import (OutputNames, arrow_filesystem, check_output, footers, holds
                      output_filesystem, plain_strings, read_output, rows_dataset, scan_output, shuffle_partitions,
                      with_run_id)
 from .summary import corpus_summary
+from .gpu_stage import DecodeAudio, GenerateFromAudio
 from .stages import CALLS_PER_ACTOR, ComputeFeatures, GenerateText, TranscribeAudio
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,9 @@ class TranscribeConfig(JobConfig):
     num_beams: int = Field(5, ge=1)
     max_new_tokens: int | None = Field(None, description="default: the model's max_length - 1")
     max_frames: int | None = Field(None, ge=1, description="padded feature frames per generation batch (fairseq max_tokens; default: 24,000 on a CPU, 192,000 on a GPU)")
-    batch_size: int = Field(64, ge=1, description="rows handed to a generation actor at a time")
+    batch_size: int | None = Field(None, ge=1, description="rows handed to a generation actor at a time (default: "
+                                                           "64 on CPUs; 768 with GPUs, four frame budgets of 10 s "
+                                                           "rows: a GPU is slow on small batches)")
     word_timestamps: bool = Field(False, description="a words column: each word's (start_s, end_s, word), in the "
                                                      "row's time (a long recording's: in the recording's)")
     feature_batch_size: int = Field(32, ge=1, description="rows handed to a feature actor at a time")
@@ -67,10 +70,11 @@ class TranscribeConfig(JobConfig):
     max_generation_actors: int | None = Field(None, description="most generation actors (default: the fewest)")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per generation actor (0: CPU actors)")
     generation_cpus: float = Field(1.0, gt=0, description="CPUs each generation actor reserves")
-    feature_stage: Literal["auto", "separate", "fused"] = Field(
-        "auto", description="separate: CPU feature actors feed the generation actors; fused: each generation actor "
-                            "computes its own features; auto: separate with GPUs (they keep GPUs fed), fused on CPUs "
-                            "only (no two stages competing for the same cores)")
+    feature_stage: Literal["auto", "device", "separate", "fused"] = Field(
+        "auto", description="device: CPU actors only decode, the generation actors detect speech and compute "
+                            "features on their device (docs/gpu.md); separate: CPU feature actors feed the generation "
+                            "actors; fused: each generation actor reads and computes its own features; auto: device "
+                            "with GPUs, fused on CPUs only (no two stages competing for the same cores)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     cuda_graphs: bool = Field(True, description="on a GPU, decode with CUDA graphs (false: eagerly)")
@@ -246,25 +250,42 @@ def transcription_dataset(rows, config: TranscribeConfig, folder: str, model_lab
     )
     if done is not None:
         dataset = done(dataset)
-    generation_options = dict(batch_format="pyarrow", batch_size=config.batch_size, num_gpus=config.num_gpus,
-                              num_cpus=config.generation_cpus)
-    if fused_features(config):
+    generation_options = dict(batch_format="pyarrow", batch_size=generation_batch_size(config),
+                              num_gpus=config.num_gpus, num_cpus=config.generation_cpus)
+    stage = feature_stage(config)
+    if stage == "fused":
         return dataset.map_batches(TranscribeAudio, fn_constructor_kwargs=dict(features=features, generation=generation),
                                    compute=ray.data.ActorPoolStrategy(**pool_size, **reading), **generation_options)
+    if stage == "device":
+        generation = dict(generation, vad=config.vad)
     return dataset.map_batches(
-        ComputeFeatures,
+        DecodeAudio if stage == "device" else ComputeFeatures,
         batch_format="pyarrow",
         batch_size=config.feature_batch_size,
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=config.feature_actors, **reading),
         num_cpus=config.feature_cpus,
         fn_constructor_kwargs=features,
-    ).map_batches(GenerateText, fn_constructor_kwargs=generation, compute=ray.data.ActorPoolStrategy(**pool_size),
-                  **generation_options)
+    ).map_batches(GenerateFromAudio if stage == "device" else GenerateText, fn_constructor_kwargs=generation,
+                  compute=ray.data.ActorPoolStrategy(**pool_size), **generation_options)
+
+
+def feature_stage(config: TranscribeConfig) -> str:
+    """Where features are computed: "device", "separate" or "fused" (see `TranscribeConfig.feature_stage`)."""
+    if config.feature_stage != "auto":
+        return config.feature_stage
+    return "device" if config.num_gpus > 0 else "fused"
 
 
 def fused_features(config: TranscribeConfig) -> bool:
-    """Whether the generation actors compute their own features (see `TranscribeConfig.feature_stage`)."""
-    return config.feature_stage == "fused" or (config.feature_stage == "auto" and config.num_gpus == 0)
+    """Whether the generation actors read audio and compute their own features."""
+    return feature_stage(config) == "fused"
+
+
+GPU_BATCH_SIZE = 768  # rows a generation call with GPUs: four of GPU_MAX_FRAMES' batches of 10 s rows
+
+
+def generation_batch_size(config: TranscribeConfig) -> int:
+    return config.batch_size or (GPU_BATCH_SIZE if config.num_gpus > 0 else 64)
 
 
 def summary_line(summary: dict) -> str:

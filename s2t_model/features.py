@@ -273,8 +273,13 @@ class FeatureExtractor:
             raise ValueError(f"sampling_rate must be a positive number of Hz, got {sampling_rate!r}")
 
         audio = [self._prepare(wave, sampling_rate, index) for index, wave in enumerate(waveforms)]
-        batch, lengths = pad(audio)
-        device = torch.device(device or "cpu")
+        if all(isinstance(wave, torch.Tensor) for wave in audio):  # rows already on a device: padded there
+            device = torch.device(device or audio[0].device)
+            batch = torch.nn.utils.rnn.pad_sequence([wave.to(device) for wave in audio], batch_first=True)
+            lengths = torch.tensor([len(wave) for wave in audio])
+        else:
+            batch, lengths = pad([wave.cpu().numpy() if isinstance(wave, torch.Tensor) else wave for wave in audio])
+            device = torch.device(device or "cpu")
         batch, lengths = batch.to(device), lengths.to(device)
 
         features, frame_counts = fbank(batch, lengths, self.num_mel_bins, self.sampling_rate)
@@ -307,8 +312,17 @@ class FeatureExtractor:
                 features[i] = row[:length]
         return features
 
-    def _prepare(self, wave: np.ndarray | torch.Tensor, sampling_rate: int, index: int) -> np.ndarray:
-        """One input -> 1-D float32 numpy at the extractor's rate, checked to hold one window."""
+    def _prepare(self, wave: np.ndarray | torch.Tensor, sampling_rate: int, index: int) -> np.ndarray | torch.Tensor:
+        """One input -> 1-D float32 numpy at the extractor's rate, checked to hold one window; a float tensor at
+        the extractor's rate stays a tensor where it is (a GPU's rows are not copied to the host and back)."""
+        window_size, _, _ = frame_sizes(self.sampling_rate)
+        if isinstance(wave, torch.Tensor) and wave.is_floating_point() and sampling_rate == self.sampling_rate:
+            if wave.dim() != 1:
+                raise ValueError(f"input {index}: expected 1-D (mono) audio, got shape {tuple(wave.shape)}")
+            if len(wave) < window_size:
+                raise ValueError(f"input {index} has {len(wave)} samples, shorter than one {FRAME_LENGTH_MS:g} ms "
+                                 f"analysis window ({window_size} samples at {self.sampling_rate} Hz)")
+            return wave.detach().float()
         if isinstance(wave, torch.Tensor):
             wave = wave.detach().cpu()
             wave = (wave.float() if wave.is_floating_point() else wave).numpy()  # numpy has no bf16
@@ -320,7 +334,6 @@ class FeatureExtractor:
         if sampling_rate != self.sampling_rate:
             wave = soxr.resample(wave, sampling_rate, self.sampling_rate)
 
-        window_size, _, _ = frame_sizes(self.sampling_rate)
         if len(wave) < window_size:  # Kaldi makes no frame of it, and CMVN of nothing is undefined
             raise ValueError(
                 f"input {index} has {given} samples "

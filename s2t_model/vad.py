@@ -93,33 +93,49 @@ class SileroVAD(nn.Module):
             x = conv(x).relu()
         return x.squeeze(-1)
 
+    @property
+    def device(self) -> torch.device:
+        return self.stft_window.device
+
     @torch.inference_mode()
-    def speech_probs(self, waveforms: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """16 kHz float waveforms -> each one's speech probability per 512-sample window (the last zero-padded)."""
+    def speech_probs(self, waveforms: Sequence[np.ndarray | torch.Tensor]) -> list[np.ndarray]:
+        """16 kHz float waveforms -> each one's speech probability per 512-sample window (the last zero-padded).
+
+        Rows may be numpy arrays or tensors on any device; the work runs on the model's device: the windows are cut
+        there, and the probabilities come back to the host in one copy per call (the regions' rules run there)."""
         counts = [-(-len(w) // WINDOW) for w in waveforms]
         if not waveforms or max(counts) == 0:
             return [np.zeros(0, np.float32) for _ in waveforms]
-        windows = torch.cat([self._windows(w, n) for w, n in zip(waveforms, counts)])  # (sum counts, 576)
+        windows = self.windows(waveforms, counts)  # (sum counts, 576)
         encoded = self.encode_all(windows)
         # One LSTM call over every row: padded to the longest, packed so that no row steps through another's padding.
         rows = nn.utils.rnn.pad_sequence(encoded.split(counts), batch_first=True)  # (B, T_max, 128)
         packed = nn.utils.rnn.pack_padded_sequence(rows, torch.tensor(counts), batch_first=True, enforce_sorted=False)
         hidden, _ = nn.utils.rnn.pad_packed_sequence(self.lstm(packed)[0], batch_first=True)
-        return [p[:n].numpy() for p, n in zip(self.decode(hidden), counts)]
+        probs = self.decode(hidden).float().cpu().numpy()  # (B, T_max): the one copy back
+        return [p[:n] for p, n in zip(probs, counts)]
 
     def encode_all(self, windows: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self.encode(part) for part in windows.split(ENCODER_BATCH)])
+        # A GPU takes many more windows per call before its memory matters (~5 KB a window in flight).
+        size = ENCODER_BATCH if self.device.type == "cpu" else 8 * ENCODER_BATCH
+        return torch.cat([self.encode(part) for part in windows.split(size)])
 
     def decode(self, hidden: torch.Tensor) -> torch.Tensor:
         """LSTM outputs (B, T, 128) -> speech probabilities (B, T)."""
         return self.final_conv(hidden.relu().transpose(1, 2)).sigmoid().squeeze(1)
 
-    @staticmethod
-    def _windows(wave: np.ndarray, count: int) -> torch.Tensor:
-        """(count, CONTEXT + WINDOW): each window with the CONTEXT samples before it (zeros before the first)."""
-        padded = np.zeros(CONTEXT + count * WINDOW, np.float32)
-        padded[CONTEXT:CONTEXT + len(wave)] = wave
-        return torch.from_numpy(padded).unfold(0, CONTEXT + WINDOW, WINDOW)
+    def windows(self, waveforms: Sequence[np.ndarray | torch.Tensor], counts: list[int]) -> torch.Tensor:
+        """(sum counts, CONTEXT + WINDOW) on the model's device: each row's `count` windows, each with the CONTEXT
+        samples before it (zeros before the first, zeros past the row's end)."""
+        B, T = len(waveforms), max(counts)  # rows, windows of the longest
+        padded = torch.zeros(B, CONTEXT + T * WINDOW, dtype=torch.float32, device=self.device)
+        for row, wave in zip(padded, on_device(waveforms, self.device)):
+            row[CONTEXT:CONTEXT + len(wave)] = wave
+        windows = padded.unfold(1, CONTEXT + WINDOW, WINDOW)  # (B, T, 576), a view
+        if all(n == T for n in counts):
+            return windows.reshape(B * T, CONTEXT + WINDOW)
+        valid = torch.arange(T) < torch.tensor(counts)[:, None]  # (B, T) on the host: no sync to build it
+        return windows[valid.to(self.device)]
 
     def speech_regions(self, waveforms: Sequence[np.ndarray], options: VadOptions = VadOptions()
                        ) -> list[list[SpeechRegion]]:
@@ -185,24 +201,42 @@ def speech_seconds(regions: Sequence[SpeechRegion]) -> float:
     return sum(r.end_s - r.start_s for r in regions)
 
 
-@functools.lru_cache(maxsize=1)
-def shared_vad() -> SileroVAD:
-    """One model per process (an actor, a replica): loading takes ~50 ms and 1.2 MB."""
-    return SileroVAD.load()
+def shared_vad(device: torch.device | str = "cpu") -> SileroVAD:
+    """One model per process and device (an actor, a replica): loading takes ~50 ms and 1.2 MB."""
+    return _vad_on(torch.device(device))
+
+
+@functools.lru_cache(maxsize=None)
+def _vad_on(device: torch.device) -> SileroVAD:
+    return SileroVAD.load().to(device)
+
+
+def on_device(waveforms: Sequence[np.ndarray | torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """Rows as float32 tensors on `device`: tensors already there stay as they are; host rows go over in one copy
+    (joined first, so that a GPU gets one transfer, not one per row)."""
+    if all(isinstance(w, torch.Tensor) and w.device == device for w in waveforms):
+        return [w.float() for w in waveforms]
+    host = [w.detach().cpu().float().numpy() if isinstance(w, torch.Tensor) else np.asarray(w, np.float32)
+            for w in waveforms]
+    flat = torch.from_numpy(np.concatenate(host) if host else np.zeros(0, np.float32)).to(device)
+    return list(flat.split([len(w) for w in host]))
 
 
 def speech_features(
-    extractor: FeatureExtractor, waveforms: Sequence[np.ndarray], sampling_rate: int, max_frames: int | None = None,
+    extractor: FeatureExtractor, waveforms: Sequence[np.ndarray | torch.Tensor], sampling_rate: int,
+    max_frames: int | None = None,
     vad: SileroVAD | None = None, device: torch.device | str | None = None,
 ) -> tuple[list[torch.Tensor | None], list[float | None]]:
     """Waveforms -> each one's features (T_i, 80), None where `vad` finds no speech (no model needs to run on it),
     and its seconds of speech (None without `vad`). The one step from audio to features of the job and of Serve.
+    Rows already on `device` (tensors) stay there: detection runs on `vad`'s device, features on `device`.
     max_frames: padded frames per feature batch (default: the device's)."""
     max_frames = max_frames or default_max_frames(device or "cpu")
     if vad is None:
         return extractor.each(waveforms, sampling_rate, max_frames, device=device), [None] * len(waveforms)
     at_16k = waveforms if sampling_rate == SAMPLE_RATE else [
-        soxr.resample(np.asarray(w, np.float32), sampling_rate, SAMPLE_RATE) for w in waveforms]
+        soxr.resample(w.float().cpu().numpy() if isinstance(w, torch.Tensor) else np.asarray(w, np.float32),
+                      sampling_rate, SAMPLE_RATE) for w in waveforms]
     speech = [speech_seconds(regions) for regions in vad.speech_regions(at_16k)]
     heard = [i for i, seconds in enumerate(speech) if seconds > 0]
     features: list[torch.Tensor | None] = [None] * len(waveforms)
