@@ -42,8 +42,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-beams", type=int, default=5)
     parser.add_argument("--max-new-tokens", type=int, default=None)
     parser.add_argument("--max-frames", type=int, default=24000, help="padded feature frames per generation batch")
-    parser.add_argument("--batch-size", type=int, default=64, help="rows handed to a generation actor at a time "
-                                                                   "(the model-only side gets the same batches)")
+    parser.add_argument("--batch-size", type=int, default=None, help="rows handed to a generation actor at a time "
+                                                                     "(default: the job's; the model-only side gets "
+                                                                     "the same batches)")
+    parser.add_argument("--seconds", type=float, default=None,
+                        help="utterances of this many seconds (the demo clips joined, written as FLAC), instead of "
+                             "the demo clips as they are")
     parser.add_argument("--rows-per-block", type=int, default=256, help="manifest rows per Ray Data block: the "
                                                                         "unit the stages hand on and balance")
     parser.add_argument("--generation-cpus", type=float, default=None,
@@ -54,8 +58,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="generation actors, each loading the model (default: one per core on CPU, 1 with --num-gpus)")
     parser.add_argument("--feature-actors", type=int, default=2, help="most CPU feature actors")
     parser.add_argument("--feature-cpus", type=float, default=1.0, help="CPUs each feature actor reserves")
-    parser.add_argument("--feature-stage", default="auto", choices=["auto", "separate", "fused"],
-                        help="features on their own CPU actors, or in the generation actors (auto: fused without GPUs)")
+    parser.add_argument("--feature-stage", default="auto", choices=["auto", "device", "separate", "fused"],
+                        help="device: CPU actors decode, the generation actors detect speech and compute features on "
+                             "their device; separate: features on their own CPU actors; fused: all in the "
+                             "generation actors (auto: device with GPUs, fused without)")
     parser.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per generation actor")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
@@ -74,10 +80,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 # ---------------------------------------------------------------------------------------------------- the corpus
 
-def build_corpus(folder: str, hours: float, source: str = DEMO_CORPUS) -> tuple[str, float]:
+def build_corpus(folder: str, hours: float, source: str = DEMO_CORPUS, seconds: float | None = None
+                 ) -> tuple[str, float]:
     """A NeMo manifest of `source`'s clips repeated, ids made distinct, until it holds at least `hours` of audio.
 
-    Audio paths are absolute and point at the source's files. Returns (manifest path, audio seconds).
+    Audio paths are absolute and point at the source's files; with `seconds`, at utterances of that length made of
+    the demo clips joined (as many files as there are clips, in <folder>/audio). Returns (manifest path, audio seconds).
     """
     with open(os.path.join(source, "manifest.jsonl"), encoding="utf-8") as f:
         clips = [json.loads(line) for line in f if line.strip()]
@@ -85,6 +93,8 @@ def build_corpus(folder: str, hours: float, source: str = DEMO_CORPUS) -> tuple[
         raise ValueError(f"{source}: the manifest has no rows")
     for clip in clips:
         clip["audio_filepath"] = os.path.join(os.path.abspath(source), clip["audio_filepath"])
+    if seconds is not None:
+        clips = joined_clips(folder, len(clips), seconds)
     target_s, total_s, rows = hours * 3600, 0.0, []
     while total_s < target_s:
         clip = clips[len(rows) % len(clips)]
@@ -95,6 +105,21 @@ def build_corpus(folder: str, hours: float, source: str = DEMO_CORPUS) -> tuple[
     with open(path, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     return path, total_s
+
+
+def joined_clips(folder: str, count: int, seconds: float) -> list[dict]:
+    """`count` FLAC files of `seconds` each, the demo clips joined with pauses, as manifest rows."""
+    import soundfile
+
+    from bench.feed import RATE, utterances
+
+    os.makedirs(os.path.join(folder, "audio"), exist_ok=True)
+    rows = []
+    for i, wave in enumerate(utterances(count, seconds)):
+        path = os.path.join(os.path.abspath(folder), "audio", f"joined-{i:03d}.flac")
+        soundfile.write(path, wave, RATE)
+        rows.append(dict(id=f"joined-{i:03d}", audio_filepath=path, duration=len(wave) / RATE))
+    return rows
 
 
 # ------------------------------------------------------------------------------------------------------ the job
@@ -115,6 +140,12 @@ def fused(args) -> bool:
     from pipeline.transcribe import fused_features
 
     return fused_features(job_config(args, "", ""))
+
+
+def feature_stage(config) -> str:
+    from pipeline.transcribe import feature_stage as stage
+
+    return stage(config)
 
 
 def ray_cpus_needed(args) -> float:
@@ -155,21 +186,23 @@ def run_job(args, manifest: str, output: str) -> tuple[dict, float]:
     return summary, time.perf_counter() - started
 
 
-def job_texts(output: str) -> dict[str, str | None]:
+def job_texts(output: str) -> tuple[dict[str, str | None], int]:
+    """The job's text by id, and the tokens it generated."""
     import fsspec
+    import pyarrow.compute as pc
 
     from pipeline.transcribe import read_output
 
     fs, root = fsspec.core.url_to_fs(output)
-    table = read_output(fs, root, lambda name: name in ("id", "text"))
-    return dict(zip(table.column("id").to_pylist(), table.column("text").to_pylist()))
+    table = read_output(fs, root, lambda name: name in ("id", "text", "num_tokens"))
+    tokens = pc.sum(table.column("num_tokens")).as_py() or 0
+    return dict(zip(table.column("id").to_pylist(), table.column("text").to_pylist())), tokens
 
 
 # ------------------------------------------------------------------------------------------------ the model alone
 
 def run_model_only(args, manifest: str) -> dict:
     """Read, featurise and decode every row in this process, in the job's generation batches; times by step."""
-    import numpy as np
     import torch
 
     from pipeline.audio import AudioError, load_audio
@@ -179,6 +212,8 @@ def run_model_only(args, manifest: str) -> dict:
     from s2t_model.features import num_frames
 
     # As the job picks it: "auto" is cuda with --num-gpus, else cuda where there is one (GenerateText's rule).
+    # The model's speed: each distinct audio slice is decoded once (the corpus repeats its files), the features are
+    # computed on the model's device.
     device = "cuda" if args.num_gpus > 0 and args.device == "auto" else args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -195,6 +230,8 @@ def run_model_only(args, manifest: str) -> dict:
             torch.cuda.synchronize()
 
     texts: dict[str, str | None] = {}
+    decoded: dict[tuple, object] = {}
+    tokens = 0
     steps = dict(audio=0.0, features=0.0, generation=0.0)
     audio_s = 0.0
     started = time.perf_counter()
@@ -203,11 +240,14 @@ def run_model_only(args, manifest: str) -> dict:
         t0 = time.perf_counter()
         waves = []
         for row in chunk:
-            try:
-                wave = load_audio(row["audio"], rate, row["offset_s"] or 0.0, row["duration_s"],
-                                  min_duration_s=0.1, max_duration_s=30.0)
-            except AudioError:
-                wave = None
+            key = (row["audio"], row["offset_s"], row["duration_s"])
+            if key not in decoded:
+                try:
+                    decoded[key] = load_audio(row["audio"], rate, row["offset_s"] or 0.0, row["duration_s"],
+                                              min_duration_s=0.1, max_duration_s=30.0)
+                except AudioError:
+                    decoded[key] = None
+            wave = decoded[key]
             waves.append(wave)
             texts[row["id"]] = None
         good = [i for i, wave in enumerate(waves) if wave is not None]
@@ -217,20 +257,21 @@ def run_model_only(args, manifest: str) -> dict:
         for part in frame_budget_batches([num_frames(len(waves[good[j]]), rate) for j in range(len(good))],
                                          args.max_frames):
             indices = [good[j] for j in part]
-            padded, lengths = extractor([waves[i] for i in indices], rate)
-            for i, row, length in zip(indices, padded.numpy(), lengths.tolist()):
-                features[i] = np.ascontiguousarray(row[:length])
+            padded, lengths = extractor([waves[i] for i in indices], rate, device=device)
+            for i, row, length in zip(indices, padded, lengths.tolist()):
+                features[i] = row[:length]
         t2 = time.perf_counter()
         results = model.transcribe_features([features[i] for i in good], tgt_lang=None, **options) if good else []
         synchronize()
         t3 = time.perf_counter()
         for i, result in zip(good, results):
             texts[chunk[i]["id"]] = result.text
+            tokens += len(result.ids)
         steps["audio"] += t1 - t0
         steps["features"] += t2 - t1
         steps["generation"] += t3 - t2
     wall_s = time.perf_counter() - started
-    return dict(texts=texts, wall_s=wall_s, audio_s=audio_s, load_s=load_s, steps=steps, device=device,
+    return dict(texts=texts, wall_s=wall_s, audio_s=audio_s, load_s=load_s, steps=steps, device=device, tokens=tokens,
                 threads=torch.get_num_threads())
 
 
@@ -316,11 +357,16 @@ def main(args) -> None:
         args.generation_cpus = 1.0 if args.num_gpus > 0 else float(max(1, cores // args.generation_actors))
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.batch_size is None:
+        from pipeline.transcribe import generation_batch_size
+
+        args.batch_size = generation_batch_size(job_config(args, "", ""))
     with tempfile.TemporaryDirectory(prefix="s2t-bench-pipeline-") as tmp:
         folder = args.keep or tmp
-        manifest, corpus_s = build_corpus(os.path.join(folder, "corpus"), args.hours)
+        manifest, corpus_s = build_corpus(os.path.join(folder, "corpus"), args.hours, seconds=args.seconds)
         rows = sum(1 for _ in open(manifest, encoding="utf-8"))
-        print(f"corpus: {rows} rows, {corpus_s:.0f} s = {corpus_s / 3600:.2f} h of audio (the {DEMO_CORPUS} clips "
+        made = f"{args.seconds:g} s utterances of the" if args.seconds else "the"
+        print(f"corpus: {rows} rows, {corpus_s:.0f} s = {corpus_s / 3600:.2f} h of audio ({made} {DEMO_CORPUS} clips "
               f"repeated), {manifest}")
         print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} torch threads "
               f"in this process, cuda {'yes' if torch.cuda.is_available() else 'no'}")
@@ -341,8 +387,11 @@ def main(args) -> None:
                 alone = result
             if i == 0:
                 print(f"  {start_ray(args)}")
-                features = ("features in the generation actors" if fused(args) else
-                            f"feature actors: up to {args.feature_actors} x {args.feature_cpus:g} CPU")
+                stage = feature_stage(job_config(args, "", ""))
+                features = ("features in the generation actors" if stage == "fused" else
+                            f"{'decode' if stage == 'device' else 'feature'} actors: up to {args.feature_actors} x "
+                            f"{args.feature_cpus:g} CPU" + (", speech detection and features on the generation "
+                                                            "actors' device" if stage == "device" else ""))
                 print(f"  {features}; {args.generation_actors} generation actor(s) x {args.generation_cpus:g} CPU "
                       f"(so {max(int(args.generation_cpus), 1)} torch threads: Ray sets OMP_NUM_THREADS to an actor's "
                       f"CPUs), {args.num_gpus:g} GPU", flush=True)
@@ -353,7 +402,8 @@ def main(args) -> None:
             print(f"  (a) job:        {summary['wall_s']:6.1f} s ({load})", flush=True)
             if job is None or summary["wall_s"] < job["summary"]["wall_s"]:
                 execution_s, stages = ray_data_stages(since)
-                job = dict(summary=summary, wall_s=wall_s, texts=job_texts(output), execution_s=execution_s,
+                texts, tokens = job_texts(output)
+                job = dict(summary=summary, wall_s=wall_s, texts=texts, tokens=tokens, execution_s=execution_s,
                            stages=stages)
     report(args, alone, job)
 
@@ -377,6 +427,8 @@ def report(args, alone: dict, job: dict) -> None:
     verdict = "met" if ratio >= TARGET else "NOT met"
     print(f"\n  job / model-only: {ratio:.2f} ({100 * ratio:.0f} %); target >= {100 * TARGET:.0f} % of model-only "
           f"on this {os.cpu_count()}-core CPU: {verdict}")
+    print(f"  tokens per audio-second: job {job['tokens'] / max(summary['audio_hours_this_run'] * 3600, 1e-9):.2f}, "
+          f"model-only {alone['tokens'] / max(alone['audio_s'], 1e-9):.2f} (a trained model: ~3-4)")
     print(f"  identical texts: {same}/{len(alone['texts'])}; job rows ok {summary['rows_ok']}, errors "
           f"{summary['rows_error']}, missing {summary['rows_missing']}, WER {summary.get('wer') or 0:.2f} %")
     if not job["stages"]:
@@ -388,8 +440,9 @@ def report(args, alone: dict, job: dict) -> None:
     for stage in job["stages"]:
         print(f"    {stage['name']:<28} {stage['tasks']:4d} tasks, {stage['rows']:6d} rows, {stage['task_s']:7.1f} s "
               f"in tasks, {stage['udf_s']:7.1f} s in __call__")
-    generation = next((s for s in job["stages"] if "GenerateText" in s["name"] or "TranscribeAudio" in s["name"]), None)
-    features = next((s for s in job["stages"] if "ComputeFeatures" in s["name"]), None)
+    generation = next((s for s in job["stages"] if any(name in s["name"] for name in
+                                                       ("GenerateText", "GenerateFromAudio", "TranscribeAudio"))), None)
+    features = next((s for s in job["stages"] if "ComputeFeatures" in s["name"] or "DecodeAudio" in s["name"]), None)
     if generation and not features:
         busy = generation["udf_s"] / args.generation_actors
         print(f"    audio + features + generation in the generation actors: in __call__ {generation['udf_s']:.1f} s "

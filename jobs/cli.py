@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from bench import (io as bench_io, model as bench_model, pipeline as bench_pipeline, scale as bench_scale,
-                   serve as bench_serve, stream as bench_stream, vad as bench_vad,
+from bench import (feed as bench_feed, io as bench_io, model as bench_model, pipeline as bench_pipeline,
+                   scale as bench_scale, serve as bench_serve, stream as bench_stream, vad as bench_vad,
                    words as bench_words)
 from demo import corpus, evaluate, train
 
@@ -23,6 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     bench = commands.add_parser("bench", help="benchmarks against peers, side by side in one process")
     benchmarks = bench.add_subparsers(dest="target", required=True)
+    command(benchmarks, "feed", "feeding a GPU: each stage's audio-s per CPU-s (decode, detector, features, "
+            "hand-offs) and the cores per GPU of the CPU-feature and the device path", bench_feed.add_arguments,
+            bench_feed.main)
     command(benchmarks, "io", "one audio actor's rows/s from S3 with latency: per-file rows by io_concurrency, HF "
             "Parquet, WebDataset shards", bench_io.add_arguments, bench_io.main)
     command(benchmarks, "model", "features and generation: ours vs kaldi-native-fbank and transformers",
