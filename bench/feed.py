@@ -17,7 +17,9 @@ Each stage is the job's own code, timed as CPU time of this process (torch on on
 - the GPU actor's host work per audio-second on the device path, measured here as well as a CPU can: the unpacking
   (`pcm_rows`), the host side of the copy to the device (a memcpy of the bytes: what the driver does for pageable
   memory), and the launching of the detector's and the features' operations (`launching`: the device path's own
-  code on CPU with very short rows, extrapolated to rows of no length), charged to the call's audio. The generation's own host work (CUDA graphs) is the model's, in `s2t bench model`.
+  code on CPU with very short rows, extrapolated to rows of no length), charged to the call's audio, and the
+  regions' rules (silero-vad's `get_speech_timestamps_from_probs`, Python over each window's probability). The
+  generation's own host work (CUDA graphs) is the model's, in `s2t bench model`.
 
 Cores per GPU for a model running at --rtfx: rtfx x (CPU stage + put) + rtfx x the GPU actor's host work, per
 audio-second. The last line: `feed: <the device path's CPU stage> audio-s per CPU-s per core; cores per GPU for
@@ -122,7 +124,7 @@ def main(args) -> None:
     from pipeline.gpu_stage import DecodeAudio, pcm_column, pcm_rows
     from pipeline.stages import ComputeFeatures, features_column
     from s2t_model.speech2text import pad_features
-    from s2t_model.vad import shared_vad, speech_features
+    from s2t_model.vad import regions_from_probs, shared_vad, speech_features
 
     torch.set_num_threads(1)
     waves = utterances(args.rows, args.seconds)
@@ -178,6 +180,9 @@ def main(args) -> None:
         (object_store if args.ray else object_store_steps)(sent, us, per_audio_s)
 
         us["GPU actor launches detector + features ops"] = launching(args, extractor, vad, speech_features)
+        probs = vad.speech_probs(waves)
+        us["GPU actor applies the regions' rules (silero-vad's, on the host)"] = per_audio_s(
+            lambda: [regions_from_probs(p, len(w)) for p, w in zip(probs, waves)])
 
     report(args, rates, us)
 
@@ -232,12 +237,14 @@ def object_store_steps(sent: dict[str, pa.Table], us: dict[str, float], per_audi
 
 
 def object_store(sent: dict[str, pa.Table], us: dict[str, float], per_audio_s) -> None:
+    """Ray's own put and get; best of 8 more runs each: a put into store memory not touched yet costs several times
+    the steady one (page faults), which a long job pays once."""
     import ray
 
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, object_store_memory=512 << 20)
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False, object_store_memory=1 << 30)
     try:
         for name, t in sent.items():
-            us[f"object store put: {name}"] = per_audio_s(lambda t=t: ray.put(t))
+            us[f"object store put: {name}"] = min(per_audio_s(lambda t=t: ray.put(t)) for _ in range(8))
             ref = ray.put(t)
             us[f"object store get: {name}"] = per_audio_s(lambda ref=ref: ray.get(ref))
     finally:
@@ -260,7 +267,8 @@ def report(args, rates: dict[str, float], us: dict[str, float]) -> None:
 
     today_host = host("features", "GPU actor unpacks: features (features_column + pad_features)")
     device_host = host("PCM float32", "GPU actor unpacks: PCM float32 (pcm_rows)",
-                       us["GPU actor launches detector + features ops"])
+                       us["GPU actor launches detector + features ops"] +
+                       us["GPU actor applies the regions' rules (silero-vad's, on the host)"])
     designs = [("CPU-feature path (separate)", "CPU-feature path: ComputeFeatures", "features", today_host),
                ("device path (default with GPUs)", "device path: DecodeAudio", "PCM float32", device_host)]
     print(f"\n  cores per GPU for {args.rtfx:,.0f} RTFx: CPU stage + its put, and the GPU actor's host work")
