@@ -64,7 +64,8 @@ if wants pipeline; then
     for stage in device separate; do
       part 75 "bench pipeline: the job on one GPU vs the model alone, features $stage, beams $beams, $HOURS h" \
         $S2T bench pipeline --model $SMALL --device cuda --num-gpus 1 --dtype float16 --seconds 10 --hours $HOURS \
-          --num-beams $beams --max-new-tokens $TOKENS --feature-stage $stage --feature-actors $DECODERS \
+          --num-beams $beams --max-new-tokens $TOKENS --max-frames 192000 --feature-stage $stage \
+          --feature-actors $DECODERS \
           --quiet-wait 0
     done
   done

@@ -156,3 +156,15 @@ def test_the_job_on_the_device_path_end_to_end(ray_session, tmp_path):
     assert PCM not in out[0] and all(r["speech_s"] > 0.5 for r in out)
     texts = {r["id"]: r["text"] for r in out}
     assert scoring.wer([c["text"] for c in clips], [texts[c["id"]] for c in clips]) <= 10.0
+
+
+def test_bench_feed_is_registered_and_times_real_speech():
+    from bench import feed
+    from jobs import cli
+    from s2t_model.vad import speech_seconds
+
+    args = cli.build_parser().parse_args(["bench", "feed", "--rtfx", "14000", "--ray"])
+    assert args.run is feed.main and args.rtfx == 14000 and args.ray
+    waves = feed.utterances(3, 10.0)
+    assert [len(w) for w in waves] == [160000] * 3 and not np.array_equal(waves[0], waves[1])
+    assert all(speech_seconds(r) > 6 for r in shared_vad().speech_regions(waves))
