@@ -11,7 +11,7 @@ On a GPU both are a few kernels per batch.
 What travels is float32 PCM, chosen by measurement (`s2t bench feed`, its hand-offs table; docs/gpu.md): int16 halves
 the bytes through the object store and the copy to the device, but the decoder gives float32 and rounding it to int16
 costs the CPU actors more than the bytes it saves there (the conversion is a pass over the samples; a put or a copy of
-the bytes is a memcpy), and the GPU actor's copy of float32 stays within its budget. float32 is also exact for every
+the bytes is a memcpy), and more than the GPU actor's copy of the extra bytes costs it. float32 is also exact for every
 source, so the device path's ids equal the CPU path's (int16 re-quantises resampled and 24-bit audio). Encoded bytes
 would travel lighter still, but decoding them is the CPU work the GPU actor's one core cannot do at a GPU's rate.
 """
