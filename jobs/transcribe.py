@@ -12,7 +12,7 @@ import sys
 
 from pipeline.lease import LeaseHeld
 from pipeline.manifest import ManifestError
-from pipeline.output import OutputError
+from pipeline.output import SUMMARY, OutputError
 from pipeline.transcribe import TranscribeConfig, check_inputs, run, summary_line
 
 
@@ -43,7 +43,7 @@ def main(args: argparse.Namespace) -> dict:
     print(summary_line(summary))
     if args.show:
         show(config, args.show)
-    print(f"summary: {config.output.rstrip('/')}/_summary.json")
+    print(f"summary: {config.output.rstrip('/')}/{SUMMARY}")
     return summary
 
 

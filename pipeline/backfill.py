@@ -1,5 +1,5 @@
 """Translation backfills: every (id, target language) pair of a manifest that the output lacks, translated and
-appended, partitioned by target language, with the run's id on each row.
+appended, each row with its target language (`tgt_lang`) and the run's id.
 
     pairs = manifest x tgt_langs - pairs already in the output (a distributed anti-join)
             -> the transcription stages, tgt_lang per row -> write
@@ -23,9 +23,9 @@ from s2t_model import Speech2Text, checkpoint
 
 from .ids import digest_set, drop_listed
 from .lease import Lease, LeaseHeld  # noqa: F401 (LeaseHeld: what a refused run raises)
-from .longform import join_segments
+from .longform import join_segments, write_output
 from .manifest import Manifest
-from .output import (OutputNames, arrow_filesystem, check_output, footers, mark_output, output_filesystem, own_name,
+from .output import (META, RUNS, arrow_filesystem, check_output, footers, mark_output, output_filesystem, own_name,
                      rows_dataset, each_language)
 from .summary import run_summary
 from .transcribe import TranscribeConfig, transcription_dataset
@@ -55,7 +55,7 @@ def run(config: BackfillConfig) -> dict:
         raise ValueError(f"{config.model} has no language tag for {', '.join(unknown)}; it has {', '.join(known)}")
     model_label = f"{config.model}@sha256:{checkpoint.content_hash(folder)[:16]}"
 
-    with Lease(fs, root, run_id, config.lease_ttl_s):
+    with Lease(fs, f"{root.rstrip('/')}/{META}", run_id, config.lease_ttl_s):
         mark_output(fs, root, "s2t backfill")
         join_segments(fs, root)  # long recordings a killed run left in segments
         if config.retry_errors:
@@ -65,13 +65,18 @@ def run(config: BackfillConfig) -> dict:
         todo = missing_pairs(manifest, manifest.block_rows(config.rows_per_block), langs, run_id, fs, root)
         job = config.model_copy(update={"tgt_lang": None})  # each row carries its own target language
         dataset = transcription_dataset(todo, job, folder, model_label)
-        dataset.write_parquet(root, filesystem=arrow_filesystem(fs), partition_cols=["tgt_lang"],
-                              filename_provider=OutputNames(), min_rows_per_file=config.rows_per_file)
+        # The language is a column of the rows, not tgt_lang=xx/ folders. Tried with duckdb, polars, pandas,
+        # `datasets` and Ray (docs/ecosystem.md): `datasets` and polars given a glob do not read folder names, so
+        # without the column they lose the language; with it in the files too, pandas (pyarrow) refuses the folder
+        # (string in the files, dictionary from the folders), and Ray's partitioned write cannot keep it in the files
+        # anyway (pyarrow's write_dataset moves a partition column into the path). A plain column reads the same in
+        # all five.
+        write_output(dataset, fs, root, config.rows_per_file)
         join_segments(fs, root)
     summary = summarize(fs, root, run_id, langs, time.time() - started)
     summary.update(manifest=config.manifest, output=config.output, model=model_label)
-    fs.makedirs(f"{root.rstrip('/')}/_runs", exist_ok=True)
-    with fs.open(f"{root.rstrip('/')}/_runs/{run_id}.json", "w") as f:
+    fs.makedirs(f"{root.rstrip('/')}/{RUNS}", exist_ok=True)
+    with fs.open(f"{root.rstrip('/')}/{RUNS}/{run_id}.json", "w") as f:
         json.dump(summary, f, indent=2)
     return summary
 

@@ -4,9 +4,13 @@ A row longer than `max_segment_s` becomes one row per segment (id `<row id>~<ind
 so the segments of a 1-hour file spread over the feature and generation actors like any utterances. The recording is
 read in blocks to find the segments, and each segment reads only its own slice: memory stays bounded.
 
-After the write, `join_segments` (a Ray Data group-by) replaces the segment rows of each recording whose segments are all there with one
-row: the joined `text`, a `segments` list (`start_s`, `end_s`, `text`, in the recording's time), and the first
-segment error if any. It runs again at the start of every run, so a run killed between the two steps is completed.
+Segment rows never reach the output's own files: before the write, `set_aside_segments` puts them in
+`_s2t/segments/` (with their bookkeeping columns, `segment_*`), and every other row gets the output's one set of
+columns (`final_rows`: no `segment_*`, a `segments` column null for short rows), so every file of an output has the
+same schema, as the tools that read Parquet datasets need (docs/ecosystem.md). After the write, `join_segments` (a
+Ray Data group-by) replaces the segment rows of each recording whose segments are all there with one output row: the
+joined `text`, a `segments` list (`start_s`, `end_s`, `text`, in the recording's time), and the first segment error
+if any. It runs again at the start of every run, so a run killed between the two steps is completed.
 """
 
 from __future__ import annotations
@@ -21,14 +25,10 @@ import pyarrow.parquet as pq
 import soundfile
 
 from .audio import INLINE_AUDIO, IO_CONCURRENCY, AudioError, _check_duration, open_audio, slice_frames
-from .output import (OutputFiles, OutputNames, arrow_filesystem, footers, holds_segments, own_name, plain_strings,
+from .output import (SEGMENT_COLUMNS, SEGMENT_FIELDS, SEGMENTS, SEGMENTS_TYPE, OutputFiles, OutputNames,
+                     arrow_filesystem, final_rows, footers, holds_segments, own_name, plain_strings,
                      shuffle_partitions)
 
-SEGMENT_FIELDS = [("segment_of", pa.string()), ("segment_index", pa.int32()), ("segment_count", pa.int32()),
-                  ("segment_start_s", pa.float64()), ("recording_duration_s", pa.float64()),
-                  ("recording_offset_s", pa.float64())]
-SEGMENT_COLUMNS = [name for name, _ in SEGMENT_FIELDS]
-SEGMENTS_TYPE = pa.list_(pa.struct([("start_s", pa.float64()), ("end_s", pa.float64()), ("text", pa.string())]))
 BLOCK_S = 60.0  # seconds of audio read at a time while looking for pauses
 
 
@@ -128,70 +128,93 @@ def encode_slice(sound: soundfile.SoundFile, start: int, frames: int) -> bytes:
     return out.getvalue()
 
 
+def set_aside_segments(batch: pa.Table, folder: str, filesystem) -> pa.Table:
+    """Rows before the write -> its rows in the output's schema; the segment rows among them are written to
+    `folder` (`_s2t/segments/`) here, for `join_segments`. A task retried after its write writes them again: the
+    join keeps one row per segment."""
+    if "segment_of" in batch.column_names:
+        is_segment = pc.fill_null(pc.is_valid(batch["segment_of"]), False)
+        segments = batch.filter(is_segment)
+        if segments.num_rows:
+            pq.write_table(plain_strings(segments), own_name(folder), filesystem=filesystem)
+        batch = batch.filter(pc.invert(is_segment))
+    return final_rows(batch)
+
+
+def write_output(dataset, fs: fsspec.AbstractFileSystem, root: str, rows_per_file: int) -> None:
+    """The job's rows written to `root` (`OutputNames`), their segment rows set aside for `join_segments`."""
+    fs.makedirs(f"{root.rstrip('/')}/{SEGMENTS}", exist_ok=True)
+    filesystem = arrow_filesystem(fs)
+    dataset.map_batches(set_aside_segments, fn_kwargs=dict(folder=f"{root.rstrip('/')}/{SEGMENTS}",
+                                                           filesystem=filesystem),
+                        batch_format="pyarrow", batch_size=None).write_parquet(
+        root, filesystem=filesystem, min_rows_per_file=rows_per_file, filename_provider=OutputNames())
+
+
 def join_segments(fs: fsspec.AbstractFileSystem, root: str) -> int:
     """Replace the segment rows of every complete recording with its joined row; returns how many were joined.
 
     Only files whose footer statistics show segment rows are read, by Ray Data read tasks; recordings are joined by
-    a distributed group-by on (folder, recording id) — folder too, as a partitioned output (the backfill's
-    tgt_lang=xx) holds one per folder — and a recording a killed run already joined (its id is in the output) is
-    found by an anti-join, not written twice."""
+    a distributed group-by on (target language, recording id) — the language too, as a backfill holds a recording
+    once per language — and a recording a killed run already joined (its id is in the output) is found by an
+    anti-join, not written twice."""
     written = footers(fs, root)
     holders = [path for path, metadata in written.items() if holds_segments(metadata)]
     if not holders:
         return 0
-    parts = with_folders(fs, holders).map_batches(segment_rows, batch_format="pyarrow")
-    complete = parts.groupby(["folder", "segment_of"], num_partitions=shuffle_partitions()).map_groups(
+    parts = with_lang_key(read_parquet_files(fs, holders)).map_batches(segment_rows, batch_format="pyarrow")
+    complete = parts.groupby([LANG_KEY, "segment_of"], num_partitions=shuffle_partitions()).map_groups(
         join_recording, batch_format="pyarrow").materialize()  # held by the object store, used twice below
     if not complete.count():
         return 0
     others = [path for path in written if path not in holders]
     new = complete if not others else complete.join(
-        with_folders(fs, others).select_columns(["folder", "id"]), join_type="left_anti",
-        num_partitions=shuffle_partitions(), on=("folder", "id")  # else joined by a run killed before the removal
+        with_lang_key(read_parquet_files(fs, others)).select_columns([LANG_KEY, "id"]), join_type="left_anti",
+        num_partitions=shuffle_partitions(), on=(LANG_KEY, "id")  # else joined by a run killed before the removal
     ).map_batches(plain_strings, batch_format="pyarrow", batch_size=None)
-    joined = 0
-    for folder in sorted(complete.unique("folder")):
-        mine = new.map_batches(rows_of_folder, fn_kwargs=dict(folder=folder), batch_format="pyarrow")
-        joined += mine.count()
-        mine.write_parquet(folder, filesystem=arrow_filesystem(fs), filename_provider=OutputNames())
+    new.map_batches(joined_output, batch_format="pyarrow", batch_size=None).write_parquet(
+        root, filesystem=arrow_filesystem(fs), filename_provider=OutputNames())
     # Only then do the parts go: a run killed in between finds the recording joined and removes them next time.
-    done = {(row["folder"], row["segment_of"]) for row in complete.select_columns(["folder", "segment_of"]).take_all()}
+    done = {(row[LANG_KEY], row["segment_of"]) for row in complete.select_columns([LANG_KEY, "segment_of"]).take_all()}
     remove_segments(fs, holders, done)
-    return joined
+    return complete.count()
+
+
+LANG_KEY = "lang_key"  # a row's target language, "" for none: a key with no nulls for the group-by and the join
+
+
+def joined_output(batch: pa.Table) -> pa.Table:
+    return final_rows(batch.drop_columns([LANG_KEY]))
+
+
+def lang_key(batch: pa.Table) -> pa.Table:
+    lang = batch["tgt_lang"].cast(pa.string()) if "tgt_lang" in batch.column_names else \
+        pa.nulls(batch.num_rows, pa.string())
+    return plain_strings(batch).append_column(LANG_KEY, pc.fill_null(lang, ""))
+
+
+def with_lang_key(rows):
+    return rows.map_batches(lang_key, batch_format="pyarrow", batch_size=None)
 
 
 def segment_rows(batch: pa.Table) -> pa.Table:
     return batch.filter(pc.is_valid(batch["segment_of"]))
 
 
-def rows_of_folder(batch: pa.Table, folder: str) -> pa.Table:
-    return batch.filter(pc.equal(batch["folder"], folder)).drop_columns(["folder", "segment_of"])
-
-
-def with_folders(fs, files: list[str]):
-    """The rows of `files` with a `folder` column (the file's folder), as a Ray Dataset."""
-    return read_parquet_files(fs, files).map_batches(folder_column, batch_format="pyarrow", batch_size=None)
-
-
 def read_parquet_files(fs, files: list[str]):
     import ray
 
-    return ray.data.read_datasource(OutputFiles(files, columns=None, filesystem=arrow_filesystem(fs),
-                                                include_paths=True), override_num_blocks=len(files))
-
-
-def folder_column(batch: pa.Table) -> pa.Table:
-    folders = pa.array([path.rsplit("/", 1)[0] for path in batch["path"].to_pylist()], pa.string())
-    return plain_strings(batch.drop_columns(["path"]).append_column("folder", folders))
+    return ray.data.read_datasource(OutputFiles(files, columns=None, filesystem=arrow_filesystem(fs)),
+                                    override_num_blocks=len(files))
 
 
 def join_recording(group: pa.Table) -> pa.Table:
-    """The segment rows of one recording -> its joined row (with `folder`, and `segment_of` kept as its key),
-    or no row while segments are missing."""
+    """The segment rows of one recording -> its joined row (with its keys, `lang_key` and `segment_of`), or no row
+    while segments are missing."""
     # One row per segment index (a segment redone after a crash may be there twice).
     rows = sorted({r["segment_index"]: r for r in group.to_pylist()}.values(), key=lambda r: r["segment_index"])
-    fields = [f for f in group.schema if f.name not in SEGMENT_COLUMNS] + [pa.field("segments", SEGMENTS_TYPE),
-                                                                          pa.field("segment_of", pa.string())]
+    fields = [f for f in group.schema if f.name not in SEGMENT_COLUMNS + [LANG_KEY]] + [
+        pa.field("segments", SEGMENTS_TYPE), pa.field(LANG_KEY, pa.string()), pa.field("segment_of", pa.string())]
     if len(rows) != rows[0]["segment_count"]:
         return pa.Table.from_pylist([], schema=pa.schema(fields))
     return pa.Table.from_pylist([{**joined_row(rows), "segment_of": rows[0]["segment_of"]}], schema=pa.schema(fields))
@@ -199,7 +222,7 @@ def join_recording(group: pa.Table) -> pa.Table:
 
 def joined_row(parts: list[dict]) -> dict:
     first = parts[0]
-    row = {k: v for k, v in first.items() if k not in SEGMENT_COLUMNS}
+    row = {k: v for k, v in first.items() if k not in SEGMENT_COLUMNS}  # (lang_key kept: the group's key)
     texts = [p["text"] for p in parts if p["text"]]
     tokens = sum(p["num_tokens"] or 0 for p in parts)
     failed = next((p for p in parts if p["error"]), None)
@@ -232,7 +255,9 @@ def remove_segments(fs, holders: list[str], done: set[tuple[str, str]]) -> None:
         folder = path.rsplit("/", 1)[0]
         with fs.open(path, "rb") as f:
             table = pq.read_table(f)
-        keep = pa.array([(folder, p) not in done for p in table.column("segment_of").to_pylist()])
+        keys = lang_key(table)
+        keep = pa.array([(lang, p) not in done for lang, p in zip(keys[LANG_KEY].to_pylist(),
+                                                                   table.column("segment_of").to_pylist())])
         kept = table.filter(keep)
         if kept.num_rows == table.num_rows:
             continue

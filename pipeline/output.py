@@ -13,6 +13,7 @@ import uuid
 
 import fsspec
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from ray.data.datasource import FileBasedDatasource, FilenameProvider
 
@@ -27,16 +28,39 @@ def arrow_filesystem(fs: fsspec.AbstractFileSystem):
     return pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
 
 
-MARKER = "_s2t_output.json"  # the job's own mark on a folder it writes
-LEASE_FILES = re.compile(r"^_lease\.json$|^_lease\.takeover-[^/]+$")
-# What the jobs write: the marker, summaries, and Parquet files of their own naming (backfill's in tgt_lang=xx/).
-OWN_FILES = re.compile(rf"^{re.escape(MARKER)}$|^_summary\.json$|^_runs/[0-9A-Za-z-]+\.json$"
-                       rf"|^(tgt_lang=[^/]+/)?s2t-[0-9A-Za-z]+_\d+-\d+\.parquet$")
-# The columns every version of the jobs wrote in each file (the first, 6bf948f, on; backfill's tgt_lang is in its
+# The jobs' own files (marker, summaries, lease, segment rows not yet joined) live in one folder, `_s2t/`, so that the
+# output folder reads as a Parquet dataset: duckdb, pandas, `datasets`, pyarrow and Ray skip a folder whose name
+# starts with "_" (polars given the folder reads every file under it, hidden or not: docs/ecosystem.md).
+META = "_s2t"
+MARKER = f"{META}/output.json"  # the job's own mark on a folder it writes
+SUMMARY = f"{META}/summary.json"  # `s2t transcribe`'s summary
+RUNS = f"{META}/runs"  # `s2t backfill`'s summary of each run, <run id>.json
+SEGMENTS = f"{META}/segments"  # segment rows of long recordings, until joined (pipeline/longform.py)
+LEASE_FILES = re.compile(rf"^{META}/_lease\.json$|^{META}/_lease\.takeover-[^/]+$")
+# What the jobs write: the marker, summaries, and Parquet files of their own naming.
+OWN_FILES = re.compile(rf"^{re.escape(MARKER)}$|^{re.escape(SUMMARY)}$|^{RUNS}/[0-9A-Za-z-]+\.json$"
+                       rf"|^({SEGMENTS}/)?s2t-[0-9A-Za-z]+_\d+-\d+\.parquet$")
+# What versions before `_s2t/` wrote (adopted with --adopt-output): the marker, summaries and lease at the top,
+# backfill's files in tgt_lang=xx/ folders without a tgt_lang column.
+OLDER_FILES = re.compile(r"^_s2t_output\.json$|^_summary\.json$|^_runs/[0-9A-Za-z-]+\.json$"
+                         r"|^_lease\.json$|^_lease\.takeover-[^/]+$")
+OLDER_MOVES = {"_summary.json": SUMMARY, "_runs/": f"{RUNS}/"}
+# The columns every version of the jobs wrote in each file (the first, 6bf948f, on; backfill's tgt_lang was in its
 # folder's name): Parquet files with all of them, in a folder without the marker, are an older version's output and
 # can be adopted.
 S2T_COLUMNS = {"id", "audio", "text", "num_tokens", "avg_logprob", "error", "model"}
 JOBS = "s2t transcribe or s2t backfill"
+# The bookkeeping of a long recording's segment rows (pipeline/longform.py), in no file of the output's own.
+SEGMENT_FIELDS = [("segment_of", pa.string()), ("segment_index", pa.int32()), ("segment_count", pa.int32()),
+                  ("segment_start_s", pa.float64()), ("recording_duration_s", pa.float64()),
+                  ("recording_offset_s", pa.float64())]
+SEGMENT_COLUMNS = [name for name, _ in SEGMENT_FIELDS]
+SEGMENTS_TYPE = pa.list_(pa.struct([("start_s", pa.float64()), ("end_s", pa.float64()), ("text", pa.string())]))
+# The types of the columns the jobs add, the same in every file (a block of errors only would give some `null`).
+OUTPUT_TYPES = {"offset_s": pa.float64(), "duration_s": pa.float64(), "error": pa.string(), "run_id": pa.string(),
+                "tgt_lang": pa.string(), "speech_s": pa.float64(), "text": pa.string(), "num_tokens": pa.int32(),
+                "avg_logprob": pa.float32(), "low_confidence": pa.bool_(), "model": pa.string(),
+                "segments": SEGMENTS_TYPE}
 
 
 class OutputError(ValueError):
@@ -67,8 +91,8 @@ def output_filesystem(uri: str, storage_options: dict | None) -> tuple[fsspec.Ab
 def check_output(fs: fsspec.AbstractFileSystem, root: str, uri: str, adopt: bool = False) -> None:
     """Refuse an output path that is a file, or a folder holding files the jobs did not write (a manifest kept
     there, another tool's Parquet): read back as done rows, they would lose rows or fail the job mid-way.
-    An unmarked folder of this tool's Parquet files (an older version's output) is refused with the way to adopt
-    it, and passes with `adopt`."""
+    An unmarked folder of this tool's Parquet files (an older version's output, its own files at the top) is
+    refused with the way to adopt it, and passes with `adopt`."""
     if fs.isfile(root):
         raise OutputError(f"{uri}: the output is a file, not a folder")
     if not fs.exists(root):
@@ -79,14 +103,15 @@ def check_output(fs: fsspec.AbstractFileSystem, root: str, uri: str, adopt: bool
     if not foreign:
         return
     older = not marked and all(is_s2t_parquet(fs, f"{root.rstrip('/')}/{name}") if name.endswith(".parquet")
-                               else OWN_FILES.match(name) for name in foreign)
+                               else OLDER_FILES.match(name) for name in foreign)
     if older and adopt:
         return
     shown = ", ".join(f"{uri.rstrip('/')}/{name}" for name in foreign[:5])
     more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
     if older:
         raise OutputError(f"{uri}: holds the output of an older version of s2t (no {MARKER}): {shown}{more}; pass "
-                          f"--adopt-output to take it as this job's output (its files are renamed and marked)")
+                          f"--adopt-output to take it as this job's output (its files are rewritten in this "
+                          f"version's layout and the folder marked)")
     raise OutputError(f"{uri}: holds files not written by {JOBS}: {shown}{more}; use an empty or new folder, or "
                       f"move them")
 
@@ -101,29 +126,65 @@ def is_s2t_parquet(fs: fsspec.AbstractFileSystem, path: str) -> bool:
 
 
 def mark_output(fs: fsspec.AbstractFileSystem, root: str, job: str) -> None:
-    """Mark the folder as the jobs' own, first giving the jobs' naming to what the checks let pass in an unmarked
-    folder (an older version's Parquet files, adopted): marked last, so an adoption cut short is done again."""
+    """Mark the folder as the jobs' own, first putting in this version's layout what the checks let pass in an
+    unmarked folder (an older version's output, adopted): marked last, so an adoption cut short is done again."""
     root = root.rstrip("/")
     if fs.exists(f"{root}/{MARKER}"):
         return
     for path in fs.find(root) if fs.exists(root) else []:
-        if path.endswith(".parquet") and not OWN_FILES.match(posixpath.relpath(path, root)):
-            adopt_file(fs, path)
+        name = posixpath.relpath(path, root)
+        if path.endswith(".parquet"):
+            adopt_file(fs, root, path)
+        elif name in OLDER_MOVES or name.startswith("_runs/"):
+            moved = OLDER_MOVES.get(name) or f"{RUNS}/{name.removeprefix('_runs/')}"
+            fs.makedirs(posixpath.dirname(f"{root}/{moved}"), exist_ok=True)
+            fs.mv(path, f"{root}/{moved}")
+        elif name == "_s2t_output.json":
+            fs.rm(path)
+    for folder in fs.ls(root, detail=False) if fs.exists(root) else []:  # emptied: tgt_lang=xx/, _runs/
+        name = posixpath.basename(folder.rstrip("/"))
+        if (name.startswith("tgt_lang=") or name == "_runs") and fs.isdir(folder) and not fs.find(folder):
+            fs.rm(folder, recursive=True)
+    fs.makedirs(f"{root}/{META}", exist_ok=True)
     with fs.open(f"{root}/{MARKER}", "w") as f:
         json.dump({"written_by": job}, f)
 
 
-def adopt_file(fs: fsspec.AbstractFileSystem, path: str) -> None:
-    """An older version's file again under the jobs' naming, with the `run_id` column the summary reads (null: no
-    run of this version wrote its rows; the first versions had none). Removed before it is written again, as
-    longform's rewrites: a run killed in between redoes its rows, never doubles them."""
+def adopt_file(fs: fsspec.AbstractFileSystem, root: str, path: str) -> None:
+    """An older version's file again in this version's layout: at the top of the output under the jobs' naming,
+    with the `run_id` column the summary reads (null: no run of this version wrote its rows; the first versions had
+    none) and `tgt_lang` in the rows when it was only in a backfill's folder name; its segment rows not yet joined in
+    `_s2t/segments/`, the others in the output's one schema (longform.final_rows). Removed before it is written
+    again, as longform's rewrites: a run killed in between redoes its rows, never doubles them."""
     with fs.open(path, "rb") as f:
         table = pq.read_table(f)
     if "run_id" not in table.column_names:
         table = table.append_column("run_id", pa.nulls(table.num_rows, pa.string()))
+    folder = posixpath.basename(posixpath.dirname(path))
+    if folder.startswith("tgt_lang=") and "tgt_lang" not in table.column_names:
+        table = table.append_column("tgt_lang", pa.array([folder.split("=", 1)[1]] * table.num_rows, pa.string()))
+    segment = pc.is_valid(table["segment_of"]) if "segment_of" in table.column_names else None
     fs.rm(path)
-    with fs.open(own_name(posixpath.dirname(path)), "wb") as f:
-        pq.write_table(table, f)
+    if segment is not None and pc.any(segment).as_py():
+        fs.makedirs(f"{root}/{SEGMENTS}", exist_ok=True)
+        with fs.open(own_name(f"{root}/{SEGMENTS}"), "wb") as f:
+            pq.write_table(table.filter(segment), f)
+        table = table.filter(pc.invert(segment))
+    if table.num_rows:
+        with fs.open(own_name(root), "wb") as f:
+            pq.write_table(final_rows(table), f)
+
+
+def final_rows(batch: pa.Table) -> pa.Table:
+    """Output rows -> the same in the output's one schema: no bookkeeping columns, `segments` on every row (null but
+    on a joined recording's), the jobs' columns in their one type, a manifest column no row of the block fills as
+    string (not Arrow's `null` type, which would differ from the next file's)."""
+    batch = batch.drop_columns([c for c in SEGMENT_COLUMNS if c in batch.column_names])
+    if "segments" not in batch.column_names:
+        batch = batch.append_column("segments", pa.nulls(batch.num_rows, SEGMENTS_TYPE))
+    batch = batch.select([c for c in batch.column_names if c != "segments"] + ["segments"])  # last, in every file
+    return batch.cast(pa.schema([pa.field(f.name, OUTPUT_TYPES.get(f.name, pa.string() if pa.types.is_null(f.type)
+                                                                   else f.type)) for f in batch.schema]))
 
 
 def output_files(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
@@ -160,21 +221,17 @@ def holds_segments(metadata: pq.FileMetaData) -> bool:
 
 
 def rows_dataset(fs: fsspec.AbstractFileSystem, root: str, files: list[str], columns: list[str] | None):
-    """The output's `columns` (None: all) as a Ray Dataset, a read task per file; hive partitions such as
-    tgt_lang=fr become columns."""
+    """The output's `columns` (None: all) as a Ray Dataset, a read task per file."""
     import ray
 
-    files_read = ray.data.read_datasource(
-        OutputFiles(files, columns=columns, filesystem=arrow_filesystem(fs),
-                    partitioning=ray.data.datasource.Partitioning("hive", base_dir=root)),
-        override_num_blocks=len(files))
+    files_read = ray.data.read_datasource(OutputFiles(files, columns=columns, filesystem=arrow_filesystem(fs)),
+                                          override_num_blocks=len(files))
     return (files_read.select_columns(columns) if columns else files_read).map_batches(
         plain_strings, batch_format="pyarrow", batch_size=None)
 
 
 class OutputFiles(FileBasedDatasource):
-    """Output files, their `columns` only (those a file lacks are left to the partitions), streamed in row
-    groups. Not `ray.data.read_parquet`: in Ray 2.60 every call lists the files with 32 new footer-reading actors,
+    """Output files, their `columns` only (those a file lacks are left out), streamed in row groups. Not `ray.data.read_parquet`: in Ray 2.60 every call lists the files with 32 new footer-reading actors,
     ~6 s on 2 cores each time a job reads its output (the driver has the footers already, `footers`)."""
 
     def __init__(self, paths: list[str], *, columns: list[str] | None, **kwargs):
@@ -193,10 +250,10 @@ class OutputFiles(FileBasedDatasource):
 
 
 def plain_strings(batch: pa.Table) -> pa.Table:
-    """large_string columns (as Ray's Parquet reader may give them) as string: the manifest's rows have string
-    ids, and joins and group-bys need one type on both sides."""
-    return batch.cast(pa.schema([pa.field(f.name, pa.string()) if f.type == pa.large_string() else f
-                                 for f in batch.schema]))
+    """large_string (as Ray's Parquet reader may give them) and dictionary-encoded string columns as string: the
+    manifest's rows have string ids, and joins and group-bys need one type on both sides."""
+    return batch.cast(pa.schema([pa.field(f.name, pa.string()) if f.type == pa.large_string() or (
+        pa.types.is_dictionary(f.type) and pa.types.is_string(f.type.value_type)) else f for f in batch.schema]))
 
 
 def scan_output(fs: fsspec.AbstractFileSystem, root: str, wanted) -> list[tuple[str, pa.Table]]:

@@ -28,10 +28,10 @@ from .audio import IO_CONCURRENCY, is_remote
 from .config import JobConfig
 from .ids import digest_set, drop_listed, union
 from .lease import Lease
-from .longform import join_segments, split_long_audio
+from .longform import join_segments, split_long_audio, write_output
 from .manifest import Manifest
 from .shards import TarredAudio
-from .output import (OutputNames, arrow_filesystem, check_output, footers, holds_segments, mark_output,  # noqa: F401
+from .output import (META, SUMMARY, arrow_filesystem, check_output, footers, holds_segments, mark_output,  # noqa: F401
                      output_filesystem, plain_strings, read_output, rows_dataset, scan_output, shuffle_partitions,
                      with_run_id)
 from .summary import corpus_summary
@@ -39,7 +39,6 @@ from .gpu_stage import DecodeAudio, GenerateFromAudio
 from .stages import CALLS_PER_ACTOR, ComputeFeatures, GenerateText, TranscribeAudio
 
 log = logging.getLogger(__name__)
-SUMMARY = "_summary.json"
 
 
 class TranscribeConfig(JobConfig):
@@ -92,8 +91,8 @@ class TranscribeConfig(JobConfig):
     lease_ttl_s: float = Field(600.0, gt=0, description="a run's lease on its output not renewed for this long is "
                                                        "taken over")
     adopt_output: bool = Field(False, description="take an output folder of an older version of s2t (Parquet files "
-                                                   "of its columns, no _s2t_output.json) as this job's: its files are "
-                                                   "renamed to the job's naming and the folder marked")
+                                                   "of its columns, no _s2t/output.json) as this job's: its files are "
+                                                   "rewritten in this version's layout and the folder marked")
     s3_endpoint_url: str | None = Field(None, description="S3 endpoint (MinIO, Ceph, ...); AWS_* variables work too")
     storage_options: dict = Field(default_factory=dict, description="fsspec options for every URL")
 
@@ -109,7 +108,7 @@ class TranscribeConfig(JobConfig):
 
 
 def run(config: TranscribeConfig) -> dict:
-    """Run the job to completion (or resume it) and return its summary, also written as <output>/_summary.json."""
+    """Run the job to completion (or resume it) and return its summary, also written as <output>/_s2t/summary.json."""
     started = time.time()
     run_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
     manifest, fs, root = check_inputs(config)
@@ -117,7 +116,7 @@ def run(config: TranscribeConfig) -> dict:
     model_label = f"{config.model}@sha256:{checkpoint.content_hash(folder)[:16]}"
     # One run at a time on an output: a second is refused (LeaseHeld names the first), else both would write every
     # row that neither had yet.
-    with Lease(fs, root, run_id, config.lease_ttl_s):
+    with Lease(fs, f"{root.rstrip('/')}/{META}", run_id, config.lease_ttl_s):
         mark_output(fs, root, "s2t transcribe")
         join_segments(fs, root)  # what a run killed after its write left unjoined
         done = footers(fs, root)  # and files it left cut short are removed here
@@ -139,8 +138,7 @@ def run(config: TranscribeConfig) -> dict:
         fs.makedirs(root, exist_ok=True)
         segments_done = any(holds_segments(metadata) for metadata in done.values())
         dataset = transcription_dataset(todo, config, folder, model_label, done=not_done if segments_done else None)
-        dataset.write_parquet(root, filesystem=arrow_filesystem(fs), min_rows_per_file=config.rows_per_file,
-                              filename_provider=OutputNames())
+        write_output(dataset, fs, root, config.rows_per_file)
         join_segments(fs, root)
 
         written = footers(fs, root)

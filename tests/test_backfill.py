@@ -26,11 +26,11 @@ def manifest(tmp_path, count: int) -> str:
 
 
 def pairs(output) -> Counter:
-    """(id, language) -> how many rows the output holds for it; the language is the partition folder."""
+    """(id, language) -> how many rows the output holds for it; the language is a column of the rows."""
     counts = Counter()
-    for f in output.rglob("*.parquet"):
-        lang = f.parent.name.removeprefix("tgt_lang=")
-        counts.update((row_id, lang) for row_id in pq.read_table(f, columns=["id"]).column("id").to_pylist())
+    for f in output.glob("*.parquet"):
+        table = pq.read_table(f, columns=["id", "tgt_lang"])
+        counts.update(zip(table.column("id").to_pylist(), table.column("tgt_lang").to_pylist()))
     return counts
 
 
@@ -51,7 +51,8 @@ def test_incremental_runs_write_only_missing_pairs(ray_session, tmp_path):
     third = run(BackfillConfig(tgt_langs="fr,de,es", **config))
     assert third["pairs_found"] == third["pairs_written"] == 6
     assert pairs(output) == Counter({(i, lang): 1 for i in ids for lang in ("fr", "de", "es")})
-    es = pa.concat_tables(pq.read_table(f) for f in (output / "tgt_lang=es").glob("*.parquet"))
+    every = pa.concat_tables(pq.read_table(f) for f in output.glob("*.parquet"))
+    es = every.filter(pa.compute.equal(every["tgt_lang"], "es"))
     assert set(es.column("run_id").to_pylist()) == {third["run_id"]}
     texts = dict(zip(es.column("id").to_pylist(), es.column("text").to_pylist()))
     assert texts[ids[0]] == demo_rows(1)[0]["text_es"]
@@ -95,7 +96,7 @@ def test_a_concurrent_run_is_refused_and_a_killed_run_is_completed(ray_session, 
     rerun = run(BackfillConfig(manifest=source, output=str(output), model=DEMO_MODEL, tgt_langs="fr,de", **SMALL))
     assert rerun["pairs_found"] < 32
     assert pairs(output) == Counter({(i, lang): 1 for i in ids for lang in ("fr", "de")})
-    assert not (output / "_lease.json").exists()
+    assert not (output / "_s2t" / "_lease.json").exists()
 
 
 @pytest.mark.parametrize("foreign", ["manifest.parquet", "tgt_lang=fr/part-0.parquet", "tgt_lang=fr/notes.txt"])
@@ -105,7 +106,7 @@ def test_an_output_folder_holding_files_the_jobs_did_not_write_is_refused_before
     from pipeline.output import OutputError
 
     place.write("m.jsonl", json.dumps({"id": "a", "audio": "a.flac"}) + "\n")
-    own = ["_runs/20261201T000000-a1b2c3.json", "_s2t_output.json", f"tgt_lang=de/s2t-{'a' * 32}_000000-0.parquet"]
+    own = ["_s2t/runs/20261201T000000-a1b2c3.json", "_s2t/output.json", f"s2t-{'a' * 32}_000000-0.parquet"]
     for earlier_run in (False, True):
         out = f"out-{earlier_run}"
         if earlier_run:  # what a backfill leaves

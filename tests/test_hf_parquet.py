@@ -121,4 +121,4 @@ def test_resume_after_sigkill_with_hf_parquet(ray_session, tmp_path):
     assert sorted(written) == sorted(expected_ids(names, rows))  # every row exactly once
     assert summary["rows_this_run"] == len(rows) - len(intact)
     assert summary["rows_missing"] == summary["rows_duplicated"] == 0 and summary["rows_ok"] == len(rows)
-    assert json.loads((output / "_summary.json").read_text())["rows_ok"] == len(rows)
+    assert json.loads((output / "_s2t" / "summary.json").read_text())["rows_ok"] == len(rows)

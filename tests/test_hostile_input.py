@@ -158,7 +158,7 @@ def test_an_empty_manifest_gives_a_summary_of_no_rows(ray_session, place, text):
     summary = run(TranscribeConfig(manifest=place.url("m.csv"), output=place.url("out"), model=DEMO_MODEL,
                                    **place.options))
     assert summary["rows_in"] == summary["rows_out"] == summary["rows_missing"] == 0
-    assert json.loads(place.read("out/_summary.json"))["rows_in"] == 0
+    assert json.loads(place.read("out/_s2t/summary.json"))["rows_in"] == 0
 
 
 def wav_claiming_more_data(samples: np.ndarray, rate: int, factor: int) -> bytes:
@@ -234,15 +234,15 @@ def test_an_output_folder_holding_files_the_job_did_not_write_is_refused_before_
     for earlier_run in (False, True):
         out = f"out-{earlier_run}"
         if earlier_run:  # what a run of the job leaves (the marker is the job's own)
-            place.write(f"{out}/_s2t_output.json", '{"written_by": "s2t transcribe"}')
-            place.write(f"{out}/_summary.json", "{}")
+            place.write(f"{out}/_s2t/output.json", '{"written_by": "s2t transcribe"}')
+            place.write(f"{out}/_s2t/summary.json", "{}")
         with place.fs.open(place.path(f"{out}/{foreign}"), "wb") as f:
             pq.write_table(pa.table({"id": ["a", "b"], "audio": ["a.flac", "b.flac"]}), f)
         with pytest.raises(OutputError) as caught:
             fast_job(place, "m.jsonl", out)
         assert place.url(f"{out}/{foreign}") in str(caught.value) and "not written by s2t transcribe" in str(caught.value)
         assert place.names(out) == sorted(
-            [foreign] + (["_s2t_output.json", "_summary.json"] if earlier_run else []))  # nothing done
+            [foreign] + (["_s2t/output.json", "_s2t/summary.json"] if earlier_run else []))  # nothing done
 
 
 def test_two_runs_started_at_once_write_every_id_once_then_torn_files_are_redone(ray_session, place):
@@ -263,9 +263,9 @@ def test_two_runs_started_at_once_write_every_id_once_then_torn_files_are_redone
     results = [(run.wait(timeout=300), *run.communicate()) for run in runs]
     assert sorted(output_ids(place)) == sorted(r["id"] for r in rows)  # every id exactly once
     assert sorted(rc for rc, _, _ in results) == [0, 1], [err[-2000:] for _, _, err in results]
-    first_run_id = json.loads(place.read("out/_summary.json"))["run_id"]
+    first_run_id = json.loads(place.read("out/_s2t/summary.json"))["run_id"]
     refused = next(err for rc, _, err in results if rc)
-    assert refused.strip().splitlines()[-1].startswith(f"s2t transcribe: {place.path('out')}/_lease.json: run "
+    assert refused.strip().splitlines()[-1].startswith(f"s2t transcribe: {place.path('out')}/_s2t/_lease.json: run "
                                                        f"{first_run_id} (pid ")
 
     files = [name for name in place.names("out") if name.endswith(".parquet")]
@@ -291,9 +291,9 @@ def test_files_the_jobs_rewrite_keep_their_naming(place):
     rows = pa.table({"id": ["kept", "long#0"], "segment_of": [None, "long"], "error": [None, None]})
     with place.fs.open(place.path("out/s2t-a1_000000-0.parquet"), "wb") as f:
         pq.write_table(rows, f)
-    remove_segments(place.fs, [place.path("out/s2t-a1_000000-0.parquet")], {(place.path("out"), "long")})
+    remove_segments(place.fs, [place.path("out/s2t-a1_000000-0.parquet")], {("", "long")})
     failed = pa.table({"id": ["ok", "failed"], "error": [None, "missing: x.flac"]})
-    with place.fs.open(place.path("out/tgt_lang=fr/s2t-b2_000000-0.parquet"), "wb") as f:
+    with place.fs.open(place.path("out/s2t-b2_000000-0.parquet"), "wb") as f:
         pq.write_table(failed, f)
     drop_errors(place.fs, place.path("out"))
     assert sorted(i for _, table in place.tables("out") for i in table["id"].to_pylist()) == ["kept", "ok"]
@@ -332,7 +332,7 @@ def test_an_older_output_is_refused_with_the_way_to_adopt_it_and_adopted_when_as
     check_output(fs, root, uri, adopt=True)
     mark_output(fs, root, "s2t transcribe")
     names = place.names("out")
-    assert MARKER in names and "_summary.json" in names and len(names) == 3
+    assert MARKER in names and "_s2t/summary.json" in names and len(names) == 3
     assert sorted(output_ids(place)) == before
     assert [table["run_id"].null_count for _, table in place.tables("out")] == [2]  # what the summary reads
     check_output(fs, root, uri)  # marked: no flag needed now

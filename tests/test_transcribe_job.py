@@ -89,7 +89,7 @@ def test_nemo_jsonl_with_relative_paths_and_offsets(ray_session, corpus, tmp_pat
     assert_transcribed(out, list(references), references)
     assert {row["id"]: row["offset_s"] for row in out}["joined-b"] == pytest.approx((len(first) + rate) / rate)
     assert summary["rows_in"] == summary["rows_ok"] == len(lines) and summary["wer"] <= 10.0
-    assert json.loads((tmp_path / "out" / "_summary.json").read_text())["rows_ok"] == len(lines)
+    assert json.loads((tmp_path / "out" / "_s2t" / "summary.json").read_text())["rows_ok"] == len(lines)
 
 
 def stored_zip(path, files: list) -> list[str]:

@@ -92,7 +92,7 @@ def test_manifest_audio_model_and_output_on_s3(ray_session, s3_endpoint, tmp_pat
     assert {row["model"] for row in out} == {label}
     assert all(row["audio"].startswith(f"s3://{bucket}/corpus/audio/") for row in out)
 
-    with fs.open(f"{bucket}/out/_summary.json") as f:
+    with fs.open(f"{bucket}/out/_s2t/summary.json") as f:
         written = json.load(f)
     assert written == summary
     assert (written["rows_in"], written["rows_out"], written["rows_ok"], written["rows_error"]) == (CLIPS,) * 3 + (0,)
