@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
             bench_words.add_arguments, bench_words.main)
     command(commands, "transcribe", "transcribe (or translate) a corpus on Ray Data into a Parquet dataset",
             transcribe.add_arguments, transcribe.main)
-    command(commands, "backfill", "translate the (id, language) pairs a partitioned output lacks",
+    command(commands, "backfill", "translate the (id, language) pairs an output lacks",
             backfill.add_arguments, backfill.main)
     command(commands, "export", "one srt/vtt/txt/json file per recording of a transcription output",
             export.add_arguments, export.main)

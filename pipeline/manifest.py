@@ -27,6 +27,7 @@ import json
 import math
 import os
 import posixpath
+import re
 from typing import Iterable, Iterator
 
 import fsspec
@@ -40,9 +41,9 @@ from .audio import INLINE_AUDIO, is_remote
 
 AUDIO_COLUMNS = ("audio_filepath", "audio", "path", "file")
 REFERENCE_COLUMNS = ("text", "tgt_text", "sentence", "transcription", "transcript")  # first found is the reference
-PRIVATE_KEYS = ("_bad_line", "_line", "_audio")  # what the readers add to a record, never a column
+PRIVATE_KEYS = ("_bad_line", "_line", "_audio", "_error")  # what the readers add to a record, never a column
 TGT_LANG_COLUMNS = ("tgt_lang", "target_lang")
-MANIFEST_SUFFIXES = ("jsonl", "json", "tsv", "csv", "parquet")
+MANIFEST_SUFFIXES = ("jsonl", "json", "tsv", "csv", "parquet", "arrow")  # arrow: `datasets`' save_to_disk
 TAR_SUFFIXES = ("tar", "tgz")  # .tar.gz is "tar" to suffix_of
 # Columns the job writes itself; a manifest column of the same name is passed through as manifest_<name>.
 OUTPUT_COLUMNS = ("id", "audio", "offset_s", "duration_s", "reference", "text", "tgt_lang", "num_tokens",
@@ -95,6 +96,7 @@ class Manifest:
     def __init__(self, uri: str, storage_options: dict | None = None, tarred_audio=None):
         self.uri = uri
         self.fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+        self.storage_options = storage_options
         self.remote = is_remote(uri)
         self.files = expand(self.fs, path, uri) if is_glob(uri) else self._single(path)
         kinds = {kind_of(f) for f in self.files}
@@ -104,8 +106,8 @@ class Manifest:
             raise ManifestError(f"{uri}: the pattern matches both {' and '.join(names[k] for k in names if k in kinds)}"
                                 f"; name files of one kind: manifest shards, tar shards or audio files")
         self.kind = kinds.pop()
-        self.tarred_audio = tarred_audio
-        self.carries_audio = self.kind == "webdataset" or tarred_audio is not None  # rows with their audio's bytes
+        self.tarred_audio = tarred_audio if tarred_audio is not None or self.kind != "manifest" else self._shar()
+        self.carries_audio = self.kind == "webdataset" or self.tarred_audio is not None  # rows with their audio's bytes
         if tarred_audio is not None and self.kind != "manifest":
             raise ManifestError(f"{uri}: tarred audio ({tarred_audio.pattern}) goes with a NeMo manifest of its "
                                 f"members, not with {self.kind} files")
@@ -115,10 +117,36 @@ class Manifest:
     def _single(self, path: str) -> list[str]:
         if not self.fs.exists(path):
             raise ManifestError(f"{self.uri}: no such manifest")
+        if self.fs.isdir(path):
+            shar = sorted(self.fs.glob(f"{path.rstrip('/')}/cuts.*.jsonl*"))
+            return shar if shar else self._saved_dataset(path)
         if kind_of(path) == "audio":
             raise ManifestError(f"{self.uri}: unknown manifest type .{suffix_of(path)} "
                                 f"(use .jsonl, .json, .tsv, .csv, .parquet, or .tar for WebDataset)")
         return [path]
+
+    def _shar(self):
+        """A Lhotse Shar's recording tars (`recording.<n>.tar` beside `cuts.<n>.jsonl.gz`): its cuts' audio."""
+        if not all(SHAR_CUTS.match(posixpath.basename(f)) for f in self.files):
+            return None
+        folder = posixpath.dirname(self.files[0])
+        if not self.fs.glob(f"{folder}/recording.*.tar"):
+            return None
+        from .shards import TarredAudio  # shards builds on this module's rows
+
+        return TarredAudio(self.url(f"{folder}/recording.*.tar"), self.storage_options)
+
+    def _saved_dataset(self, path: str) -> list[str]:
+        """A folder `datasets`' save_to_disk wrote: its Arrow files, as its state.json lists them."""
+        state = f"{path.rstrip('/')}/state.json"
+        if not self.fs.exists(state):
+            raise ManifestError(f"{self.uri}: a folder, and neither a Lhotse Shar (cuts.*.jsonl.gz) nor one `datasets`' "
+                                f"save_to_disk wrote (state.json); name its manifest file, or a glob of its audio files")
+        with self.fs.open(state) as f:
+            files = [f"{path.rstrip('/')}/{entry['filename']}" for entry in json.load(f).get("_data_files", [])]
+        if not files:
+            raise ManifestError(f"{self.uri}: its state.json lists no data files")
+        return files
 
     def url(self, path: str) -> str:
         return self.fs.unstrip_protocol(path) if self.remote else path
@@ -273,6 +301,7 @@ def _records(f, uri: str, with_audio: bool = True) -> Iterator[dict]:
     """The records of one manifest file, each with its `_line`, and `_bad_line` when it could not be parsed."""
     kind = suffix_of(uri)
     return (_parquet_records(f, uri, with_audio) if kind == "parquet" else
+            _arrow_records(f, uri, with_audio) if kind == "arrow" else
             _delimited_records(_lines(f), "\t" if kind == "tsv" else ",", uri) if kind in ("tsv", "csv") else
             _json_records(_lines(f), uri))
 
@@ -331,10 +360,36 @@ def _json_records(lines: Iterable[tuple[int, str | None]], uri: str) -> Iterator
             record = json.loads(line)
             if not isinstance(record, dict):
                 raise ValueError(f"a JSON {type(record).__name__}, not an object")
+            record = lhotse_cut(record, uri)
         except ValueError as error:
             record = {"_bad_line": f"not a JSON object ({error}): {(line or '')[:80]!r}"}
         record["_line"] = number
         yield record
+
+
+SHAR_CUTS = re.compile(r"^cuts\.(\d+)\.jsonl(\.gz)?$")  # Lhotse Shar: cuts.000000.jsonl.gz beside recording.000000.tar
+
+
+def lhotse_cut(record: dict, uri: str) -> dict:
+    """A Lhotse cut (a JSON line of `CutSet.to_file`, or of a Shar's cuts file) -> a manifest record: the cut's id,
+    its recording's source as the audio (a Shar's: the member `<cut id>.*` of the recording tar with the cuts file's
+    number, matched by stem as NeMo tarred audio is), its `start` as offset, `duration`, and its supervisions' texts
+    joined as the reference. Any other record is kept as it is."""
+    recording = record.get("recording")
+    if not isinstance(recording, dict) or not isinstance(record.get("supervisions"), list) or "start" not in record:
+        return record
+    texts = [s.get("text") for s in record.pop("supervisions") if isinstance(s, dict) and s.get("text")]
+    sources = recording.get("sources") or [{}]
+    record.pop("recording")
+    record.pop("type", None)
+    shard = SHAR_CUTS.match(posixpath.basename(uri))
+    if sources[0].get("type") == "shar" and shard:
+        record.update(audio_filepath=f"{record.get('id')}.flac", shard_id=int(shard[1]))
+    else:
+        record["audio_filepath"] = sources[0].get("source")
+    record.update(offset=record.pop("start"), text=" ".join(texts) if texts else None,
+                  recording_id=recording.get("id"))
+    return record
 
 
 def _delimited_records(lines: Iterable[tuple[int, str | None]], delimiter: str, uri: str) -> Iterator[dict]:
@@ -361,6 +416,16 @@ def _parquet_records(f, uri: str, with_audio: bool = True) -> Iterator[dict]:
         columns = [n for n in parquet.schema_arrow.names if n != audio] + [f"{audio}.path"]
     # A batch of rows with their audio may be tens of MB: smaller batches for those.
     batches = parquet.iter_batches(batch_size=4096 if audio is None else 64, columns=columns)
+    yield from _batch_records(batches, audio, uri, with_audio)
+
+
+def _arrow_records(f, uri: str, with_audio: bool = True) -> Iterator[dict]:
+    """The rows of an Arrow IPC stream file (`datasets`' save_to_disk writes data-0000i-of-0000n.arrow)."""
+    reader = pa.ipc.open_stream(f)
+    yield from _batch_records(reader, audio_struct_column(reader.schema), uri, with_audio)
+
+
+def _batch_records(batches, audio: str | None, uri: str, with_audio: bool) -> Iterator[dict]:
     records = (record for batch in batches for record in batch.to_pylist())
     for index, record in enumerate(records):
         record["_line"] = index + 1
@@ -384,11 +449,21 @@ def audio_struct_column(schema: pa.Schema) -> str | None:
 def _inline_audio(record: dict, column: str, uri: str, index: int, with_audio: bool) -> dict:
     """A Parquet row carrying its audio -> a manifest record: its bytes as `audio_bytes` (none: b"", which the feature
     stage calls empty), `audio` naming the file and row, the cell's path as `<column>_path`, and an id from the
-    file and row when it has none (`<file stem>-<row index>`, Hugging Face datasets' order)."""
+    file and row when it has none (`<file stem>-<row index>`, Hugging Face datasets' order). A cell with a path and
+    no bytes (`datasets`' to_parquet of a column built from file paths) names its file instead: `audio` is the path
+    (relative ones from the Parquet file's folder, as `datasets` reads them), read as any manifest's."""
     cell = record.pop(column) or {}
     record["_audio"] = f"{uri}#{index}"
     record[f"{column}_path"] = cell.get("path")
-    if with_audio:
+    if with_audio and not cell.get("bytes") and cell.get("path"):
+        record["_audio"] = resolve(cell["path"], posixpath.dirname(uri) if "://" in uri else
+                                   os.path.dirname(os.path.abspath(uri)))
+        record[INLINE_AUDIO] = None
+        if "://" not in record["_audio"] and not os.path.exists(record["_audio"]):
+            record["_error"] = (f"missing: {uri}#{index}: the audio cell has no bytes and its path "
+                                f"{record['_audio']} is not there; write the Parquet with its audio in it "
+                                f"(`datasets`' embed_external_files, as push_to_hub does)")
+    elif with_audio:
         record[INLINE_AUDIO] = cell.get("bytes") or b""
     if record.get("id") in (None, ""):
         record["id"] = f"{posixpath.basename(uri).rsplit('.', 1)[0]}-{index}"
@@ -490,7 +565,7 @@ def _normalise_row(record: dict, uri: str, base: str | None) -> dict:
         "duration_s": duration,
         "reference": None if reference is None else str(reference),
         "tgt_lang": _first(record, TGT_LANG_COLUMNS),
-        "error": error,
+        "error": record.get("_error") or error,
     }
 
 

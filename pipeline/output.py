@@ -139,8 +139,8 @@ def mark_output(fs: fsspec.AbstractFileSystem, root: str, job: str) -> None:
             moved = OLDER_MOVES.get(name) or f"{RUNS}/{name.removeprefix('_runs/')}"
             fs.makedirs(posixpath.dirname(f"{root}/{moved}"), exist_ok=True)
             fs.mv(path, f"{root}/{moved}")
-        elif name == "_s2t_output.json":
-            fs.rm(path)
+        elif name == "_s2t_output.json" or name.startswith("_lease"):  # (an older run's lease: adopt no output
+            fs.rm(path)                                                 # one of them is filling in)
     for folder in fs.ls(root, detail=False) if fs.exists(root) else []:  # emptied: tgt_lang=xx/, _runs/
         name = posixpath.basename(folder.rstrip("/"))
         if (name.startswith("tgt_lang=") or name == "_runs") and fs.isdir(folder) and not fs.find(folder):

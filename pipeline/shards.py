@@ -300,10 +300,12 @@ def read_nemo_shard(rows: pa.Table, tars: dict, filesystem, rows_per_block: int,
     if url is not None:
         rows = rows.set_column(rows.column_names.index("audio"), "audio",
                                pa.array([member_url(url, m) if m is not None else None for m in members], pa.string()))
+    # Members are matched by stem, as NeMo's own dataset matches them: `--force_codec flac` writes x.flac for the
+    # manifest's x.wav.
     wanted: dict[str, list[int]] = {}
     for i, (member, error) in enumerate(zip(members, errors)):
         if error is None and url is not None:
-            wanted.setdefault(NEMO_REPEAT.sub("", member), []).append(i)
+            wanted.setdefault(member_stem(NEMO_REPEAT.sub("", member)), []).append(i)
     failed = {i: error for i, error in enumerate(errors) if error is not None}
     if url is None:
         reason = (f"missing: no tar of {pattern} has shard number {shard}" if shard >= 0 else
@@ -314,12 +316,12 @@ def read_nemo_shard(rows: pa.Table, tars: dict, filesystem, rows_per_block: int,
     if wanted:
         try:
             with filesystem.open_input_stream(path) as f:
-                for item in tar_members(f, lambda name: name in wanted):
+                for item in tar_members(f, lambda name: member_stem(name) in wanted):
                     if isinstance(item, Damage):
                         damage = item
                         break
                     name, data = item
-                    found.extend((i, data) for i in wanted.pop(name, []))
+                    found.extend((i, data) for i in wanted.pop(member_stem(name), []))
                     if len(found) >= rows_per_block:
                         yield _with_bytes(rows, found[:rows_per_block])
                         found = found[rows_per_block:]
@@ -330,15 +332,20 @@ def read_nemo_shard(rows: pa.Table, tars: dict, filesystem, rows_per_block: int,
     if found:
         yield _with_bytes(rows, found)
     for member, indexes in wanted.items():
-        message = (f"{damage.reason}: {url}: {damage.detail}; member {member} not reached" if damage else
-                   f"missing: {url}: no member {member} in the tar")
-        failed.update({i: message for i in indexes})
+        for i in indexes:
+            failed[i] = (f"{damage.reason}: {url}: {damage.detail}; member {members[i]} not reached" if damage else
+                         f"missing: {url}: no member {members[i]} in the tar")
     if failed:
         indexes = sorted(failed)
         table = rows.take(indexes)
         table = table.set_column(table.column_names.index("error"), "error",
                                  pa.array([failed[i] for i in indexes], pa.string()))
         yield table.append_column(INLINE_AUDIO, pa.nulls(len(indexes), pa.binary()))
+
+
+def member_stem(name: str) -> str:
+    """A tar member's or manifest entry's file name less its extension (NeMo's key: os.path.splitext(basename))."""
+    return posixpath.splitext(posixpath.basename(name))[0]
 
 
 def _with_bytes(rows: pa.Table, found: list[tuple[int, bytes]]) -> pa.Table:

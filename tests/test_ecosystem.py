@@ -126,3 +126,131 @@ def test_an_output_of_the_layout_before_s2t_folder_is_adopted_into_it(tmp_path):
     assert sorted(zip(frame["id"], frame["tgt_lang"])) == [("a-de", "de"), ("a-fr", "fr")]
     assert len({pq.read_schema(f) for f in out.glob("*.parquet")}) == 1
     assert not [p for p in out.iterdir() if p.name not in ("_s2t",) and not p.name.endswith(".parquet")]
+
+
+# ---- Inputs as the libraries write them ---------------------------------------------------------------------------
+
+def test_datasets_parquet_cells_with_a_path_and_no_bytes_name_their_files(tmp_path, monkeypatch):
+    """`datasets`' to_parquet of an Audio column built from paths keeps `{bytes: null, path}`: absolute, an fsspec
+    URL, relative to the Parquet file (written from its folder); each row reads its file, and one whose file is no
+    longer there (the Parquet shipped without it) says how to embed."""
+    import shutil
+
+    import datasets
+
+    from pipeline.manifest import read_manifest
+
+    rows = demo_rows(3)
+    shutil.copy(rows[2]["audio_filepath"], tmp_path / "beside.flac")
+    shutil.copy(rows[2]["audio_filepath"], tmp_path / "gone.flac")
+    paths = [rows[0]["audio_filepath"], f"file://{rows[1]['audio_filepath']}", "beside.flac", str(tmp_path / "gone.flac")]
+    monkeypatch.chdir(tmp_path)  # datasets reads the sizes of the files it is given (relative: from here)
+    table = datasets.Dataset.from_dict({"audio": paths, "text": [r["text"] for r in rows] + ["x"]})
+    table.cast_column("audio", datasets.Audio(sampling_rate=16000)).to_parquet(str(tmp_path / "train.parquet"))
+    (tmp_path / "gone.flac").unlink()
+    monkeypatch.chdir("/")
+    assert pq.read_table(tmp_path / "train.parquet")["audio"].to_pylist()[0] == {"bytes": None, "path": paths[0]}
+
+    out = read_manifest(str(tmp_path / "train.parquet")).to_pylist()
+    assert [r["audio"] for r in out[:3]] == [paths[0], paths[1], str(tmp_path / "beside.flac")]
+    assert [r["audio_bytes"] for r in out] == [None] * 4 and [r["error"] for r in out[:3]] == [None] * 3
+    assert out[3]["error"].startswith(f"missing: {tmp_path}/train.parquet#3: ") and "embed_external_files" in \
+        out[3]["error"]
+    assert [r["reference"] for r in out[:3]] == [r["text"] for r in rows]
+
+
+def test_a_save_to_disk_folder_is_read_as_its_arrow_files(tmp_path):
+    """`datasets`' save_to_disk (Arrow IPC files and state.json): the folder, or a glob of its .arrow files, is a
+    manifest whose rows carry their audio as its Parquet files do."""
+    import datasets
+
+    from pipeline.manifest import read_manifest
+
+    rows = demo_rows(4)
+    cells = [{"bytes": open(r["audio_filepath"], "rb").read(), "path": os.path.basename(r["audio_filepath"])}
+             for r in rows]
+    saved = datasets.Dataset.from_dict({"id": [r["id"] for r in rows], "audio": cells,
+                                        "sentence": [r["text"] for r in rows]})
+    saved.cast_column("audio", datasets.Audio(sampling_rate=16000)).save_to_disk(str(tmp_path / "ds"), num_shards=2)
+    assert len(list((tmp_path / "ds").glob("data-*.arrow"))) == 2
+    for uri in (str(tmp_path / "ds"), str(tmp_path / "ds" / "*.arrow")):
+        out = read_manifest(uri).to_pylist()
+        assert [r["id"] for r in out] == [r["id"] for r in rows]
+        assert [r["reference"] for r in out] == [r["text"] for r in rows]
+        assert [r["audio_bytes"] for r in out] == [c["bytes"] for c in cells]
+
+
+def test_nemo_members_are_matched_by_stem_as_nemo_matches_them(tmp_path):
+    """convert_to_tarred_audio_dataset.py --force_codec flac writes x.flac while its manifest keeps x.wav."""
+    import pyarrow.fs
+
+    from pipeline.shards import read_nemo_shard
+    from test_shards import audio_bytes, nemo_group, write_tar
+
+    rows = demo_rows(2)
+    write_tar(tmp_path / "audio_0.tar", [("a.flac", audio_bytes(rows[0])), ("b.flac", audio_bytes(rows[1]))])
+    tars = {0: (str(tmp_path / "audio_0.tar"),) * 2}
+    read = [r for t in read_nemo_shard(nemo_group(["b.wav", "a.wav", "c.wav"], [{}, {}, {}]), tars,
+                                       pyarrow.fs.LocalFileSystem(), 8, "audio_0.tar") for r in t.to_pylist()]
+    by_id = {r["id"]: r for r in read}
+    assert by_id["row-0"]["audio_bytes"] == audio_bytes(rows[1]) and by_id["row-1"]["audio_bytes"] == audio_bytes(rows[0])
+    assert by_id["row-2"]["error"].startswith("missing: ") and by_id["row-2"]["audio_bytes"] is None
+
+
+def lhotse_cuts(rows: list[dict]):
+    """A CutSet of the rows' files, written by lhotse itself; the last cut a window of its recording."""
+    from lhotse import CutSet, MonoCut, Recording, SupervisionSegment
+
+    cuts = []
+    for row in rows:
+        recording = Recording.from_file(row["audio_filepath"], recording_id=row["id"])
+        supervision = SupervisionSegment(id=row["id"], recording_id=row["id"], start=0.0,
+                                         duration=recording.duration, text=row["text"], language="en")
+        cuts.append(MonoCut(id=f"{row['id']}-cut", start=0.0, duration=recording.duration, channel=0,
+                            recording=recording, supervisions=[supervision]))
+    window = Recording.from_file(rows[0]["audio_filepath"], recording_id="window")
+    cuts.append(MonoCut(id="window-cut", start=0.5, duration=1.0, channel=0, recording=window, supervisions=[]))
+    return CutSet.from_cuts(cuts)
+
+
+def test_lhotse_cuts_manifests_give_each_cut_its_recording_slice_reference_and_id(tmp_path):
+    from pipeline.manifest import read_manifest
+
+    rows = demo_rows(3)
+    cuts = lhotse_cuts(rows)
+    cuts.to_file(str(tmp_path / "cuts.jsonl.gz"))
+    out = read_manifest(str(tmp_path / "cuts.jsonl.gz")).to_pylist()
+    assert [r["id"] for r in out] == [cut.id for cut in cuts]
+    assert [r["audio"] for r in out] == [r["audio_filepath"] for r in rows] + [rows[0]["audio_filepath"]]
+    assert [(r["offset_s"], r["duration_s"]) for r in out] == [(cut.start, cut.duration) for cut in cuts]
+    assert [r["reference"] for r in out] == [r["text"] for r in rows] + [None]
+
+
+def test_lhotse_shar_cuts_take_their_audio_from_the_recording_tars(ray_session, tmp_path):
+    """`to_shar` writes cuts.<n>.jsonl.gz beside recording.<n>.tar; each cut's audio is the tar's member of its id,
+    read once per tar; samples equal to what lhotse itself loads from the Shar."""
+    import io
+
+    import numpy as np
+    import pyarrow.fs
+    import soundfile
+    from lhotse import CutSet
+
+    from pipeline.manifest import Manifest
+
+    rows = demo_rows(5)
+    (tmp_path / "shar").mkdir()
+    lhotse_cuts(rows).to_shar(str(tmp_path / "shar"), fields={"recording": "flac"}, shard_size=4)
+    assert sorted(p.name for p in (tmp_path / "shar").iterdir()) == [
+        "cuts.000000.jsonl.gz", "cuts.000001.jsonl.gz", "recording.000000.tar", "recording.000001.tar"]
+    theirs = {cut.id: cut for cut in CutSet.from_shar(in_dir=str(tmp_path / "shar"))}
+    for uri in (str(tmp_path / "shar"), str(tmp_path / "shar" / "cuts.*.jsonl.gz")):
+        manifest = Manifest(uri)
+        out = manifest.dataset(4, pyarrow.fs.LocalFileSystem()).take_all()
+        assert sorted(r["id"] for r in out) == sorted(theirs)
+        for row in out:
+            cut = theirs[row["id"]]
+            assert row["error"] is None and row["reference"] == (cut.supervisions[0].text if cut.supervisions else None)
+            samples, _ = soundfile.read(io.BytesIO(row["audio_bytes"]), dtype="float32")
+            np.testing.assert_array_equal(samples, cut.load_audio()[0])
+            assert (row["offset_s"], row["duration_s"]) == (0.0, cut.duration)
