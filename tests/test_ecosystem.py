@@ -254,3 +254,12 @@ def test_lhotse_shar_cuts_take_their_audio_from_the_recording_tars(ray_session, 
             samples, _ = soundfile.read(io.BytesIO(row["audio_bytes"]), dtype="float32")
             np.testing.assert_array_equal(samples, cut.load_audio()[0])
             assert (row["offset_s"], row["duration_s"]) == (0.0, cut.duration)
+
+    # And the job over the Shar: one row per cut, under its id, scored against its supervision's text.
+    from pipeline.transcribe import TranscribeConfig, run
+
+    summary = run(TranscribeConfig(manifest=str(tmp_path / "shar"), output=str(tmp_path / "out"), model=DEMO_MODEL,
+                                   **SMALL))
+    written = pa.concat_tables(pq.read_table(f) for f in (tmp_path / "out").glob("*.parquet"))
+    assert sorted(written["id"].to_pylist()) == sorted(theirs) and summary["rows_ok"] == len(theirs)
+    assert summary["rows_missing"] == summary["rows_duplicated"] == 0 and summary["wer"] < 10
