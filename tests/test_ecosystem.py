@@ -226,6 +226,7 @@ def test_lhotse_cuts_manifests_give_each_cut_its_recording_slice_reference_and_i
     assert [r["reference"] for r in out] == [r["text"] for r in rows] + [None]
 
 
+@pytest.mark.slow
 def test_lhotse_shar_cuts_take_their_audio_from_the_recording_tars(ray_session, tmp_path):
     """`to_shar` writes cuts.<n>.jsonl.gz beside recording.<n>.tar; each cut's audio is the tar's member of its id,
     read once per tar; samples equal to what lhotse itself loads from the Shar."""
