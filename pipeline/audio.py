@@ -2,6 +2,12 @@
 from bytes a row carries itself (`audio_bytes`: a tar member, a Parquet cell), when `audio` only names where they
 came from.
 
+Two decoders, chosen by what the file is (libsndfile recognises it by its content, never by its name), as measured
+by `s2t bench decode` (docs/audio-formats.md): libsndfile for what it reads right and fastest (WAV, FLAC, AIFF,
+Ogg Vorbis, ...: the samples the job always had); PyAV (FFmpeg's libraries) for MP3 (libsndfile takes the length
+from the first frame when there is no Xing/Info header, and counts cover art as audio), Opus (PyAV decodes it about
+twice as fast) and everything libsndfile does not recognise: m4a/AAC, mp4/mov/mkv audio tracks, webm, AMR, WMA, ...
+
 Every failure is an `AudioError` whose `reason` is one word (missing, empty, unreadable, corrupt, truncated,
 too_short, too_long) and whose message names the file: the job records it on the row and goes on with the others.
 """
@@ -9,8 +15,11 @@ too_short, too_long) and whose message names the file: the job records it on the
 from __future__ import annotations
 
 import io
+import itertools
 import re
+from typing import Iterator
 
+import av
 import fsspec
 import numpy as np
 import soundfile
@@ -31,6 +40,16 @@ ONE_GET_MAX_S = 300.0  # a row of up to this long from offset 0 is first asked f
 # A row's own encoded audio file (WebDataset and NeMo tar members, Hugging Face datasets' Audio bytes): read from it,
 # not from `audio`; dropped once the features are computed, never written to the output.
 INLINE_AUDIO = "audio_bytes"
+
+
+# What libsndfile recognises but PyAV decodes (see the module's docstring): by libsndfile's format, and subtype.
+PYAV_FORMATS = frozenset({"MPEG"})
+PYAV_SUBTYPES = frozenset({"OPUS", "MPEG_LAYER_I", "MPEG_LAYER_II", "MPEG_LAYER_III"})
+# FFmpeg demuxers whose seeks land on a timestamped packet at or before the target (an index, cues, granule
+# positions). Elsewhere (mp3 above all: without a TOC a seek guesses the byte from the bit rate and the timestamps
+# after it are guesses too) a slice is decoded from the start and its samples counted.
+SEEKS_EXACTLY = frozenset({"mov", "mp4", "matroska", "webm", "ogg", "asf", "flac", "wav"})
+PREROLL_S = 0.5  # decoded and dropped before a slice found by seeking
 
 
 class AudioError(Exception):
@@ -54,8 +73,9 @@ def load_audio(
     or of `data`, the file's bytes when the row carries them (`uri` then only names them in errors).
     connections: how many reads this process makes at once (its object-store client keeps as many connections).
 
-    Only the slice is decoded when the format can seek (wav, flac, ogg); channels are averaged; other rates are
-    resampled with soxr. The length is checked from the header before anything is decoded.
+    Only the slice is decoded where the format can seek (wav, flac, ogg; through PyAV also mp4/mov, mkv/webm); channels
+    are averaged; other rates are resampled with soxr. Through libsndfile the length is checked from the header before
+    anything is decoded; through PyAV, from what is decoded, as it is decoded.
     """
     # An utterance from its start: most likely a file of its own, small enough to fetch whole in one request.
     one_get = not offset_s and (duration_s is None or duration_s <= ONE_GET_MAX_S)
@@ -72,35 +92,218 @@ def decode_audio(
     min_duration_s: float = 0.0,
     max_duration_s: float = float("inf"),
 ) -> np.ndarray:
-    """`load_audio` for an open binary file (an upload, say); `name` is how errors refer to it."""
-    try:
-        sound = soundfile.SoundFile(f)
-    except (soundfile.LibsndfileError, RuntimeError, TypeError) as error:
-        detail = getattr(error, "error_string", error)
-        raise AudioError("unreadable", f"{name}: not audio that libsndfile can read ({detail})") from None
-    with sound:
-        start, frames = slice_frames(sound, name, offset_s, duration_s)
-        if frames is not None:
-            _check_duration(name, frames / sound.samplerate, min_duration_s, max_duration_s)
-        try:
-            if start:
-                sound.seek(start)
-            samples = sound.read(frames if frames is not None else -1, dtype="float32", always_2d=True)
-        except (soundfile.LibsndfileError, RuntimeError) as error:
-            detail = getattr(error, "error_string", error)
-            raise AudioError("corrupt", f"{name}: decoding stopped ({detail}): the file is damaged or cut short") from None
-        rate = sound.samplerate
-    # libsndfile stops quietly at a corrupt or cut-off block: fewer samples than the header promised.
-    if frames is not None and len(samples) < frames:
-        raise AudioError("truncated", f"{name}: decoded {len(samples)} of {frames} samples, the file is cut short")
-    _check_duration(name, len(samples) / rate, min_duration_s, max_duration_s)
+    """`load_audio` for an open, seekable binary file (an upload, say); `name` is how errors refer to it."""
+    sound, detail = open_libsndfile(f)
+    if sound is None or prefers_pyav(sound):
+        if sound is not None:
+            sound.close()
+        f.seek(0)
+        with PyAVAudio(f, name, detail) as source:
+            mono = source.read(offset_s, duration_s, max_duration_s)
+            rate = source.rate
+        _check_duration(name, len(mono) / rate, min_duration_s, max_duration_s)
+    else:
+        with sound:
+            samples, rate = read_libsndfile(sound, name, offset_s, duration_s, min_duration_s, max_duration_s)
+        mono = to_mono(samples)
     # Float formats can hold NaN or Inf, which no feature or score survives (and JSON cannot carry).
-    if not np.isfinite(samples).all():
+    if not np.isfinite(mono).all():
         raise AudioError("corrupt", f"{name}: non-finite samples (NaN or Inf)")
-    mono = samples.mean(axis=1) if samples.shape[1] > 1 else samples[:, 0]
     if rate != sampling_rate:
         mono = soxr.resample(mono, rate, sampling_rate).astype(np.float32)
     return np.ascontiguousarray(mono)
+
+
+def open_libsndfile(f) -> tuple[soundfile.SoundFile | None, str | None]:
+    """(the file opened by libsndfile, None) or (None, why libsndfile cannot read it)."""
+    try:
+        return soundfile.SoundFile(f), None
+    except (soundfile.LibsndfileError, RuntimeError, TypeError) as error:
+        return None, str(getattr(error, "error_string", error))
+
+
+def prefers_pyav(sound: soundfile.SoundFile) -> bool:
+    """Whether a file libsndfile opened is decoded by PyAV instead (see the module's docstring)."""
+    return sound.format in PYAV_FORMATS or sound.subtype in PYAV_SUBTYPES
+
+
+def read_libsndfile(sound: soundfile.SoundFile, name: str, offset_s: float, duration_s: float | None,
+                    min_duration_s: float, max_duration_s: float) -> tuple[np.ndarray, int]:
+    """(samples (N, channels) float32, rate) of the slice; the length is checked from the header first."""
+    start, frames = slice_frames(sound, name, offset_s, duration_s)
+    if frames is not None:
+        _check_duration(name, frames / sound.samplerate, min_duration_s, max_duration_s)
+    try:
+        if start:
+            sound.seek(start)
+        samples = sound.read(frames if frames is not None else -1, dtype="float32", always_2d=True)
+    except (soundfile.LibsndfileError, RuntimeError) as error:
+        detail = getattr(error, "error_string", error)
+        raise AudioError("corrupt", f"{name}: decoding stopped ({detail}): the file is damaged or cut short") from None
+    # libsndfile stops quietly at a corrupt or cut-off block: fewer samples than the header promised.
+    if frames is not None and len(samples) < frames:
+        raise AudioError("truncated", f"{name}: decoded {len(samples)} of {frames} samples, the file is cut short")
+    _check_duration(name, len(samples) / sound.samplerate, min_duration_s, max_duration_s)
+    return samples, sound.samplerate
+
+
+def to_mono(samples: np.ndarray) -> np.ndarray:
+    """(N, channels) -> (N,) float32, channels averaged: the same numbers as `samples.mean(axis=1)`, column by column
+    (a reduction along the short interleaved axis is ~10x slower: 48 kHz stereo took longer than decoding FLAC)."""
+    if samples.shape[1] == 1:
+        return samples[:, 0]
+    mono = samples[:, 0].copy()
+    for channel in range(1, samples.shape[1]):
+        mono += samples[:, channel]
+    mono /= samples.shape[1]
+    return mono
+
+
+class PyAVAudio:
+    """The first audio stream of a file through PyAV (FFmpeg): mono float32 at the stream's own rate, read whole
+    (`read`) or in blocks (`blocks`), a slice found by seeking where the container seeks exactly and decoded from its
+    first sample on. Lengths are what was decoded, never what a header says."""
+
+    def __init__(self, f, name: str, libsndfile_says: str | None = None):
+        self.name = name
+        try:
+            self.container = av.open(f, "r", metadata_errors="ignore")
+        except (av.error.FFmpegError, ValueError, OSError) as error:
+            also = f"; libsndfile: {libsndfile_says}" if libsndfile_says else ""
+            raise AudioError("unreadable", f"{name}: not audio that libsndfile or FFmpeg can read "
+                                           f"({error}{also})") from None
+        if not self.container.streams.audio:
+            self.container.close()
+            raise AudioError("unreadable", f"{name}: no audio stream in this {self.container.format.name} file")
+        self.stream = self.container.streams.audio[0]
+        self.stream.thread_type = "AUTO"
+        self.rate = self.stream.codec_context.sample_rate or self.stream.rate
+        self.first_s: float | None = None  # the stream's first frame's time: where its sample 0 is
+
+    def __enter__(self) -> "PyAVAudio":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.container.close()
+
+    @property
+    def indexed_length_s(self) -> float | None:
+        """The length an exact index states (mp4/mov: the sample tables), else None. Used only to pass a row on
+        unread; the length a row gets is what was decoded."""
+        if "mov" in self.container.format.name.split(",") and self.stream.duration:
+            return float(self.stream.duration * self.stream.time_base)
+        return None
+
+    def read(self, offset_s: float = 0.0, duration_s: float | None = None, max_s: float = float("inf")) -> np.ndarray:
+        """[offset_s, offset_s + duration_s) of the stream (to its end if None) as one array."""
+        blocks = list(self.blocks(offset_s, duration_s, max_s=max_s))
+        return np.concatenate(blocks) if blocks else np.zeros(0, np.float32)
+
+    def blocks(self, offset_s: float = 0.0, duration_s: float | None = None, block_samples: int = 0,
+               max_s: float = float("inf")) -> Iterator[np.ndarray]:
+        """The slice's samples in blocks of at least `block_samples` (0: as decoded), the last one shorter. Raises
+        truncated when the stream ends more than ROUNDING_S before the slice, bad_manifest_line when it ends before
+        `offset_s`, too_long when more than `max_s` seconds are decoded (memory stays bounded)."""
+        rate, name = self.rate, self.name
+        start = round(offset_s * rate)
+        wanted = None if duration_s is None else round(duration_s * rate)
+        pending, held, got = [], 0, 0
+        for position, mono in self._decoded_from(offset_s):
+            mono = mono[max(0, start - position):]  # samples before the slice's first
+            if wanted is not None:
+                mono = mono[: wanted - got]
+            if not len(mono):
+                if wanted is not None and got >= wanted:
+                    break
+                continue
+            got += len(mono)
+            if got > max_s * rate:
+                raise AudioError("too_long", f"{name}: more than {max_s} s of audio, the maximum")
+            pending.append(mono)
+            held += len(mono)
+            if held >= block_samples:
+                yield pending[0] if len(pending) == 1 else np.concatenate(pending)
+                pending, held = [], 0
+        if pending:
+            yield np.concatenate(pending)
+        if not got and start > 0:
+            raise AudioError("bad_manifest_line", f"{name}: offset {offset_s:.6g} s is past the end of the file")
+        if wanted is not None and wanted - got > ROUNDING_S * rate:
+            raise AudioError("truncated", f"{name}: the manifest asks for {wanted / rate:.2f} s from {offset_s:.6g} s, "
+                                          f"the file has {got / rate:.2f} s there")
+        promised = self.indexed_length_s
+        if not offset_s and duration_s is None and promised and promised - got / rate > ROUNDING_S:
+            raise AudioError("truncated", f"{name}: the index promises {promised:.2f} s, the file holds "
+                                          f"{got / rate:.2f} s")
+
+    def _decoded_from(self, offset_s: float) -> Iterator[tuple[int, np.ndarray]]:
+        """(the first sample's position in the stream, mono samples) per decoded frame, from at or before offset_s."""
+        frames = self._frames()
+        first, second = next(frames, None), next(frames, None)
+        if first is None:
+            return
+        self.rate = first.sample_rate or self.rate
+        # The time of sample 0 from the second frame: a decoder that drops the first frame's leading samples (Opus
+        # pre-skip, AAC priming) leaves that frame's timestamp where the dropped samples began.
+        self.first_s = (None if first.time is None else float(first.time) if second is None or second.time is None
+                        else float(second.time) - first.samples / self.rate)
+        # From the start: positions are counted samples.
+        position, frames = 0, itertools.chain([first], [second] if second is not None else [], frames)
+        if offset_s > 0 and self.first_s is not None and SEEKS_EXACTLY & set(self.container.format.name.split(",")):
+            position, frames = self._seek(offset_s)
+        for frame in frames:
+            mono = self._mono(frame)
+            yield position, mono
+            position += len(mono)
+
+    def _seek(self, offset_s: float) -> tuple[int, Iterator]:
+        """(position of the first frame after a seek to offset_s, the frames from it); from the start again where
+        the seek did not land on a timestamped frame at or before offset_s."""
+        # Some of what precedes the slice is decoded and dropped: a decoder's first frame after a seek lacks the
+        # overlap of the frame before (AAC, Vorbis) or its pre-roll (Opus: 80 ms).
+        target = max(0.0, offset_s - PREROLL_S)
+        try:
+            self.container.seek(int((target + self.first_s) / self.stream.time_base), stream=self.stream)
+        except av.error.FFmpegError:
+            pass
+        else:
+            frames = self._frames()
+            frame = next(frames, None)
+            if frame is not None and frame.time is not None:
+                position = round((float(frame.time) - self.first_s) * self.rate)
+                if position <= round(target * self.rate):
+                    return position, itertools.chain([frame], frames)
+        self.container.seek(0)
+        return 0, self._frames()
+
+    def _frames(self) -> Iterator:
+        try:
+            for packet in self.container.demux(self.stream):
+                yield from packet.decode()
+        except av.error.FFmpegError as error:
+            raise AudioError("corrupt", f"{self.name}: decoding stopped ({error}): the file is damaged or cut short"
+                             ) from None
+
+    def _mono(self, frame) -> np.ndarray:
+        """One decoded frame -> (samples,) float32 at self.rate."""
+        samples = frame.to_ndarray()
+        channels = len(frame.layout.channels)
+        if not frame.format.is_planar:
+            samples = samples.reshape(-1, channels).T
+        scale = INTEGER_SCALE.get(samples.dtype.str[1:])
+        if samples.dtype == np.uint8:
+            samples = (samples.astype(np.float32) - 128.0) / 128.0
+        elif scale is not None:
+            samples = samples.astype(np.float32) / np.float32(scale)
+        else:
+            samples = samples.astype(np.float32, copy=False)
+        mono = to_mono(samples.T)
+        if frame.sample_rate != self.rate:  # a stream whose rate changes midway: at its first rate
+            mono = soxr.resample(mono, frame.sample_rate, self.rate).astype(np.float32)
+        return np.ascontiguousarray(mono)
+
+
+INTEGER_SCALE = {"i2": 2.0 ** 15, "i4": 2.0 ** 31, "i8": 2.0 ** 63}
 
 
 def slice_frames(sound: soundfile.SoundFile, name: str, offset_s: float, duration_s: float | None
