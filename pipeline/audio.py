@@ -178,7 +178,8 @@ class PyAVAudio:
         self.stream = self.container.streams.audio[0]
         self.stream.thread_type = "AUTO"
         self.rate = self.stream.codec_context.sample_rate or self.stream.rate
-        self.first_s: float | None = None  # the stream's first frame's time: where its sample 0 is
+        self.first_s: float | None = None  # the time of the stream's sample 0
+        self.started = False
 
     def __enter__(self) -> "PyAVAudio":
         return self
@@ -238,6 +239,9 @@ class PyAVAudio:
 
     def _decoded_from(self, offset_s: float) -> Iterator[tuple[int, np.ndarray]]:
         """(the first sample's position in the stream, mono samples) per decoded frame, from at or before offset_s."""
+        if self.started:  # read before: from the start again
+            self.container.seek(0)
+        self.started = True
         frames = self._frames()
         first, second = next(frames, None), next(frames, None)
         if first is None:

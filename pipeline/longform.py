@@ -24,7 +24,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import soundfile
 
-from .audio import INLINE_AUDIO, IO_CONCURRENCY, AudioError, _check_duration, open_audio, slice_frames
+from .audio import (INLINE_AUDIO, IO_CONCURRENCY, AudioError, PyAVAudio, _check_duration, open_audio, open_libsndfile,
+                    prefers_pyav, slice_frames)
 from .output import (SEGMENT_COLUMNS, SEGMENT_FIELDS, SEGMENTS, SEGMENTS_TYPE, OutputFiles, OutputNames,
                      arrow_filesystem, final_rows, footers, holds_segments, own_name, plain_strings,
                      shuffle_partitions)
@@ -76,10 +77,12 @@ def split_row(row: dict, max_segment_s: float, max_duration_s: float, storage_op
     # A length the manifest does not give, from the start: most likely an utterance of its own (one GET, no HEAD).
     one_get = not row["offset_s"] and row["duration_s"] is None
     with open_audio(row["audio"], storage_options, row.get(INLINE_AUDIO), connections, one_get) as f:
-        try:
-            sound = soundfile.SoundFile(f)
-        except (soundfile.LibsndfileError, RuntimeError, TypeError):
-            return [row]  # the feature stage reads it again and says what is wrong with it
+        sound, _ = open_libsndfile(f)
+        if sound is None or prefers_pyav(sound):
+            if sound is not None:
+                sound.close()
+            f.seek(0)
+            return split_decoded(row, f, max_segment_s, max_duration_s, done)
         with sound:
             offset = row["offset_s"] or 0.0
             start, frames = slice_frames(sound, row["audio"], offset, row["duration_s"])  # what is not there: truncated
@@ -95,21 +98,63 @@ def split_row(row: dict, max_segment_s: float, max_duration_s: float, storage_op
             from s2t_model.segment import segment_stream  # here: torch only in processes that split a recording
 
             segments = list(segment_stream(blocks, sound.samplerate, max_segment_s))
-            if not segments:  # no speech: the later stages give it the text "" without reading it again
-                return [{**row, "duration_s": seconds, "speech_s": 0.0}]
-            pieces = []
-            for index, segment in enumerate(segments):
-                piece_id = f"{row['id']}~{index:05d}"
-                if piece_id in done:
-                    continue
-                piece = {**row, "id": piece_id, "offset_s": offset + segment.start_s,
-                         "duration_s": segment.duration_s, "segment_of": row["id"], "segment_index": index,
-                         "segment_count": len(segments), "segment_start_s": segment.start_s,
-                         "recording_duration_s": seconds, "recording_offset_s": offset}
-                if row.get(INLINE_AUDIO) is not None:  # its own slice, not the recording's bytes once per segment
-                    piece.update({INLINE_AUDIO: encode_slice(sound, start + segment.start, segment.end - segment.start),
-                                  "offset_s": 0.0})
-                pieces.append(piece)
+            return segment_rows_of(row, segments, seconds, done,
+                                   lambda segment: encode_slice(sound, start + segment.start, segment.end - segment.start))
+
+
+def split_decoded(row: dict, f, max_segment_s: float, max_duration_s: float, done) -> list[dict]:
+    """`split_row` for what PyAV decodes: the recording streamed once in blocks (its length is what was decoded,
+    no header says it for sure), memory one block whatever its length."""
+    from s2t_model.segment import segment_stream
+
+    try:
+        source = PyAVAudio(f, row["audio"])
+    except AudioError:
+        return [row]  # the feature stage reads it again and says what is wrong with it
+    with source:
+        offset = row["offset_s"] or 0.0
+        indexed = source.indexed_length_s
+        if not offset and row["duration_s"] is None and indexed is not None and indexed <= max_segment_s:
+            return [row]  # an index that says short: the feature stage reads it once
+        counted = [0]
+
+        def blocks():
+            for block in source.blocks(offset, row["duration_s"], round(BLOCK_S * source.rate), max_duration_s):
+                counted[0] += len(block)
+                yield block
+
+        segments = list(segment_stream(blocks(), source.rate, max_segment_s))
+        seconds = counted[0] / source.rate
+        if seconds <= max_segment_s:
+            return [{**row, "duration_s": seconds}]
+
+        def own_slice(segment) -> bytes:
+            out = io.BytesIO()
+            samples = source.read(offset + segment.start_s, segment.duration_s)
+            soundfile.write(out, samples, source.rate, format="WAV", subtype="FLOAT")  # decoded samples, unchanged
+            return out.getvalue()
+
+        return segment_rows_of(row, segments, seconds, done, own_slice)
+
+
+def segment_rows_of(row: dict, segments: list, seconds: float, done, own_slice) -> list[dict]:
+    """A recording's rows: one per segment not in `done`, each carrying `own_slice(segment)` (bytes) when the
+    recording came as bytes; or, without speech, the row itself with speech_s 0."""
+    if not segments:  # no speech: the later stages give it the text "" without reading it again
+        return [{**row, "duration_s": seconds, "speech_s": 0.0}]
+    offset = row["offset_s"] or 0.0
+    pieces = []
+    for index, segment in enumerate(segments):
+        piece_id = f"{row['id']}~{index:05d}"
+        if piece_id in done:
+            continue
+        piece = {**row, "id": piece_id, "offset_s": offset + segment.start_s,
+                 "duration_s": segment.duration_s, "segment_of": row["id"], "segment_index": index,
+                 "segment_count": len(segments), "segment_start_s": segment.start_s,
+                 "recording_duration_s": seconds, "recording_offset_s": offset}
+        if row.get(INLINE_AUDIO) is not None:  # its own slice, not the recording's bytes once per segment
+            piece.update({INLINE_AUDIO: own_slice(segment), "offset_s": 0.0})
+        pieces.append(piece)
     return pieces
 
 

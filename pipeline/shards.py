@@ -39,7 +39,11 @@ from .manifest import SCHEMA, ManifestError, RepeatedIds, Repeats, expand, norma
 
 # WebDataset's split of a member name into sample key and field (webdataset.tariterators.base_plus_ext).
 SAMPLE_MEMBER = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
-AUDIO_SUFFIXES = frozenset(name.lower() for name in soundfile.available_formats()) | {"oga", "opus", "aif", "snd"}
+# Audio fields by extension: what libsndfile reads, and what FFmpeg (PyAV) does: audio files and the audio tracks of
+# video files. The extension only picks the field; pipeline.audio picks the decoder by what the bytes are.
+AUDIO_SUFFIXES = frozenset(name.lower() for name in soundfile.available_formats()) | {
+    "oga", "opus", "aif", "snd", "mp3", "mpga", "mpeg", "m4a", "m4b", "mp4", "aac", "mov", "mkv", "mka", "webm",
+    "amr", "3gp", "3g2", "wma", "asf", "ac3", "eac3", "ape", "wv", "tta", "spx", "mpc", "dts", "gsm", "mp2"}
 TEXT_FIELDS = ("json", "txt")
 DAMAGED = ".damaged"  # the key of a WebDataset shard's damage row: no sample's key starts with a dot
 MEMBERS_KEPT = 1000  # tarfile keeps every header it read; a long shard's are dropped now and then
@@ -126,7 +130,7 @@ class Sample:
     fields: dict[str, tuple[str, bytes | None]] = field(default_factory=dict)  # extension -> (member name, bytes)
 
     def audio(self) -> tuple[str, bytes | None] | None:
-        """The audio member: one libsndfile reads by its extension, else the one member that is neither json nor txt
+        """The audio member: one of an audio extension (AUDIO_SUFFIXES), else the one member that is neither json nor txt
         (which the feature stage then names unreadable)."""
         by_suffix = [ext for ext in self.fields if ext.rsplit(".", 1)[-1] in AUDIO_SUFFIXES]
         others = [ext for ext in self.fields if ext not in TEXT_FIELDS]

@@ -27,7 +27,8 @@ from typing import Iterable, Iterator
 import numpy as np
 import soxr
 
-from .vad import SAMPLE_RATE, ProbabilityStream, SileroVAD, VadOptions, regions_from_probs, shared_vad
+from .vad import (SAMPLE_RATE, ProbabilityStream, SileroVAD, VadOptions, detector_input, regions_from_probs,
+                  shared_vad)
 
 MAX_SEGMENT_S = 20.0
 SEGMENT_VAD = VadOptions(min_silence_duration_ms=300, speech_pad_ms=150)
@@ -73,7 +74,8 @@ def segment_stream(blocks: Iterable[np.ndarray], sampling_rate: int, max_segment
     for block in blocks:
         mono = to_mono_float32(block)
         num_samples += len(mono)
-        probs.push(mono if resampler is None else resampler.resample_chunk(mono))
+        # Each block at the detector's level on its own (a whole-recording level needs the whole recording first).
+        probs.push(detector_input(mono if resampler is None else resampler.resample_chunk(mono)))
     if resampler is not None:
         probs.push(resampler.resample_chunk(np.zeros(0, np.float32), last=True))
     regions = regions_from_probs(probs.finish(), probs.num_samples, SEGMENT_VAD, max_speech_duration_s=max_segment_s)
@@ -90,7 +92,10 @@ def to_mono_float32(block: np.ndarray) -> np.ndarray:
     elif not np.issubdtype(block.dtype, np.floating):
         raise ValueError(f"expected float or int16 samples, got dtype {block.dtype}")
     if block.ndim == 2:
-        block = block.mean(axis=1) if block.shape[1] > 1 else block[:, 0]
+        mono = block[:, 0].astype(np.float32)  # a copy: column by column, ~10x faster than mean(axis=1)
+        for channel in range(1, block.shape[1]):
+            mono += block[:, channel]
+        block = mono / np.float32(block.shape[1]) if block.shape[1] > 1 else mono
     elif block.ndim != 1:
         raise ValueError(f"expected (samples,) or (samples, channels) audio, got shape {block.shape}")
     return block.astype(np.float32, copy=False)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Sequence
 
 import numpy as np
@@ -29,6 +30,10 @@ WINDOW = 512  # samples a probability covers at 16 kHz
 CONTEXT = 64  # samples of the previous window each one sees
 STFT_SIZE, STFT_HOP = 256, 128  # the model's front end: |STFT| with a periodic Hann window, 4 frames per window
 ENCODER_BATCH = 8192  # windows per encoder call: bounds its memory (~40 MB) whatever the batch holds
+# The detector's input level (`detector_input`): trial on the demo clips and the non-speech set, docs/audio-formats.md.
+DETECTOR_PEAK_DBFS = -12.0
+DETECTOR_MAX_GAIN_DB = 30.0
+ROBUST_PEAK_QUANTILE = 0.999
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,6 +206,27 @@ def speech_seconds(regions: Sequence[SpeechRegion]) -> float:
     return sum(r.end_s - r.start_s for r in regions)
 
 
+def detector_input(wave: np.ndarray) -> np.ndarray:
+    """A waveform at the level the detector hears speech at: Silero's speech probability falls with the input's
+    level (quiet recordings lost rows: docs/audio-formats.md), so its input is scaled to a robust peak (a high
+    percentile of |x|, deaf to a few clicks) of DETECTOR_PEAK_DBFS, never by more than DETECTOR_MAX_GAIN_DB (room
+    noise is not made into speech), never above full scale, never quieter. The model's features are not touched."""
+    wave = wave.float() if isinstance(wave, torch.Tensor) else np.asarray(wave, np.float32)
+    if not len(wave):
+        return wave
+    k = int(len(wave) * ROBUST_PEAK_QUANTILE)  # (k + 1)-th smallest |x|
+    if isinstance(wave, torch.Tensor):  # a row already on the detector's device stays there
+        magnitude = wave.abs()
+        peak, robust = float(magnitude.max()), float(torch.kthvalue(magnitude, k + 1).values)
+    else:
+        magnitude = np.abs(wave)
+        peak, robust = float(magnitude.max()), float(np.partition(magnitude, k)[k])
+    if robust <= 0 or not math.isfinite(peak):
+        return wave
+    gain = min(10 ** (DETECTOR_PEAK_DBFS / 20) / robust, 10 ** (DETECTOR_MAX_GAIN_DB / 20), 1.0 / peak)
+    return wave * gain if gain > 1.0 else wave
+
+
 def shared_vad(device: torch.device | str = "cpu") -> SileroVAD:
     """One model per process and device (an actor, a replica): loading takes ~50 ms and 1.2 MB."""
     return _vad_on(torch.device(device))
@@ -237,7 +263,7 @@ def speech_features(
     at_16k = waveforms if sampling_rate == SAMPLE_RATE else [
         soxr.resample(w.float().cpu().numpy() if isinstance(w, torch.Tensor) else np.asarray(w, np.float32),
                       sampling_rate, SAMPLE_RATE) for w in waveforms]
-    speech = [speech_seconds(regions) for regions in vad.speech_regions(at_16k)]
+    speech = [speech_seconds(regions) for regions in vad.speech_regions([detector_input(w) for w in at_16k])]
     heard = [i for i, seconds in enumerate(speech) if seconds > 0]
     features: list[torch.Tensor | None] = [None] * len(waveforms)
     for i, row in zip(heard, extractor.each([waveforms[i] for i in heard], sampling_rate, max_frames, device=device)):
