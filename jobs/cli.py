@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from bench import (feed as bench_feed, io as bench_io, model as bench_model, pipeline as bench_pipeline,
-                   scale as bench_scale, serve as bench_serve, stream as bench_stream, vad as bench_vad,
-                   words as bench_words)
+from bench import (decode as bench_decode, feed as bench_feed, io as bench_io, model as bench_model,
+                   pipeline as bench_pipeline, scale as bench_scale, serve as bench_serve, stream as bench_stream,
+                   vad as bench_vad, words as bench_words)
 from demo import corpus, evaluate, train
 
 from . import backfill, export, serve, transcribe
@@ -23,6 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     bench = commands.add_parser("bench", help="benchmarks against peers, side by side in one process")
     benchmarks = bench.add_subparsers(dest="target", required=True)
+    command(benchmarks, "decode", "decode speed per format: libsndfile vs PyAV in one run, channel averaging",
+            bench_decode.add_arguments, bench_decode.main)
     command(benchmarks, "feed", "feeding a GPU: each stage's audio-s per CPU-s (decode, detector, features, "
             "hand-offs) and the cores per GPU of the CPU-feature and the device path", bench_feed.add_arguments,
             bench_feed.main)
