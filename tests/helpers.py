@@ -158,3 +158,28 @@ def killed_mid_job(manifest: str, output, ray_address: str, files: int, options=
         except (pa.ArrowInvalid, OSError):
             pass  # cut short by the kill; the rerun removes it and redoes its rows
     return intact
+
+
+def formats_people_keep(clip, rate: int = 16000) -> dict[str, tuple[str, bytes, int]]:
+    """One mono float32 clip -> {format: (file extension, the file's bytes, the rate of the PCM to compare with)},
+    encoded as podcasts, phone memos, video, browser recordings and streaming encoders store audio (PyAV's own
+    encoders: bench.decode.encode_audio). mp4 carries an H.264 video track (libx264 is in PyAV's wheel)."""
+    import numpy as np
+
+    from bench.decode import VBR_MP3, encode_audio
+
+    cover = np.random.default_rng(7).integers(0, 255, (600, 600, 3), dtype=np.uint8)  # ~200 kB of cover art
+    enc = lambda *args, **kw: encode_audio(clip, rate, *args, **kw)  # noqa: E731
+    return {
+        "m4a": ("m4a", enc("ipod", "aac", out_rate=44100, channels=2, bit_rate=96000), rate),
+        "mp4 (H.264 + AAC)": ("mp4", enc("mp4", "aac", out_rate=48000, bit_rate=128000, video="libx264"), rate),
+        "mov": ("mov", enc("mov", "aac", out_rate=48000, bit_rate=128000), rate),
+        "mkv": ("mkv", enc("matroska", "aac", bit_rate=64000), rate),
+        "webm opus": ("webm", enc("webm", "libopus", out_rate=48000, bit_rate=32000), rate),
+        "ogg opus": ("opus", enc("ogg", "libopus", out_rate=48000, bit_rate=32000), rate),
+        "mp3 VBR, no Xing header": ("mp3", enc("mp3", "libmp3lame", out_rate=44100, **VBR_MP3), rate),
+        "mp3 CBR, cover art, no Info header": ("mp3", enc("mp3", "libmp3lame", out_rate=44100, bit_rate=128000,
+                                                          container_options={"write_xing": "0"}, cover=cover), rate),
+        "amr-nb": ("amr", enc("amr", "libopencore_amrnb", out_rate=8000, bit_rate=12200), 8000),
+        "wma": ("wma", enc("asf", "wmav2", out_rate=44100, bit_rate=64000), rate),
+    }

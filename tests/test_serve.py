@@ -14,6 +14,7 @@ import httpx
 import numpy as np
 import pytest
 import soundfile
+import soxr
 import yaml
 
 from helpers import demo_rows
@@ -491,3 +492,40 @@ def test_a_client_gone_mid_stream_cancels_its_rest_and_leaves_no_stream_open(ser
     assert counts["open"] == 0 and counts["cancelled_segments"] > cancelled, counts
     assert post(server, files={"file": ("a.flac", open(demo_rows(1)[0]["audio_filepath"], "rb").read())}).json()[
         "text"] == demo_rows(1)[0]["text"]
+
+
+@pytest.mark.slow  # 240 uploads
+def test_every_format_people_upload_is_transcribed_as_flac_is(server):
+    """m4a, mp4 with H.264 video, mov, mkv, webm/ogg Opus, headerless and cover-art mp3, AMR, WMA through the openai
+    client: each within 1 WER point of the same clips uploaded as FLAC (AMR: as 8 kHz FLAC)."""
+    from openai import OpenAI
+
+    from helpers import formats_people_keep
+    from test_audio_formats import within_reach
+
+    client = OpenAI(base_url=f"{server}/v1", api_key=API_KEY)
+    rows = demo_rows(20)
+    clips = [soundfile.read(r["audio_filepath"], dtype="float32")[0] for r in rows]
+    with ThreadPoolExecutor(2) as pool:
+        encoded = list(pool.map(formats_people_keep, clips))
+    uploads = [("flac", i, "clip.flac", open(r["audio_filepath"], "rb").read()) for i, r in enumerate(rows)]
+    for i, clip in enumerate(clips):
+        at_8k = io.BytesIO()
+        soundfile.write(at_8k, soxr.resample(clip, 16000, 8000), 8000, format="FLAC")
+        uploads.append(("flac 8 kHz", i, "clip.flac", at_8k.getvalue()))
+        uploads += [(name, i, f"clip.{ext}", data) for name, (ext, data, _) in encoded[i].items()]
+
+    def transcribe(upload):
+        return client.audio.transcriptions.create(model="s2t", file=(upload[2], upload[3])).text
+
+    with ThreadPoolExecutor(16) as pool:
+        texts = list(pool.map(transcribe, uploads))
+    by_format: dict[str, list[str]] = {}
+    for (name, i, _, _), text in zip(uploads, texts):
+        by_format.setdefault(name, [None] * len(rows))[i] = text
+    references = [r["text"] for r in rows]
+    wer = {name: scoring.wer(references, got) for name, got in by_format.items()}
+    print("WER by format through Serve:", wer)
+    for name in encoded[0]:
+        flac = wer["flac 8 kHz" if name == "amr-nb" else "flac"]
+        assert within_reach(name, wer[name], flac), (name, wer)

@@ -13,7 +13,7 @@ from helpers import demo_rows, non_speech
 from pipeline import scoring
 from s2t_model import DEMO_MODEL, Speech2Text
 from s2t_model.speech2text import MIN_AVG_LOGPROB
-from s2t_model.vad import SileroVAD, shared_vad, speech_features, speech_seconds
+from s2t_model.vad import SileroVAD, detector_input, shared_vad, speech_features, speech_seconds
 
 
 @pytest.fixture(scope="module")
@@ -110,3 +110,17 @@ def test_job_gives_non_speech_rows_empty_text_and_speech_seconds(ray_session, cl
     for r in speech_rows:
         assert rows[r["id"]]["text"] == r["text"] and 0 < rows[r["id"]]["speech_s"] <= r["duration"] + 1e-3
         assert rows[r["id"]]["low_confidence"] is False
+
+
+def test_quiet_speech_is_heard_and_quiet_non_speech_is_not(clips):
+    """The demo clips at a peak of -35/-45/-55 dBFS (far microphones, low gain) all have speech; the non-speech set
+    at its own levels and 30 dB quieter has none: the detector's input gain is capped."""
+    rows, waves = clips
+    for level in (-35, -45, -55):
+        quiet = [w / np.abs(w).max() * 10 ** (level / 20) for w in waves]
+        speech = [speech_seconds(r) for r in shared_vad().speech_regions([detector_input(w) for w in quiet])]
+        assert all(s > 0.5 for s in speech), (level, sum(s > 0.5 for s in speech))
+    generated = non_speech()
+    for scale in (1.0, 10 ** (-30 / 20)):
+        waves = [detector_input(w * scale) for w in generated.values()]
+        assert [speech_seconds(r) for r in shared_vad().speech_regions(waves)] == [0] * len(generated), scale
