@@ -15,7 +15,7 @@ import soxr
 
 from helpers import demo_rows, formats_people_keep
 from pipeline import scoring
-from pipeline.audio import decode_audio
+from pipeline.audio import AudioError, PyAVAudio, decode_audio
 from s2t_model import DEMO_MODEL
 
 CLIPS = 50  # all: a lossy codec flips a word of the tiny demo model here and there, one word is 0.2 points
@@ -31,7 +31,7 @@ def flac_bytes(samples: np.ndarray, rate: int) -> bytes:
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     """{(format, clip index): path}: every format of the first CLIPS demo clips, the FLAC they are compared with
-    ("flac": the whole corpus; "flac 8 kHz" for AMR), and the whole corpus as FLAC at each quiet level."""
+    ("flac": the whole corpus; "flac 8 kHz" for AMR), and the whole corpus at each quiet level."""
     folder = tmp_path_factory.mktemp("formats")
     rows = demo_rows()
     clips = [soundfile.read(r["audio_filepath"], dtype="float32")[0] for r in rows]
@@ -48,12 +48,14 @@ def files(tmp_path_factory):
             paths[name, i].write_bytes(data)
     for level in QUIET_DBFS:
         for i, clip in enumerate(clips):
-            paths[f"flac at {level} dBFS", i] = folder / f"quiet{level}-{i}.flac"
-            soundfile.write(paths[f"flac at {level} dBFS", i], clip / np.abs(clip).max() * 10 ** (level / 20), 16000)
+            # Float samples: 16 bits at -55 dBFS leave the peak ~60 steps, a loss of its own to the model whatever
+            # the detector does.
+            paths[f"quiet at {level} dBFS", i] = folder / f"quiet{level}-{i}.wav"
+            soundfile.write(paths[f"quiet at {level} dBFS", i], clip / np.abs(clip).max() * 10 ** (level / 20), 16000,
+                            subtype="FLOAT")
     # Three clips in one m4a: the manifest's slice is the middle one.
-    joined = np.concatenate(clips[:3])
     paths["m4a slice", 1] = folder / "three.m4a"
-    paths["m4a slice", 1].write_bytes(formats_people_keep(joined)["m4a"][1])
+    paths["m4a slice", 1].write_bytes(formats_people_keep(np.concatenate(clips[:3]))["m4a"][1])
     return rows, clips, paths
 
 
@@ -103,22 +105,32 @@ def test_every_format_through_the_job_is_transcribed_as_flac_is(ray_session, fil
     assert out["m4a slice/1"]["duration_s"] == pytest.approx(len(clips[1]) / 16000, abs=1e-3)
     # Quiet speech keeps its words with the VAD on (the detector hears it; no row is emptied).
     for level in QUIET_DBFS:
-        name = f"flac at {level} dBFS"
+        name = f"quiet at {level} dBFS"
         assert all(out[f"{name}/{i}"]["speech_s"] > 0.5 for i in range(len(rows))), name
         assert wer[name] <= wer["flac"] + 1.0, (name, wer[name], wer["flac"])
 
 
-def test_an_m4a_slice_is_sample_exact_and_lengths_are_what_was_decoded(files):
-    rows, clips, paths = files
-    data = paths["m4a slice", 1].read_bytes()
-    whole = decode_audio(io.BytesIO(data), "three.m4a", 16000)
-    start, frames = len(clips[0]), len(clips[1])
-    piece = decode_audio(io.BytesIO(data), "three.m4a", 16000, offset_s=start / 16000, duration_s=frames / 16000)
+def test_an_m4a_slice_is_sample_exact_and_lengths_are_what_was_decoded():
+    clips = [soundfile.read(r["audio_filepath"], dtype="float32")[0] for r in demo_rows(3)]
+    data = formats_people_keep(np.concatenate(clips))["m4a"][1]
+    start_s, duration_s = len(clips[0]) / 16000, len(clips[1]) / 16000
+    with PyAVAudio(io.BytesIO(data), "three.m4a") as source:  # at the file's own rate (44.1 kHz): no resampling
+        whole = source.read()
+        piece = source.read(start_s, duration_s)
+        start, frames = round(start_s * source.rate), round(duration_s * source.rate)
     assert len(piece) == frames
-    np.testing.assert_allclose(piece[800:-800], whole[start + 800: start + frames - 800], atol=1e-5)  # soxr's edges
+
+    def rms_difference(lag: int) -> float:
+        return float(np.sqrt(np.mean((piece - whole[start + lag: start + lag + frames]) ** 2)))
+
+    # The same samples, not bit for bit: AAC's noise substitution draws on the decoder's random state, which the
+    # seek starts afresh (~1e-4 rms here); one sample off is ten times as far.
+    assert rms_difference(0) < 1e-3 and rms_difference(0) * 5 < min(rms_difference(-1), rms_difference(1))
+    assert len(decode_audio(io.BytesIO(data), "three.m4a", 16000, offset_s=start_s, duration_s=duration_s)) == \
+        len(clips[1])
+    one = formats_people_keep(clips[0])
     # The headerless mp3s: libsndfile's length is a guess from the first frame (or counts the cover art as audio).
     for name in ("mp3 VBR, no Xing header", "mp3 CBR, cover art, no Info header"):
-        data = paths[name, 0].read_bytes()
-        assert abs(len(decode_audio(io.BytesIO(data), name, 16000)) - len(clips[0])) < 0.1 * 16000
-    with pytest.raises(Exception, match="^truncated: .* asks for 9.00 s"):
-        decode_audio(io.BytesIO(paths["m4a", 0].read_bytes()), "a.m4a", 16000, duration_s=9.0)
+        assert abs(len(decode_audio(io.BytesIO(one[name][1]), name, 16000)) - len(clips[0])) < 0.1 * 16000
+    with pytest.raises(AudioError, match="^truncated: .* asks for 9.00 s"):
+        decode_audio(io.BytesIO(one["m4a"][1]), "a.m4a", 16000, duration_s=9.0)
