@@ -32,6 +32,7 @@ from .vad import (SAMPLE_RATE, ProbabilityStream, SileroVAD, VadOptions, detecto
 
 MAX_SEGMENT_S = 20.0
 SEGMENT_VAD = VadOptions(min_silence_duration_ms=300, speech_pad_ms=150)
+LEVEL_CHUNK = 30 * SAMPLE_RATE  # samples the detector's input level is set for at a time
 MIN_MAX_SEGMENT_S = 1.0  # max_segment_s below this leaves no room for speech between the pads
 
 
@@ -70,14 +71,29 @@ def segment_stream(blocks: Iterable[np.ndarray], sampling_rate: int, max_segment
     probs = ProbabilityStream(vad or shared_vad())
     resampler = None if sampling_rate == SAMPLE_RATE else soxr.ResampleStream(sampling_rate, SAMPLE_RATE, 1,
                                                                               dtype="float32")
-    num_samples = 0
+    # The detector hears each LEVEL_CHUNK of the recording at its level (`detector_input`): chunks on a fixed grid,
+    # so that how the blocks come does not change the segments, and a whole-recording level is not needed first.
+    pending: list[np.ndarray] = []
+    held = num_samples = 0
+
+    def push_chunks(samples: np.ndarray, last: bool = False) -> None:
+        nonlocal pending, held
+        pending.append(samples)
+        held += len(samples)
+        if held < LEVEL_CHUNK and not last:
+            return
+        data = np.concatenate(pending)
+        whole = len(data) if last else len(data) // LEVEL_CHUNK * LEVEL_CHUNK
+        for start in range(0, whole, LEVEL_CHUNK):
+            probs.push(detector_input(data[start: min(start + LEVEL_CHUNK, whole)]))
+        pending, held = [data[whole:]], len(data) - whole
+
     for block in blocks:
         mono = to_mono_float32(block)
         num_samples += len(mono)
-        # Each block at the detector's level on its own (a whole-recording level needs the whole recording first).
-        probs.push(detector_input(mono if resampler is None else resampler.resample_chunk(mono)))
-    if resampler is not None:
-        probs.push(resampler.resample_chunk(np.zeros(0, np.float32), last=True))
+        push_chunks(mono if resampler is None else resampler.resample_chunk(mono))
+    push_chunks(np.zeros(0, np.float32) if resampler is None else
+                resampler.resample_chunk(np.zeros(0, np.float32), last=True), last=True)
     regions = regions_from_probs(probs.finish(), probs.num_samples, SEGMENT_VAD, max_speech_duration_s=max_segment_s)
     for region in regions:
         start, end = round(region.start_s * sampling_rate), min(num_samples, round(region.end_s * sampling_rate))
