@@ -66,13 +66,24 @@ class LatencyProxy(BaseHTTPRequestHandler):
 
     def relay(self) -> None:
         time.sleep(self.server.latency_s)
+        self.answer(*self.ask_upstream(self.request_body()))
+
+    def request_body(self) -> bytes | None:
         length = int(self.headers.get("Content-Length") or 0)
-        body = self.rfile.read(length) if length else None
+        return self.rfile.read(length) if length else None
+
+    def ask_upstream(self, body: bytes | None) -> tuple[http.client.HTTPResponse, bytes]:
+        """The upstream server's response to this request, and its body."""
         if not hasattr(self, "upstream"):
             self.upstream = http.client.HTTPConnection(*self.server.upstream, timeout=60)
-        self.upstream.request(self.command, self.path, body=body, headers=dict(self.headers.items()))
+        headers = {name: value for name, value in self.headers.items() if name.lower() != "expect"}
+        self.upstream.request(self.command, self.path, body=body, headers=headers)
         response = self.upstream.getresponse()
-        data = response.read()
+        return response, response.read()
+
+    def answer(self, response: http.client.HTTPResponse, data: bytes, sent: int | None = None) -> None:
+        """Relay the upstream's response; only the first `sent` bytes of its body when given (a fault proxy's
+        response cut short: the Content-Length still says the whole)."""
         self.send_response(response.status)
         for name, value in response.getheaders():
             # HEAD's Content-Length is the object's size: kept; otherwise the body's, set below.
@@ -83,7 +94,7 @@ class LatencyProxy(BaseHTTPRequestHandler):
             self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         if self.command != "HEAD":
-            self.wfile.write(data)
+            self.wfile.write(data if sent is None else data[:sent])
 
     do_GET = do_HEAD = do_PUT = do_POST = do_DELETE = forward
 

@@ -8,8 +8,9 @@ Ogg Vorbis, ...: the samples the job always had); PyAV (FFmpeg's libraries) for 
 from the first frame when there is no Xing/Info header, and counts cover art as audio), Opus (PyAV decodes it about
 twice as fast) and everything libsndfile does not recognise: m4a/AAC, mp4/mov/mkv audio tracks, webm, AMR, WMA, ...
 
-Every failure is an `AudioError` whose `reason` is one word (missing, empty, unreadable, corrupt, truncated,
-too_short, too_long) and whose message names the file: the job records it on the row and goes on with the others.
+Every failure is an `AudioError` whose `reason` is a `Reason` (missing, empty, unreadable, corrupt, truncated,
+too_short, too_long; unavailable when the store failed, which is retryable) and whose message names the file: the
+job records it on the row and goes on with the others.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ import fsspec
 import numpy as np
 import soundfile
 import soxr
+
+from . import storage  # noqa: F401 (sets the S3 client's tries in every process that reads audio)
+from .reasons import Reason, is_transient
 
 # fairseq S2T manifests point into uncompressed zips: `archive.zip:byte_offset:byte_length`.
 ZIP_MEMBER = re.compile(r"^(?P<path>.+\.zip):(?P<offset>\d+):(?P<length>\d+)$")
@@ -54,8 +58,8 @@ PREROLL_S = 0.5  # decoded and dropped before a slice found by seeking
 
 class AudioError(Exception):
     def __init__(self, reason: str, message: str):
-        super().__init__(f"{reason}: {message}")
-        self.reason = reason
+        self.reason = Reason(reason)
+        super().__init__(f"{self.reason}: {message}")
 
 
 def load_audio(
@@ -380,38 +384,66 @@ def open_audio(uri: str, storage_options: dict | None, data: bytes | None = None
         f = None if member else fs.open(fs_path, "rb")
         size = fs.size(fs_path) if member else getattr(f, "size", None)
         size = fs.size(fs_path) if size is None else size
-    except FileNotFoundError:
-        raise AudioError("missing", f"{path}: no such file") from None
-    except OSError as error:
-        raise AudioError("missing", f"{path}: cannot be opened ({error})") from None
-    if member:
-        offset, length = int(member["offset"]), int(member["length"])
-        if offset + length > size:
-            raise AudioError("truncated", f"{uri}: the byte range ends past the archive's {size} bytes")
-        size = length
-        data = fs.cat_file(fs_path, start=offset, end=offset + length)
-        f = io.BytesIO(data)
-    if size == 0:
-        f.close()
-        raise AudioError("empty", f"{uri}: the file has zero bytes")
-    if not member and size <= WHOLE_FILE_BYTES and "file" not in fs.protocol:
-        # A small file on an object store: one GET, decoded from memory. libsndfile reading the remote file itself
-        # calls back into Python for each small read, and threads doing so hardly overlap (behind s2t bench io's proxy,
-        # 50 ms a request, 16 threads: 8 files/s that way, 42 fetched first).
-        with f:
-            return io.BytesIO(f.read())
-    return f
+        if member:
+            offset, length = int(member["offset"]), int(member["length"])
+            if offset + length > size:
+                raise AudioError("truncated", f"{uri}: the byte range ends past the archive's {size} bytes")
+            size = length
+            f = io.BytesIO(fs.cat_file(fs_path, start=offset, end=offset + length))
+        if size == 0:
+            f.close()
+            raise AudioError("empty", f"{uri}: the file has zero bytes")
+        if not member and size <= WHOLE_FILE_BYTES and "file" not in fs.protocol:
+            # A small file on an object store: one GET, decoded from memory. libsndfile reading the remote file
+            # itself calls back into Python for each small read, and threads doing so hardly overlap (behind s2t
+            # bench io's proxy, 50 ms a request, 16 threads: 8 files/s that way, 42 fetched first).
+            with f:
+                return io.BytesIO(f.read())
+        return f
+    except AudioError:
+        raise
+    except Exception as error:
+        raise storage_error(path, error) from None
+
+
+def storage_error(path: str, error: Exception) -> "AudioError":
+    """The AudioError of a failed read of `path`: `missing` for no such file (404), `unavailable` for a failure of
+    the store or the network (5xx, throttling, resets, incomplete bodies, timeouts: retryable), else `unreadable`."""
+    if isinstance(error, FileNotFoundError):
+        return AudioError("missing", f"{path}: no such file")
+    if is_transient(error):
+        return AudioError("unavailable", f"{path}: the store failed after its retries ({type(error).__name__}: "
+                                         f"{error})")
+    return AudioError("unreadable", f"{path}: cannot be read ({type(error).__name__}: {error})")
+
+
+def as_audio_error(uri: str, error: Exception) -> AudioError:
+    """Any failure of a row's read as its AudioError (a codec's or a file system's exception: `storage_error`'s
+    reasons for a file system's, else unreadable)."""
+    if isinstance(error, AudioError):
+        return error
+    if isinstance(error, FileNotFoundError) or is_transient(error):
+        return storage_error(uri, error)
+    return AudioError("unreadable", f"{uri}: {type(error).__name__}: {error}")
+
+
+def store_failed(error: Exception) -> bool:
+    """Whether a row's read failed for the store's sake (worth reading again: `storage.RowRetry`)."""
+    return as_audio_error("", error).reason is Reason.UNAVAILABLE
 
 
 def first_bytes(fs, path: str) -> bytes | None:
     """The whole file in one ranged GET (no HEAD first: on an object store each request is a round trip of 30-100
     ms), or None when it is larger than WHOLE_FILE_BYTES or the store refused the range (an empty object can: the
-    HEAD that follows then says what is wrong). FileNotFoundError passes: a missing file is missing either way."""
+    HEAD that follows then says what is wrong). FileNotFoundError and the store's failures pass: a missing file is
+missing either way, and the client has spent its retries."""
     try:
         head = fs.cat_file(path, start=0, end=WHOLE_FILE_BYTES)
     except FileNotFoundError:
         raise
-    except OSError:
+    except OSError as error:
+        if is_transient(error):
+            raise
         return None
     return head if len(head) < WHOLE_FILE_BYTES else None
 

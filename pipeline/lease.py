@@ -23,7 +23,9 @@ class Lease:
     """`<output>/_lease.json`, created only if absent (S3 `If-None-Match: *`, a local `O_EXCL`: fsspec's "xb"
     mode), so of runs starting at the same moment exactly one holds it; renewed by a thread while the run lasts.
     Another run's lease is respected while it is fresh and its process (when on this host) lives; a stale one is
-    taken over by whichever run first creates `_lease.takeover-<its run id>`, again only if absent."""
+    taken over by whichever run first creates `_lease.takeover-<its run id>`, again only if absent. A create whose
+    answer was lost (a reset after the store took it) is retried by the client and refused as already there: a file
+    that holds this run's own id is this run's."""
 
     def __init__(self, fs: fsspec.AbstractFileSystem, root: str, run_id: str, ttl_s: float):
         self.fs, self.path, self.run_id, self.ttl_s = fs, f"{root.rstrip('/')}/{LEASE}", run_id, ttl_s
@@ -34,7 +36,9 @@ class Lease:
         self.fs.makedirs(self.root, exist_ok=True)
         if not self.create(self.path, self.record()):
             held = self.read()
-            if held is None:  # let go between our attempt and the read: one more attempt
+            if held is not None and held.get("run_id") == self.run_id:
+                pass  # our own create took effect and its answer was lost: the client's retry found it there
+            elif held is None:  # let go between our attempt and the read: one more attempt
                 if not self.create(self.path, self.record()):
                     raise LeaseHeld(f"{self.path}: another run took the lease at the same moment")
             elif not self.stale(held):
@@ -43,7 +47,8 @@ class Lease:
                     f"{held['started']}) is filling in this output; try again when it is done, or delete the lease if "
                     f"that run is dead"
                 )
-            elif not self.create(f"{self.root}/_lease.takeover-{held['run_id']}", self.record()):
+            elif not self.create(f"{self.root}/_lease.takeover-{held['run_id']}", self.record()) and \
+                    (self.read(f"{self.root}/_lease.takeover-{held['run_id']}") or {}).get("run_id") != self.run_id:
                 raise LeaseHeld(f"{self.path}: another run is taking over the stale lease of run {held['run_id']}")
             else:
                 self.write()
@@ -69,9 +74,9 @@ class Lease:
         if (self.read() or {}).get("run_id") == self.run_id:
             self.fs.rm(self.path)
 
-    def read(self) -> dict | None:
+    def read(self, path: str | None = None) -> dict | None:
         try:
-            with self.fs.open(self.path, "r") as f:
+            with self.fs.open(path or self.path, "r") as f:
                 return json.load(f)
         except (FileNotFoundError, json.JSONDecodeError):
             return None

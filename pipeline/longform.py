@@ -24,8 +24,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import soundfile
 
-from .audio import (INLINE_AUDIO, IO_CONCURRENCY, AudioError, PyAVAudio, _check_duration, open_audio, open_libsndfile,
-                    prefers_pyav, slice_frames)
+from .audio import (INLINE_AUDIO, IO_CONCURRENCY, AudioError, PyAVAudio, _check_duration, as_audio_error, open_audio,
+                    open_libsndfile, prefers_pyav, slice_frames, store_failed)
+from .storage import RowRetry
 from .output import (SEGMENT_COLUMNS, SEGMENT_FIELDS, SEGMENTS, SEGMENTS_TYPE, OutputFiles, OutputNames,
                      arrow_filesystem, final_rows, footers, holds_segments, own_name, plain_strings,
                      shuffle_partitions)
@@ -34,7 +35,8 @@ BLOCK_S = 60.0  # seconds of audio read at a time while looking for pauses
 
 
 def split_long_audio(batch: pa.Table, max_segment_s: float, max_duration_s: float, storage_options: dict | None,
-                     done: frozenset = frozenset(), io_concurrency: int = IO_CONCURRENCY) -> pa.Table:
+                     done: frozenset = frozenset(), io_concurrency: int = IO_CONCURRENCY,
+                     row_retry: RowRetry = RowRetry()) -> pa.Table:
     """Rows -> the same rows, each long one replaced by its segments not yet in `done` (ids already written).
 
     Rows are read `io_concurrency` at a time (each read is mostly waiting on storage); a row whose manifest duration
@@ -53,22 +55,22 @@ def split_long_audio(batch: pa.Table, max_segment_s: float, max_duration_s: floa
         return kept
     with ThreadPoolExecutor(min(io_concurrency, long.num_rows), thread_name_prefix="split-read") as reads:
         results = list(reads.map(lambda row: split_or_error(row, max_segment_s, max_duration_s, storage_options, done,
-                                                            io_concurrency), long.to_pylist()))
+                                                            io_concurrency, row_retry), long.to_pylist()))
     return pa.concat_tables([kept, pa.Table.from_pylist([row for rows in results for row in rows], schema=schema)])
 
 
 def split_or_error(row: dict, max_segment_s: float, max_duration_s: float, storage_options, done,
-                   connections: int = 1) -> list[dict]:
-    """One row -> its segments, or itself (short, or with the error that kept it from being read)."""
+                   connections: int = 1, row_retry: RowRetry = RowRetry()) -> list[dict]:
+    """One row -> its segments, or itself (short, or with the error that kept it from being read, read again while
+    the store fails)."""
     row.update(dict.fromkeys(SEGMENT_COLUMNS + ["speech_s"]))
     if row["error"] is not None or (row["duration_s"] is not None and row["duration_s"] <= max_segment_s):
         return [row]
     try:
-        return split_row(row, max_segment_s, max_duration_s, storage_options, done, connections)
-    except AudioError as error:
-        row["error"] = str(error)
+        return row_retry.call(lambda: split_row(row, max_segment_s, max_duration_s, storage_options, done,
+                                                connections), store_failed)
     except Exception as error:  # this row's file system or codec failure only
-        row["error"] = f"unreadable: {row['audio']}: {type(error).__name__}: {error}"
+        row["error"] = str(as_audio_error(row["audio"], error))
     return [row]
 
 

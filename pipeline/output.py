@@ -17,6 +17,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from ray.data.datasource import FileBasedDatasource, FilenameProvider
 
+from . import storage  # noqa: F401 (sets the S3 client's tries in every process that writes the output)
+
 log = logging.getLogger(__name__)
 
 

@@ -17,7 +17,8 @@ import torch
 from s2t_model import FeatureExtractor, Speech2Text
 from s2t_model.vad import shared_vad, speech_features
 
-from .audio import INLINE_AUDIO, IO_CONCURRENCY, AudioError, is_remote, load_audio
+from .audio import INLINE_AUDIO, IO_CONCURRENCY, as_audio_error, is_remote, load_audio, store_failed
+from .storage import RowRetry
 
 # Batches an audio actor works on at once (Ray Data's `max_concurrent_calls_per_actor`): one batch's reads wait on
 # storage while another's features are computed. The CPU work itself goes one batch at a time (`ComputeFeatures.busy`).
@@ -48,7 +49,7 @@ class ComputeFeatures:
 
     def __init__(self, feature_config: dict, min_duration_s: float, max_duration_s: float,
                  storage_options: dict | None = None, max_frames: int = 24000, vad: str = "silero",
-                 io_concurrency: int = IO_CONCURRENCY):
+                 io_concurrency: int = IO_CONCURRENCY, row_retry: RowRetry = RowRetry()):
         self.extractor = FeatureExtractor.from_dict(feature_config)
         # Reading a file is mostly waiting on storage (30-100 ms a request on an object store): threads read a
         # batch's rows at once. Memory stays one batch of samples, as when read one by one; libsndfile (called
@@ -61,6 +62,7 @@ class ComputeFeatures:
         self.limits = dict(min_duration_s=min_duration_s, max_duration_s=max_duration_s)
         self.storage_options = storage_options
         self.max_frames = max_frames
+        self.row_retry = row_retry
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         batch, features = self.compute(batch)
@@ -108,15 +110,14 @@ class ComputeFeatures:
         return set_column(batch, "duration_s", durations, pa.float64()), waves, speech
 
     def load(self, row: dict) -> np.ndarray | str:
-        """One row's samples, or its error."""
+        """One row's samples, or its error; read again (`row_retry`) while the store fails."""
         try:
-            return load_audio(row["audio"], self.extractor.sampling_rate, row["offset_s"] or 0.0, row["duration_s"],
-                              storage_options=self.storage_options, data=row.get(INLINE_AUDIO),
-                              connections=self.io_concurrency, **self.limits)
-        except AudioError as error:
-            return str(error)
+            return self.row_retry.call(lambda: load_audio(
+                row["audio"], self.extractor.sampling_rate, row["offset_s"] or 0.0, row["duration_s"],
+                storage_options=self.storage_options, data=row.get(INLINE_AUDIO), connections=self.io_concurrency,
+                **self.limits), store_failed)
         except Exception as error:  # a file system or codec failure of this row only
-            return f"unreadable: {row['audio']}: {type(error).__name__}: {error}"
+            return str(as_audio_error(row["audio"], error))
 
 
 class GenerateText:

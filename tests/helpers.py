@@ -183,3 +183,105 @@ def formats_people_keep(clip, rate: int = 16000) -> dict[str, tuple[str, bytes, 
         "amr-nb": ("amr", enc("amr", "libopencore_amrnb", out_rate=8000, bit_rate=12200), 8000),
         "wma": ("wma", enc("asf", "wmav2", out_rate=44100, bit_rate=64000), rate),
     }
+
+
+# ---- a fault-injecting proxy in front of the tests' S3 server -----------------------------------------------------
+
+S3_ERRORS = {500: ("InternalError", "We encountered an internal error. Please try again."),
+             503: ("SlowDown", "Please reduce your request rate.")}
+MIXED = ("500", "503", "reset", "reset_body")
+
+
+class Fault:
+    """A rule of `FaultProxy`: requests whose method is in `methods` and whose path contains `path` get the fault
+    `kind` with probability `rate` (drawn from a hash of the request: the same requests get the same faults in
+    every run), or the first `first` of them all.
+
+    kind: "500" (S3 InternalError), "503" (SlowDown), "reset" (the connection closed before any answer), "reset_body"
+    (headers and half the body, then the connection closed), "stall" (no answer for `stall_s`, then closed),
+    "lost_answer" (forwarded, so the store does it, then closed before the answer), "mixed" (one of MIXED each time).
+    """
+
+    def __init__(self, kind: str, rate: float = 1.0, methods=("GET", "HEAD", "PUT", "POST", "DELETE"), path: str = "",
+                 first: int | None = None, stall_s: float = 5.0):
+        self.kind, self.rate, self.methods, self.path, self.first, self.stall_s = kind, rate, methods, path, first, stall_s
+        self.fired = 0
+
+    def fires(self, method: str, path: str, draw: float) -> bool:
+        if method not in self.methods or self.path not in path:
+            return False
+        if self.first is not None:
+            return self.fired < self.first
+        return draw < self.rate
+
+
+def start_fault_proxy(upstream: str, seed: int = 0):
+    """A proxy in front of `upstream` (moto's S3 server) that injects the faults of its `faults` list (`Fault`
+    rules, first firing wins; empty: a plain relay), in a thread of this process; -> the server (its `injected`
+    counts faults by kind) and its URL."""
+    import collections
+    import hashlib
+    import socket
+    import struct
+    import threading
+    import time
+    from http.server import ThreadingHTTPServer
+
+    from bench.io import LatencyProxy
+
+    class FaultyProxy(LatencyProxy):
+        def relay(self) -> None:
+            server = self.server
+            body = self.request_body()
+            with server.lock:
+                key = (self.command, self.path, self.headers.get("Range"))
+                server.seen[key] += 1
+                digest = hashlib.sha256(repr((server.seed, key, server.seen[key])).encode()).digest()
+                draw, pick = struct.unpack("<QQ", digest[:16])
+                fault = next((f for f in server.faults if f.fires(self.command, self.path, draw / 2 ** 64)), None)
+                if fault is not None:
+                    fault.fired += 1
+                    kind = MIXED[pick % len(MIXED)] if fault.kind == "mixed" else fault.kind
+                    server.injected[kind] += 1
+            if fault is None:
+                return self.answer(*self.ask_upstream(body))
+            if kind in ("500", "503"):
+                code, message = S3_ERRORS[int(kind)]
+                xml = (f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{code}</Code><Message>{message}</Message>"
+                       f"</Error>").encode()
+                self.send_response(int(kind))
+                self.send_header("Content-Type", "application/xml")
+                self.send_header("Content-Length", str(len(xml) if self.command != "HEAD" else 0))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(xml)
+                return
+            if kind == "stall":
+                time.sleep(fault.stall_s)
+            elif kind == "lost_answer":
+                self.ask_upstream(body)
+            elif kind == "reset_body" and self.command == "GET":
+                response, data = self.ask_upstream(body)
+                self.answer(response, data, sent=len(data) // 2)
+                self.wfile.flush()
+            self.reset()
+
+        def reset(self) -> None:
+            """Close the connection with a TCP reset (SO_LINGER 0), as a store's load balancer may."""
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.close_connection = True
+            self.connection.close()
+
+    class Server(ThreadingHTTPServer):
+        daemon_threads = True
+
+        def count(self, method: str, step: int) -> None:
+            pass
+
+    host, port = upstream.removeprefix("http://").split(":")
+    server = Server(("127.0.0.1", 0), FaultyProxy)
+    server.upstream, server.latency_s, server.seed = (host, int(port)), 0.0, seed
+    server.faults, server.lock = [], threading.Lock()
+    server.seen, server.injected = collections.Counter(), collections.Counter()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"
