@@ -15,6 +15,8 @@ from pipeline.manifest import ManifestError
 from pipeline.output import SUMMARY, OutputError
 from pipeline.transcribe import TranscribeConfig, check_inputs, run, summary_line
 
+EXIT_RETRYABLE = 75  # EX_TEMPFAIL (sysexits.h): rows remain that another run may do
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     TranscribeConfig.add_arguments(parser, positional=("manifest", "output"))
@@ -44,6 +46,11 @@ def main(args: argparse.Namespace) -> dict:
     if args.show:
         show(config, args.show)
     print(f"summary: {config.output.rstrip('/')}/{SUMMARY}")
+    if summary["rows_retryable"] or summary["rows_missing"]:
+        # Not done: a scheduler that reruns failed jobs gets them done (the rerun does those rows again).
+        print(f"s2t transcribe: {summary['rows_retryable']} rows failed for the store's or our sake and "
+              f"{summary['rows_missing']} have no row; run the same command again to do them", file=sys.stderr)
+        sys.exit(EXIT_RETRYABLE)
     return summary
 
 

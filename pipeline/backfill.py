@@ -15,8 +15,6 @@ import time
 import uuid
 
 import fsspec
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from pydantic import Field
 
 from s2t_model import Speech2Text, checkpoint
@@ -25,8 +23,10 @@ from .ids import digest_set, drop_listed
 from .lease import Lease, LeaseHeld  # noqa: F401 (LeaseHeld: what a refused run raises)
 from .longform import join_segments, write_output
 from .manifest import Manifest
-from .output import (META, RUNS, arrow_filesystem, check_output, footers, mark_output, output_filesystem, own_name,
+from .output import (META, RUNS, arrow_filesystem, check_output, drop_errors, footers, mark_output, output_filesystem,
                      rows_dataset, each_language)
+from .reasons import RETRYABLE, Reason
+from .storage import retry_store_errors
 from .summary import run_summary
 from .transcribe import TranscribeConfig, transcription_dataset
 
@@ -36,7 +36,8 @@ PAIR = ("id", "tgt_lang")  # what a backfill's row is: one manifest row in one l
 class BackfillConfig(TranscribeConfig):
     hidden_options = ("tgt_lang",)  # each pair carries its own
     tgt_langs: str = Field("fr,de,es", description="comma-separated target languages to fill in")
-    retry_errors: bool = Field(False, description="translate again the pairs whose earlier attempt failed")
+    retry_errors: bool = Field(False, description="translate again the pairs whose earlier attempt failed for any "
+                                                  "reason (those of retryable reasons are always done again)")
 
     def languages(self) -> list[str]:
         return [lang.strip() for lang in self.tgt_langs.split(",") if lang.strip()]
@@ -55,11 +56,13 @@ def run(config: BackfillConfig) -> dict:
         raise ValueError(f"{config.model} has no language tag for {', '.join(unknown)}; it has {', '.join(known)}")
     model_label = f"{config.model}@sha256:{checkpoint.content_hash(folder)[:16]}"
 
+    retry_store_errors()
     with Lease(fs, f"{root.rstrip('/')}/{META}", run_id, config.lease_ttl_s):
         mark_output(fs, root, "s2t backfill")
         join_segments(fs, root)  # long recordings a killed run left in segments
-        if config.retry_errors:
-            drop_errors(fs, root)  # first, so that a retried pair is never in the output twice
+        # First, so that a pair done again is never in the output twice: retryable errors always, all with
+        # --retry-errors.
+        drop_errors(fs, root, frozenset(Reason) if config.retry_errors else RETRYABLE)
         # Streamed, never materialized: rows of tar shards and Parquet audio carry their audio's bytes (~100 kB a
         # row, once per language), and the driver would keep every block's reference.
         todo = missing_pairs(manifest, manifest.block_rows(config.rows_per_block), langs, run_id, fs, root)
@@ -103,23 +106,6 @@ def missing_pairs(manifest: Manifest, rows_per_block: int, langs: list[str], run
                                   batch_size=None)
     return pairs.repartition(target_num_rows_per_block=rows_per_block)
 
-
-
-def drop_errors(fs, root: str) -> None:
-    """Rewrite the files that hold failed pairs without them (a new file first, then the old one goes); one file at
-    a time, reading only its error column to decide."""
-    for path in footers(fs, root):
-        with fs.open(path, "rb") as f:
-            errors = pq.read_table(f, columns=["error"]).column("error")
-        if errors.null_count == len(errors):
-            continue
-        with fs.open(path, "rb") as f:
-            full = pq.read_table(f)
-        kept = full.filter(pc.is_null(full["error"]))
-        if kept.num_rows:
-            with fs.open(own_name(path.rsplit("/", 1)[0]), "wb") as f:
-                pq.write_table(kept, f)
-        fs.rm(path)
 
 
 def summarize(fs, root: str, run_id: str, langs: list[str], wall_s: float) -> dict:

@@ -17,6 +17,7 @@ import yaml
 class JobConfig(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="forbid")
     hidden_options: typing.ClassVar[tuple[str, ...]] = ()  # fields a subclass does not offer on its command line
+    optional_values: typing.ClassVar[dict[str, str]] = {}  # text options that may be given bare: the value then
 
     @classmethod
     def from_yaml(cls, path: str, **overrides) -> "JobConfig":
@@ -40,6 +41,8 @@ class JobConfig(pydantic.BaseModel):
             flag = "--" + name.replace("_", "-")
             if kind is bool:
                 parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help)
+            elif name in cls.optional_values:
+                parser.add_argument(flag, nargs="?", const=cls.optional_values[name], default=None, help=help)
             elif kind is dict:
                 parser.add_argument(flag, type=json.loads, default=None, help=help + " (JSON)")
             else:

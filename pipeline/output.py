@@ -209,11 +209,54 @@ def footers(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, pq.FileMetaDa
     return found
 
 
+def drop_errors(fs: fsspec.AbstractFileSystem, root: str, reasons) -> int:
+    """Rewrite the output files that hold error rows of `reasons` (a set of `Reason`) without them, so that the run
+    does those rows again; -> how many rows left. Only files whose footer shows errors are read, one at a time, its
+    error column first. A file is removed before the rest of its rows is written again (as longform's rewrites): a
+    run killed in between does those rows again, never doubles them."""
+    dropped = 0
+    for path, metadata in footers(fs, root).items():
+        if not holds_values(metadata, "error"):
+            continue
+        with fs.open(path, "rb") as f:
+            redo = redone_rows(pq.read_table(f, columns=["error"])["error"], reasons)
+        if not pc.any(redo).as_py():
+            continue
+        with fs.open(path, "rb") as f:
+            table = pq.read_table(f)
+        kept = table.filter(pc.invert(redo))
+        fs.rm(path)
+        if kept.num_rows:
+            with fs.open(own_name(posixpath.dirname(path)), "wb") as f:
+                pq.write_table(kept, f)
+        dropped += table.num_rows - kept.num_rows
+    if dropped:
+        log.info("%d error rows of %s are done again", dropped, ", ".join(sorted(reasons)))
+    return dropped
+
+
+def redone_rows(errors: pa.ChunkedArray, reasons) -> pa.ChunkedArray:
+    """Whether each row's error has one of `reasons` (false for rows without error)."""
+    words = pc.list_element(pc.split_pattern(pc.fill_null(errors, ""), ":", max_splits=1), 0)
+    return pc.and_(pc.is_valid(errors), pc.is_in(words, value_set=pa.array(sorted(reasons), pa.string())))
+
+
 def holds_segments(metadata: pq.FileMetaData) -> bool:
-    """Whether a file holds segment rows of a long recording not yet joined (from its row groups' statistics)."""
+    """Whether a file holds segment rows of a long recording not yet joined."""
+    return holds_values(metadata, "segment_of")
+
+
+def holds_values(metadata: pq.FileMetaData, name: str) -> bool:
+    """Whether some row of a file has a value in column `name` (from its row groups' statistics: not all null)."""
     names = metadata.schema.to_arrow_schema().names
-    if "segment_of" not in names:
+    if name not in names:
         return False
+    column = names.index(name)
+    for i in range(metadata.num_row_groups):
+        statistics = metadata.row_group(i).column(column).statistics
+        if statistics is None or not statistics.has_null_count or statistics.null_count < metadata.row_group(i).num_rows:
+            return True
+    return False
     column = names.index("segment_of")
     for i in range(metadata.num_row_groups):
         statistics = metadata.row_group(i).column(column).statistics

@@ -36,6 +36,8 @@ from ray.data.datasource import FileBasedDatasource
 
 from .audio import INLINE_AUDIO, is_remote
 from .manifest import SCHEMA, ManifestError, RepeatedIds, Repeats, expand, normalise
+from .reasons import StoreUnavailable, is_transient
+from .storage import RowRetry
 
 # WebDataset's split of a member name into sample key and field (webdataset.tariterators.base_plus_ext).
 SAMPLE_MEMBER = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
@@ -91,6 +93,7 @@ def tar_members(f, read_data: Callable[[str], bool]) -> Iterator[tuple[str, byte
     try:
         tar = tarfile.open(fileobj=f, mode="r:*" if seekable else "r|*", tarinfo=_Header)
     except TAR_ERRORS as error:
+        store_failure(error)
         yield Damage("corrupt", f"not a tar file ({error})")
         return
     member = None
@@ -101,6 +104,7 @@ def tar_members(f, read_data: Callable[[str], bool]) -> Iterator[tuple[str, byte
             if member.isfile():
                 yield member.name, tar.extractfile(member).read() if read_data(member.name) else None
     except TAR_ERRORS as error:
+        store_failure(error)
         cut = isinstance(error, EOFError) or "unexpected end" in str(error)
         where = f" in member {member.name} (header at byte {member.offset})" if member is not None else ""
         yield getattr(tar, "damage", None) or Damage("truncated" if cut else "corrupt", f"the tar breaks{where}: {error}",
@@ -108,6 +112,13 @@ def tar_members(f, read_data: Callable[[str], bool]) -> Iterator[tuple[str, byte
         return
     if getattr(tar, "damage", None) is not None:
         yield tar.damage
+
+
+def store_failure(error: Exception) -> None:
+    """Raise StoreUnavailable for a failure of the store or the network while a tar is read: no damage of the tar,
+    but a read to do again (Ray Data's read tasks do, matching its message; `read_nemo_shard` does itself)."""
+    if is_transient(error):
+        raise StoreUnavailable("reading a tar", error) from error
 
 
 def shard_stem(url: str) -> str:
@@ -293,9 +304,12 @@ def _shard_number(value) -> int:
         return -1
 
 
-def read_nemo_shard(rows: pa.Table, tars: dict, filesystem, rows_per_block: int, pattern: str) -> Iterator[pa.Table]:
+def read_nemo_shard(rows: pa.Table, tars: dict, filesystem, rows_per_block: int, pattern: str,
+                    retry: RowRetry = RowRetry()) -> Iterator[pa.Table]:
     """The manifest rows of one shard -> the same rows with `audio_bytes`, in blocks of at most `rows_per_block`,
-    streaming the tar once; every row comes back once, an error row where its member could not be had."""
+    streaming the tar once; every row comes back once, an error row where its member could not be had. A read the
+    store broke is done again (`retry`: its attempts and backoff) for the members not yet found; after the last,
+    their rows are `unavailable` (retryable: the next run does them again)."""
     shard = rows["_shard"][0].as_py()
     rows = rows.drop_columns(["_shard"])
     path, url = tars.get(shard, (None, None))
@@ -317,7 +331,8 @@ def read_nemo_shard(rows: pa.Table, tars: dict, filesystem, rows_per_block: int,
         failed.update({i: f"{reason} ({members[i]})" for i in range(len(members)) if i not in failed})
     found: list[tuple[int, bytes]] = []
     damage = None
-    if wanted:
+    for attempt in range(retry.attempts if wanted else 0):
+        damage = None
         try:
             with filesystem.open_input_stream(path) as f:
                 for item in tar_members(f, lambda name: member_stem(name) in wanted):
@@ -331,8 +346,17 @@ def read_nemo_shard(rows: pa.Table, tars: dict, filesystem, rows_per_block: int,
                         found = found[rows_per_block:]
                     if not wanted:  # every member this shard's rows name: the rest of the tar is not needed
                         break
-        except OSError as error:  # the tar cannot be opened at all
-            damage = Damage("missing", f"cannot be opened ({error})")
+            break
+        except Exception as error:
+            if not is_transient(error):
+                if not isinstance(error, OSError):
+                    raise
+                damage = Damage("missing" if isinstance(error, FileNotFoundError) else "unreadable",
+                                f"cannot be opened ({error})")  # the tar cannot be opened at all
+                break
+            damage = Damage("unavailable", f"the store failed while the tar was read ({error})")
+            if attempt < retry.attempts - 1:
+                retry.wait(attempt)  # then the members not found yet, from the tar's start
     if found:
         yield _with_bytes(rows, found)
     for member, indexes in wanted.items():

@@ -66,14 +66,19 @@ class RowRetry:
     max_backoff_s: float = 20.0
 
     def call(self, read: Callable[[], T], transient: Callable[[BaseException], bool]) -> T:
+        """read(), done again while it raises what `transient` accepts, at most `attempts` times in all."""
         for attempt in range(self.attempts):
             try:
                 return read()
             except Exception as error:
                 if attempt == self.attempts - 1 or not transient(error):
                     raise
-            time.sleep(random.uniform(0, min(self.max_backoff_s, self.backoff_s * 2 ** attempt)))
+            self.wait(attempt)
         raise AssertionError("unreachable")
+
+    def wait(self, attempt: int) -> None:
+        """The wait after failed attempt `attempt` (0: the first)."""
+        time.sleep(random.uniform(0, min(self.max_backoff_s, self.backoff_s * 2 ** attempt)))
 
 
 def retry_store_errors() -> None:

@@ -15,6 +15,7 @@ import pyarrow.compute as pc
 
 from . import scoring
 from .ids import compare, digest_set, drop_listed, sorted_digests
+from .reasons import reason_of
 
 SUMS = pa.schema([("name", pa.string()), ("value", pa.float64())])
 
@@ -89,6 +90,8 @@ def figures(sums: dict[str, float]) -> dict:
             bleu[lang], signature = round(result[0], 2), result[1]
     found = {name.split(":", 1)[1]: int(n) for name, n in sums.items() if name.startswith("error:") and n}
     out = {"errors_by_reason": dict(sorted(found.items())),
+           # Rows whose error is ours or the store's (unavailable, generation_failed): a rerun does them again.
+           "rows_retryable": sum(n for reason, n in found.items() if not reason_of(reason).final),
            "wer": scoring.wer_from_counts(sums.get("wer_edits", 0), sums.get("wer_words", 0)), "bleu": bleu}
     if signature:
         out["bleu_signature"] = signature

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import typing
 import uuid
 from typing import Literal
 
@@ -28,12 +29,14 @@ from .audio import IO_CONCURRENCY, is_remote
 from .config import JobConfig
 from .ids import digest_set, drop_listed, union
 from .lease import Lease
+from .reasons import RETRYABLE, Reason, parse_reasons
+from .storage import ClientRetry, RowRetry, retry_store_errors, with_client_retry
 from .longform import join_segments, split_long_audio, write_output
 from .manifest import Manifest
 from .shards import TarredAudio
-from .output import (META, SUMMARY, arrow_filesystem, check_output, footers, holds_segments, mark_output,  # noqa: F401
-                     output_filesystem, plain_strings, read_output, rows_dataset, scan_output, shuffle_partitions,
-                     with_run_id)
+from .output import (META, SUMMARY, arrow_filesystem, check_output, drop_errors, footers, holds_segments,  # noqa: F401
+                     mark_output, output_filesystem, plain_strings, read_output, rows_dataset, scan_output,
+                     shuffle_partitions, with_run_id)
 from .summary import corpus_summary
 from .gpu_stage import DecodeAudio, GenerateFromAudio
 from .stages import CALLS_PER_ACTOR, ComputeFeatures, GenerateText, TranscribeAudio
@@ -95,16 +98,49 @@ class TranscribeConfig(JobConfig):
                                                    "rewritten in this version's layout and the folder marked")
     s3_endpoint_url: str | None = Field(None, description="S3 endpoint (MinIO, Ceph, ...); AWS_* variables work too")
     storage_options: dict = Field(default_factory=dict, description="fsspec options for every URL")
+    s3_retry_mode: Literal["standard", "adaptive", "legacy"] = Field(
+        ClientRetry.mode, description="botocore's retry mode for S3 requests (docs/faults.md)")
+    s3_attempts: int = Field(ClientRetry.attempts, ge=1, description="botocore's attempts of one S3 request, the "
+                                                                     "first included")
+    s3_connect_timeout_s: float = Field(ClientRetry.connect_timeout_s, gt=0)
+    s3_read_timeout_s: float = Field(ClientRetry.read_timeout_s, gt=0, description="longest wait for the next bytes "
+                                                                                   "of an S3 answer before a retry")
+    read_attempts: int = Field(RowRetry.attempts, ge=1, description="reads of a row's audio while the store fails "
+                                                                   "(after the client's own retries), the first "
+                                                                   "included; then its error is unavailable")
+    read_backoff_s: float = Field(RowRetry.backoff_s, ge=0, description="a row's k-th read again waits a random "
+                                                                        "time up to this x 2^k")
+    retry_errors: str | None = Field(None, description="also do again the rows whose earlier error has one of these "
+                                                       "final reasons (comma-separated, or all; bare: all); rows of "
+                                                       "retryable reasons (unavailable, generation_failed) are "
+                                                       "always done again")
+    optional_values: typing.ClassVar[dict[str, str]] = {"retry_errors": "all"}
 
-    def storage(self) -> dict:
+    def storage(self, uri: str | None = None) -> dict:
+        """fsspec options for `uri` (None: any URL): the given ones, the endpoint, and for S3 the client's retry
+        settings under them (the given ones win)."""
         options = dict(self.storage_options)
         if self.s3_endpoint_url:
             options.setdefault("client_kwargs", {})["endpoint_url"] = self.s3_endpoint_url
+        if uri is None or fsspec.core.split_protocol(uri)[0] in ("s3", "s3a"):
+            options = with_client_retry(options, ClientRetry(self.s3_retry_mode, self.s3_attempts,
+                                                             self.s3_connect_timeout_s, self.s3_read_timeout_s))
         return options
 
     def options_for(self, uri: str) -> dict | None:
         """Storage options only for URLs of a protocol that takes them (s3fs' are no use to the local filesystem)."""
-        return self.storage() if is_remote(uri) else None
+        return self.storage(uri) if is_remote(uri) else None
+
+    def row_retry(self) -> RowRetry:
+        return RowRetry(self.read_attempts, self.read_backoff_s)
+
+    def redo_reasons(self) -> frozenset[Reason]:
+        """The reasons of the error rows a run does again: the retryable ones, and those --retry-errors names."""
+        try:
+            chosen = parse_reasons(self.retry_errors) if self.retry_errors else frozenset()
+        except ValueError as error:
+            raise SystemExit(f"s2t transcribe: --retry-errors: {error}") from None
+        return RETRYABLE | chosen
 
 
 def run(config: TranscribeConfig) -> dict:
@@ -116,10 +152,13 @@ def run(config: TranscribeConfig) -> dict:
     model_label = f"{config.model}@sha256:{checkpoint.content_hash(folder)[:16]}"
     # One run at a time on an output: a second is refused (LeaseHeld names the first), else both would write every
     # row that neither had yet.
+    retry_store_errors()  # Ray Data's own retries of manifest and shard reads and of the output's writes
     with Lease(fs, f"{root.rstrip('/')}/{META}", run_id, config.lease_ttl_s):
         mark_output(fs, root, "s2t transcribe")
         join_segments(fs, root)  # what a run killed after its write left unjoined
-        done = footers(fs, root)  # and files it left cut short are removed here
+        # Error rows to do again leave the output first (so that none is there twice), files cut short too.
+        drop_errors(fs, root, config.redo_reasons())
+        done = footers(fs, root)
         # One set of the output's ids drops both the rows done and the segments of long recordings done; rows are
         # dropped before tar shards are read where the manifest knows them (NeMo).
         not_done, done_ids = done_filter(fs, root, list(done))
@@ -224,6 +263,7 @@ def transcription_dataset(rows, config: TranscribeConfig, folder: str, model_lab
         max_frames=config.max_frames or CPU_MAX_FRAMES,  # feature actors run on CPUs
         vad=config.vad,
         io_concurrency=config.io_concurrency,
+        row_retry=config.row_retry(),
     )
     generation = dict(
         model_uri=config.model,
@@ -244,7 +284,8 @@ def transcription_dataset(rows, config: TranscribeConfig, folder: str, model_lab
         batch_format="pyarrow",
         batch_size=None,
         fn_kwargs=dict(max_segment_s=config.max_segment_s, max_duration_s=config.max_duration_s,
-                       storage_options=audio_options, io_concurrency=config.io_concurrency),
+                       storage_options=audio_options, io_concurrency=config.io_concurrency,
+                       row_retry=config.row_retry()),
     )
     if done is not None:
         dataset = done(dataset)
@@ -288,6 +329,8 @@ def generation_batch_size(config: TranscribeConfig) -> int:
 
 def summary_line(summary: dict) -> str:
     errors = ", ".join(f"{n} {reason}" for reason, n in summary["errors_by_reason"].items()) or "none"
+    if summary["rows_error"]:
+        errors += f": {summary['rows_error'] - summary['rows_retryable']} final, {summary['rows_retryable']} retryable"
     quality = f", WER {summary['wer']:.2f} %" if summary.get("wer") is not None else ""
     quality += "".join(f", BLEU {lang} {score:.1f}" for lang, score in summary.get("bleu", {}).items())
     return (
