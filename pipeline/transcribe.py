@@ -42,6 +42,7 @@ from .gpu_stage import DecodeAudio, GenerateFromAudio
 from .stages import CALLS_PER_ACTOR, ComputeFeatures, GenerateText, TranscribeAudio
 
 log = logging.getLogger(__name__)
+TASK_CPUS = 1.0  # CPUs the actor pools leave to the read, split and write tasks (`actor_cpus`)
 
 
 class TranscribeConfig(JobConfig):
@@ -289,8 +290,9 @@ def transcription_dataset(rows, config: TranscribeConfig, folder: str, model_lab
     )
     if done is not None:
         dataset = done(dataset)
+    generation_cpus, feature_cpus = actor_cpus(config, pool_size["max_size"], ray.cluster_resources().get("CPU", 0))
     generation_options = dict(batch_format="pyarrow", batch_size=generation_batch_size(config),
-                              num_gpus=config.num_gpus, num_cpus=config.generation_cpus)
+                              num_gpus=config.num_gpus, num_cpus=generation_cpus)
     stage = feature_stage(config)
     if stage == "fused":
         return dataset.map_batches(TranscribeAudio, fn_constructor_kwargs=dict(features=features, generation=generation),
@@ -302,7 +304,7 @@ def transcription_dataset(rows, config: TranscribeConfig, folder: str, model_lab
         batch_format="pyarrow",
         batch_size=config.feature_batch_size,
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=config.feature_actors, **reading),
-        num_cpus=config.feature_cpus,
+        num_cpus=feature_cpus,
         fn_constructor_kwargs=features,
     ).map_batches(GenerateFromAudio if stage == "device" else GenerateText, fn_constructor_kwargs=generation,
                   compute=ray.data.ActorPoolStrategy(**pool_size), **generation_options)
@@ -313,6 +315,22 @@ def feature_stage(config: TranscribeConfig) -> str:
     if config.feature_stage != "auto":
         return config.feature_stage
     return "device" if config.num_gpus > 0 else "fused"
+
+
+def actor_cpus(config: TranscribeConfig, generation_actors: int, cluster_cpus: float) -> tuple[float, float]:
+    """(CPUs each generation actor reserves, each feature actor): as configured where the pools at their largest
+    leave TASK_CPUS of the cluster to the read, split and write tasks; else scaled down to leave them that. Actors
+    that reserve every CPU leave the manifest's read task none, and the job waits on itself forever."""
+    features = 0.0 if feature_stage(config) == "fused" else config.feature_actors * config.feature_cpus
+    wanted = generation_actors * config.generation_cpus + features
+    room = max(cluster_cpus - TASK_CPUS, cluster_cpus / 2)
+    if not cluster_cpus or wanted <= room:
+        return config.generation_cpus, config.feature_cpus
+    scale = room / wanted
+    log.warning("the actor pools would reserve %g of the cluster's %g CPUs, leaving the read and write tasks "
+                "none: each actor reserves %.3g of its CPUs instead (the cores are shared, not added)", wanted,
+                cluster_cpus, scale)
+    return config.generation_cpus * scale, config.feature_cpus * scale
 
 
 def fused_features(config: TranscribeConfig) -> bool:
