@@ -283,9 +283,9 @@ def test_two_runs_started_at_once_write_every_id_once_then_torn_files_are_redone
 def test_files_the_jobs_rewrite_keep_their_naming(place):
     """A file holding a joined recording's segments and other rows (longform), and one holding a failed pair that
     `s2t backfill --retry-errors` drops, are rewritten under the jobs' naming: the next run's checks pass them."""
-    from pipeline.backfill import drop_errors
     from pipeline.longform import remove_segments
-    from pipeline.output import MARKER, check_output
+    from pipeline.output import MARKER, check_output, drop_errors
+    from pipeline.reasons import Reason
 
     place.write(f"out/{MARKER}", "{}")
     rows = pa.table({"id": ["kept", "long#0"], "segment_of": [None, "long"], "error": [None, None]})
@@ -295,7 +295,7 @@ def test_files_the_jobs_rewrite_keep_their_naming(place):
     failed = pa.table({"id": ["ok", "failed"], "error": [None, "missing: x.flac"]})
     with place.fs.open(place.path("out/s2t-b2_000000-0.parquet"), "wb") as f:
         pq.write_table(failed, f)
-    drop_errors(place.fs, place.path("out"))
+    drop_errors(place.fs, place.path("out"), frozenset(Reason))
     assert sorted(i for _, table in place.tables("out") for i in table["id"].to_pylist()) == ["kept", "ok"]
     assert len(place.names("out")) == 3
     check_output(place.fs, place.path("out"), place.url("out"))
