@@ -237,6 +237,7 @@ def drop_errors(fs: fsspec.AbstractFileSystem, root: str, reasons) -> int:
 
 def redone_rows(errors: pa.ChunkedArray, reasons) -> pa.ChunkedArray:
     """Whether each row's error has one of `reasons` (false for rows without error)."""
+    errors = errors.cast(pa.string())  # (a column of nulls only may be typed null)
     words = pc.list_element(pc.split_pattern(pc.fill_null(errors, ""), ":", max_splits=1), 0)
     return pc.and_(pc.is_valid(errors), pc.is_in(words, value_set=pa.array(sorted(reasons), pa.string())))
 
