@@ -45,6 +45,7 @@ def bucket(store):
     name = f"s2t-faults-{uuid.uuid4().hex[:10]}"
     direct.mkdir(name)
     proxy.faults.clear()
+    proxy.injected.clear()  # the counts are each test's own
     yield name
     proxy.faults.clear()
 
