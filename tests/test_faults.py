@@ -171,7 +171,7 @@ def run_job(args: list[str]) -> tuple[int, dict]:
 def output_table(direct, folder: str) -> pa.Table:
     tables = []
     for path in sorted(direct.find(folder)):
-        if path.endswith(".parquet"):
+        if path.endswith(".parquet") and "/_s2t/" not in path:
             with direct.open(path, "rb") as f:
                 tables.append(pq.read_table(f, columns=["id", "error", "text"]))
     return pa.concat_tables(tables)
@@ -201,7 +201,7 @@ def test_a_job_behind_faults_reports_the_stores_rows_unavailable_and_a_rerun_rep
             "--rows-per-file", "4", "--rows-per-block", "4", "--batch-size", "4", "--feature-batch-size", "4",
             "--s3-read-timeout-s", "2", "--read-backoff-s", "0.1"]
     status, _ = run_job(args)
-    summary = json.loads(direct.cat_file(f"{bucket}/out/_summary.json"))
+    summary = json.loads(direct.cat_file(f"{bucket}/out/_s2t/summary.json"))
     out = output_table(direct, f"{bucket}/out")
     faults = dict(proxy.injected)
     assert status == 75, faults
