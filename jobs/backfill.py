@@ -24,7 +24,7 @@ def main(args: argparse.Namespace) -> dict:
         check_backfill_output(config)  # before Ray starts: an output that cannot work is said in one line
     except OutputError as error:
         sys.exit(f"s2t backfill: {error}")
-    init_ray()
+    init_ray(config.verbose)
     try:
         summary = run(config)
     except LeaseHeld as error:

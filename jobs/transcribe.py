@@ -23,11 +23,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--show", type=int, default=0, help="print this many transcripts next to their references")
 
 
-def init_ray() -> None:
+def init_ray(verbose: bool = False) -> None:
     import ray
 
+    from pipeline.progress import ray_init_options
+
     if not ray.is_initialized():
-        ray.init(log_to_driver=False)  # RAY_ADDRESS, when set, names the cluster to join
+        ray.init(**ray_init_options(verbose))  # RAY_ADDRESS, when set, names the cluster to join
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -37,7 +39,7 @@ def main(args: argparse.Namespace) -> dict:
         check_inputs(config)  # before Ray starts: what cannot work is said in one line
     except (ManifestError, OutputError) as error:
         sys.exit(f"s2t transcribe: {error}")
-    init_ray()
+    init_ray(config.verbose)
     try:
         summary = run(config)
     except LeaseHeld as error:

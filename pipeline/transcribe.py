@@ -37,6 +37,7 @@ from .shards import TarredAudio
 from .output import (META, SUMMARY, arrow_filesystem, check_output, drop_errors, footers, holds_segments,  # noqa: F401
                      mark_output, output_filesystem, plain_strings, read_output, rows_dataset, scan_output,
                      shuffle_partitions, with_run_id)
+from .progress import Progress, counted, quiet_ray, start_counts
 from .summary import corpus_summary
 from .gpu_stage import DecodeAudio, GenerateFromAudio
 from .stages import CALLS_PER_ACTOR, ComputeFeatures, GenerateText, TranscribeAudio
@@ -116,6 +117,8 @@ class TranscribeConfig(JobConfig):
                                                        "retryable reasons (unavailable, generation_failed) are "
                                                        "always done again")
     optional_values: typing.ClassVar[dict[str, str]] = {"retry_errors": "all"}
+    progress_s: float = Field(30.0, gt=0, description="seconds between progress lines when not in a terminal")
+    verbose: bool = Field(False, description="Ray's own output too: Ray Data's progress bars, plans, INFO lines")
 
     def storage(self, uri: str | None = None) -> dict:
         """fsspec options for `uri` (None: any URL): the given ones, the endpoint, and for S3 the client's retry
@@ -146,6 +149,9 @@ class TranscribeConfig(JobConfig):
 
 def run(config: TranscribeConfig) -> dict:
     """Run the job to completion (or resume it) and return its summary, also written as <output>/_s2t/summary.json."""
+    import ray
+
+    quiet_ray(config.verbose)
     started = time.time()
     run_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
     manifest, fs, root = check_inputs(config)
@@ -177,8 +183,11 @@ def run(config: TranscribeConfig) -> dict:
         todo = rows.repartition(target_num_rows_per_block=block_rows)
         fs.makedirs(root, exist_ok=True)
         segments_done = any(holds_segments(metadata) for metadata in done.values())
-        dataset = transcription_dataset(todo, config, folder, model_label, done=not_done if segments_done else None)
-        write_output(dataset, fs, root, config.rows_per_file)
+        # Counted at the write, against the manifest's rows and those the output held (a task: no wait here).
+        with Progress(run_id, ray.remote(start_counts).remote(manifest_ids, done_ids), config.progress_s) as progress:
+            dataset = counted(transcription_dataset(todo, config, folder, model_label,
+                                                    done=not_done if segments_done else None), progress.name)
+            write_output(dataset, fs, root, config.rows_per_file)
         join_segments(fs, root)
 
         written = footers(fs, root)
@@ -187,7 +196,8 @@ def run(config: TranscribeConfig) -> dict:
         summary["ids_in_several_files"] = repeated_count
         wall_s = time.time() - started
         summary.update(wall_s=wall_s, rtfx=summary["audio_hours_this_run"] * 3600 / wall_s if wall_s > 0 else None,
-                       manifest=config.manifest, output=config.output, model=model_label, run_id=run_id)
+                       manifest=config.manifest, output=config.output, model=model_label, run_id=run_id,
+                       throughput=progress.last["timeline"])  # (s, rows, audio s) of this run: `s2t report` plots it
         with fs.open(f"{root.rstrip('/')}/{SUMMARY}", "w") as f:
             json.dump(summary, f, indent=2)
     return summary
