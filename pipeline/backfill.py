@@ -15,6 +15,8 @@ import time
 import uuid
 
 import fsspec
+import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import Field
 
 from s2t_model import Speech2Text, checkpoint
@@ -27,6 +29,7 @@ from .output import (META, RUNS, arrow_filesystem, check_output, drop_errors, fo
                      rows_dataset, each_language)
 from .reasons import RETRYABLE, Reason
 from .storage import retry_store_errors
+from .progress import Progress, counted, quiet_ray
 from .summary import run_summary
 from .transcribe import TranscribeConfig, transcription_dataset
 
@@ -44,6 +47,9 @@ class BackfillConfig(TranscribeConfig):
 
 
 def run(config: BackfillConfig) -> dict:
+    import ray
+
+    quiet_ray(config.verbose)
     started = time.time()
     run_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
     langs = config.languages()
@@ -65,16 +71,19 @@ def run(config: BackfillConfig) -> dict:
         drop_errors(fs, root, frozenset(Reason) if config.retry_errors else RETRYABLE)
         # Streamed, never materialized: rows of tar shards and Parquet audio carry their audio's bytes (~100 kB a
         # row, once per language), and the driver would keep every block's reference.
-        todo = missing_pairs(manifest, manifest.block_rows(config.rows_per_block), langs, run_id, fs, root)
+        todo, manifest_ids = missing_pairs(manifest, manifest.block_rows(config.rows_per_block), langs, run_id, fs,
+                                           root)
         job = config.model_copy(update={"tgt_lang": None})  # each row carries its own target language
-        dataset = transcription_dataset(todo, job, folder, model_label)
-        # The language is a column of the rows, not tgt_lang=xx/ folders. Tried with duckdb, polars, pandas,
-        # `datasets` and Ray (docs/ecosystem.md): `datasets` and polars given a glob do not read folder names, so
-        # without the column they lose the language; with it in the files too, pandas (pyarrow) refuses the folder
-        # (string in the files, dictionary from the folders), and Ray's partitioned write cannot keep it in the files
-        # anyway (pyarrow's write_dataset moves a partition column into the path). A plain column reads the same in
-        # all five.
-        write_output(dataset, fs, root, config.rows_per_file)
+        totals = ray.remote(pair_counts).remote(manifest_ids, len(langs), held_pairs(fs, root, langs))
+        with Progress(run_id, totals, config.progress_s, label="pairs") as progress:
+            dataset = counted(transcription_dataset(todo, job, folder, model_label), progress.name)
+            # The language is a column of the rows, not tgt_lang=xx/ folders. Tried with duckdb, polars, pandas,
+            # `datasets` and Ray (docs/ecosystem.md): `datasets` and polars given a glob do not read folder names, so
+            # without the column they lose the language; with it in the files too, pandas (pyarrow) refuses the folder
+            # (string in the files, dictionary from the folders), and Ray's partitioned write cannot keep it in the files
+            # anyway (pyarrow's write_dataset moves a partition column into the path). A plain column reads the same in
+            # all five.
+            write_output(dataset, fs, root, config.rows_per_file)
         join_segments(fs, root)
     summary = summarize(fs, root, run_id, langs, time.time() - started)
     summary.update(manifest=config.manifest, output=config.output, model=model_label)
@@ -92,11 +101,11 @@ def check_backfill_output(config: BackfillConfig) -> tuple[fsspec.AbstractFileSy
 
 
 def missing_pairs(manifest: Manifest, rows_per_block: int, langs: list[str], run_id: str, fs, root: str):
-    """Every (manifest row, language) pair the output holds no row for (done or errored), as a Dataset: the
+    """-> (every (manifest row, language) pair the output holds no row for (done or errored), as a Dataset: the
     manifest's rows once per language, less the output's (id, tgt_lang) pairs (pipeline/ids.py: their sorted
-    digests in the object store, and a filter)."""
+    digests in the object store, and a filter); the digest set of the manifest's ids)."""
     # An id more than one manifest file holds gets its file's label, as `s2t transcribe` gives it.
-    repeated = manifest.repeats(rows_per_block, arrow_filesystem(manifest.fs))[1] if len(manifest.files) > 1 else None
+    found, repeated, _ = manifest.repeats(rows_per_block, arrow_filesystem(manifest.fs))
     pairs = manifest.dataset(rows_per_block, arrow_filesystem(manifest.fs), repeated=repeated).map_batches(
         each_language, fn_kwargs=dict(langs=langs, run_id=run_id), batch_format="pyarrow", batch_size=None)
     files = list(footers(fs, root))
@@ -104,8 +113,25 @@ def missing_pairs(manifest: Manifest, rows_per_block: int, langs: list[str], run
         held = digest_set(rows_dataset(fs, root, files, ["id", "tgt_lang"]), on=PAIR)
         pairs = pairs.map_batches(drop_listed, fn_kwargs=dict(listed=held, on=PAIR), batch_format="pyarrow",
                                   batch_size=None)
-    return pairs.repartition(target_num_rows_per_block=rows_per_block)
+    return pairs.repartition(target_num_rows_per_block=rows_per_block), found
 
+
+def held_pairs(fs, root: str, langs: list[str]) -> int:
+    """Rows the output holds in `langs` (its tgt_lang column read on the cluster, counted there)."""
+    files = list(footers(fs, root))
+    if not files:
+        return 0
+    return rows_dataset(fs, root, files, ["tgt_lang"]).map_batches(
+        in_languages, fn_kwargs=dict(langs=langs), batch_format="pyarrow", batch_size=None).count()
+
+
+def in_languages(batch, langs: list[str]):
+    return batch.filter(pc.is_in(batch["tgt_lang"], pa.array(langs, pa.string())))
+
+
+def pair_counts(manifest_ids, langs: int, held: int) -> tuple[int, int]:
+    """(pairs to have, pairs the output holds) for the backfill's progress."""
+    return len(manifest_ids) * langs, min(held, len(manifest_ids) * langs)
 
 
 def summarize(fs, root: str, run_id: str, langs: list[str], wall_s: float) -> dict:

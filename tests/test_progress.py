@@ -80,3 +80,15 @@ def test_a_line_in_the_middle_of_a_run():
                 "elapsed_s": 100.0}
     # 1,000 rows in 100 s this run: the 8,000 left take 800 s; 7,200 s of audio in 100 s is RTFx 72.
     assert line(snapshot) == "2,000/10,000 rows (20.0 %), 2.00 h audio, RTFx 72.0, 3 errors, ETA 0:13:20"
+
+
+def test_backfill_progress_counts_pairs_and_starts_at_those_held(ray_session, tmp_path, capsys):
+    from pipeline.backfill import BackfillConfig, run as backfill
+
+    source, output = manifest(tmp_path / "m.jsonl", demo_rows(4)), tmp_path / "out"
+    small = dict(batch_size=2, rows_per_file=2, rows_per_block=2, num_beams=1, progress_s=0.2)
+    backfill(BackfillConfig(manifest=source, output=str(output), model=DEMO_MODEL, tgt_langs="fr", **small))
+    capsys.readouterr()
+    backfill(BackfillConfig(manifest=source, output=str(output), model=DEMO_MODEL, tgt_langs="fr,de", **small))
+    lines = [text for text in capsys.readouterr().err.splitlines() if text.startswith("progress: ")]
+    assert lines[0].startswith("progress: 4/8 pairs") and lines[-1].startswith("progress: 8/8 pairs"), lines
