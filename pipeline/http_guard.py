@@ -115,6 +115,9 @@ class RequestGuard:
 
     @staticmethod
     async def reject(send, rejection: Rejected) -> None:
+        from .metrics import inc
+
+        inc("s2t_serve_responses_total", status=str(rejection.status), code=rejection.code)
         body = json.dumps(error_body(rejection.status, rejection.message, rejection.code)).encode()
         headers = {"content-type": "application/json", "content-length": str(len(body)), "connection": "close",
                    **rejection.headers}

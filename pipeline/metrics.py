@@ -79,3 +79,10 @@ class GenerationMetrics:
         inc("s2t_generation_frames_total", frames, component=self.component, kind="speech")
         inc("s2t_generation_frames_total", max(lengths) * len(lengths) - frames, component=self.component,
             kind="padding")
+
+
+def answered_metrics(audio_s: float, wall_s: float) -> None:
+    """A request answered 200: its audio seconds and RTFx (audio seconds / seconds from its upload read to answer)."""
+    inc("s2t_serve_responses_total", status="200", code="")
+    inc("s2t_serve_audio_seconds_total", audio_s)
+    observe("s2t_serve_request_rtfx", audio_s / max(wall_s, 1e-9))

@@ -18,6 +18,7 @@ import io
 import logging
 import math
 import os
+import time
 from typing import Literal
 
 import numpy as np
@@ -38,6 +39,7 @@ from s2t_model.vad import shared_vad, speech_features
 from .audio import AudioError, decode_audio
 from .config import JobConfig
 from .http_guard import GuardLimits, RequestGuard, error_body, quote
+from .metrics import GenerationMetrics, answered_metrics, inc, observe
 from .openai_api import (ApiOptions, OptionError, delta_event, done_event, parse_options, timed_words,
                          token_logprobs, usage)
 from .subtitles import subtitles
@@ -102,6 +104,7 @@ class RequestError(Exception):
 
 
 def error_response(status: int, message: str, code: str, headers: dict | None = None) -> JSONResponse:
+    inc("s2t_serve_responses_total", status=str(status), code=code)
     return JSONResponse(error_body(status, message, code), status_code=status, headers=headers)
 
 
@@ -175,6 +178,7 @@ class Speech2TextServer:
         self.decode_batch.set_batch_wait_timeout_s(c.batch_wait_ms / 1000)
         self.languages = self.model.tokenizer.langs if self.model.tokenizer else []
         self.vad = shared_vad() if c.vad == "silero" else None
+        self.generation_metrics = GenerationMetrics("serve")
         self.open_streams = 0  # streamed answers in progress (a client gone mid-stream must not leave one open)
         self.cancelled_segments = 0  # segments of streams whose client went away before they were decoded
 
@@ -184,8 +188,14 @@ class Speech2TextServer:
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)
     async def decode_batch(self, requests: list[tuple]) -> list[Transcript]:
-        """(16 kHz waveform, target language or None[, timed]) of each request -> its `Transcript`; timed: with
-        words and token log-probabilities (one more decoder pass, for the whole batch when one asks)."""
+        """(16 kHz waveform, target language or None, timed, time.monotonic() when queued) of each request -> its
+        `Transcript`; timed: with words and token log-probabilities (one more decoder pass, for the whole batch when
+        one asks)."""
+        started = time.monotonic()
+        observe("s2t_serve_batch_requests", len(requests))
+        for r in requests:
+            if len(r) > 3:
+                observe("s2t_serve_queue_wait_seconds", started - r[3])
         # In a thread, so the replica keeps taking requests (and health checks) while the batch decodes.
         timed = any(len(r) > 2 and r[2] for r in requests)
         return await asyncio.to_thread(self.transcribe, [r[0] for r in requests], [r[1] for r in requests], timed)
@@ -196,7 +206,8 @@ class Speech2TextServer:
         features, _ = speech_features(model.feature_extractor, waveforms, model.feature_extractor.sampling_rate,
                                       c.max_frames, self.vad, model.device)
         return model.transcribe_features(features, tgt_lang=langs, num_beams=c.num_beams, max_frames=c.max_frames,
-                                         min_avg_logprob=c.min_avg_logprob, word_timestamps=timed, logprobs=timed)
+                                         min_avg_logprob=c.min_avg_logprob, word_timestamps=timed, logprobs=timed,
+                                         on_batch=self.generation_metrics)
 
     async def read_audio(self, file: UploadFile | None) -> tuple[np.ndarray, float]:
         limit = int(self.config.max_upload_mb * 1024 * 1024)
@@ -223,6 +234,7 @@ class Speech2TextServer:
         if response_format not in formats:
             raise RequestError(400, f"response_format {quote(response_format)} is not one of {', '.join(formats)}",
                                "invalid_response_format")
+        started = time.monotonic()
         audio, duration = await self.read_audio(file)
         rate = self.model.feature_extractor.sampling_rate
         # Long uploads are cut where the VAD hears pauses (in a thread: seconds for 30 min), and each piece joins the
@@ -233,10 +245,10 @@ class Speech2TextServer:
         else:
             pieces = [(0.0, duration)]
         if options.stream:  # from here on errors are events: the status line is sent with the first one
-            return StreamingResponse(self.stream(audio, pieces, tgt_lang, options, duration),
+            return StreamingResponse(self.stream(audio, pieces, tgt_lang, options, duration, started),
                                      media_type="text/event-stream")
         results = await asyncio.gather(*[self.decode_batch((audio[round(a * rate): round(b * rate)], tgt_lang,
-                                                            options.timed)) for a, b in pieces])
+                                                            options.timed, time.monotonic())) for a, b in pieces])
         heard = [(piece, r) for piece, r in zip(pieces, results) if r.speech]  # no speech: no segment
         segments = [{"id": i, "start": round(a, 3), "end": round(b, 3), "text": r.text, "tokens": r.ids,
                      "avg_logprob": r.avg_logprob, "low_confidence": r.low_confidence, "temperature": 0.0}
@@ -249,10 +261,11 @@ class Speech2TextServer:
             del body["segments"]
         if options.logprobs:
             body["logprobs"] = [entry for r in results for entry in token_logprobs(self.model, r)]
+        answered_metrics(duration, time.monotonic() - started)
         return body
 
     async def stream(self, audio: np.ndarray, pieces: list[tuple[float, float]], tgt_lang: str | None,
-                     options: ApiOptions, duration: float):
+                     options: ApiOptions, duration: float, started: float | None = None):
         """Server-Sent Events of one upload: a delta per segment with text, in order, as soon as it is decoded,
         then the whole text. The first segment is decoded on its own, so its delta does not wait for the rest; the
         rest then go in together. A client gone mid-stream cancels what is not decoded yet (Serve drops cancelled
@@ -261,7 +274,7 @@ class Speech2TextServer:
 
         def submit(a: float, b: float) -> asyncio.Future:
             return asyncio.ensure_future(self.decode_batch((audio[round(a * rate): round(b * rate)], tgt_lang,
-                                                            options.timed)))
+                                                            options.timed, time.monotonic())))
 
         tasks = [submit(*pieces[0])]
         self.open_streams += 1
@@ -277,6 +290,7 @@ class Speech2TextServer:
                 if result.text:
                     yield delta_event(result.text if not texts else " " + result.text, entries)
                     texts.append(result.text)
+            answered_metrics(duration, time.monotonic() - (started or time.monotonic()))
             yield done_event(" ".join(texts), logprobs if options.logprobs else None, usage(duration, results))
         finally:
             self.cancelled_segments += sum(task.cancel() for task in tasks)  # False for those already done

@@ -18,6 +18,7 @@ from s2t_model import FeatureExtractor, Speech2Text
 from s2t_model.vad import shared_vad, speech_features
 
 from .audio import INLINE_AUDIO, IO_CONCURRENCY, as_audio_error, is_remote, load_audio, store_failed
+from .metrics import GenerationMetrics
 from .storage import RowRetry
 
 # Batches an audio actor works on at once (Ray Data's `max_concurrent_calls_per_actor`): one batch's reads wait on
@@ -137,7 +138,8 @@ class GenerateText:
         self.model_label = model_label
         self.tgt_lang = tgt_lang
         self.word_timestamps = word_timestamps
-        self.generate_options = dict(generate_options, word_timestamps=word_timestamps)
+        self.generate_options = dict(generate_options, word_timestamps=word_timestamps,
+                                     on_batch=GenerationMetrics("job"))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return self.generate(batch.drop_columns(["features"]), features_column(batch, self.model.config.input_feat_per_channel))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -148,6 +148,7 @@ class Speech2Text(Speech2TextModule):
         min_avg_logprob: float | None = None,
         word_timestamps: bool = False,
         logprobs: bool = False,
+        on_batch: Callable[[list[int]], None] | None = None,
         **generate_options,
     ) -> list[Transcript]:
         """Features of utterances, each (T_i, 80) -> one `Transcript` each, in the order given.
@@ -156,7 +157,7 @@ class Speech2Text(Speech2TextModule):
         model does not run on it. A transcript whose mean log-probability is below `min_avg_logprob` is flagged
         `low_confidence`. word_timestamps: each transcript's `words`, timed in its utterance; logprobs: each
         token's log-probability (`token_logprobs`); both from one teacher-forced pass over the ids decoded
-        (s2t_model/alignment.py).
+        (s2t_model/alignment.py). on_batch: called with each generation batch's utterance lengths in frames (metrics).
 
         The one path from features to text that the batch job, the Serve endpoint and `transcribe` share: utterances
         are sorted by length and cut into batches of at most `max_frames` padded frames (fairseq's max_tokens), so a
@@ -172,6 +173,8 @@ class Speech2Text(Speech2TextModule):
         max_frames = max_frames or default_max_frames(self.device)
         for batch in frame_budget_batches([len(features[i]) for i in heard], max_frames):
             batch = [heard[j] for j in batch]
+            if on_batch is not None:
+                on_batch([len(features[i]) for i in batch])
             padded, lengths = pad_features([features[i] for i in batch], self.device)
             out = self.generate(padded, lengths, tgt_lang=[langs[i] for i in batch], **generate_options)
             timed = self.timed(padded, lengths, out.ids, word_timestamps) if word_timestamps or logprobs else None

@@ -8,10 +8,19 @@ def ray_session():
     import ray
 
     # Logical CPUs above the 2 real cores: a feature actor, a generation actor and the write tasks must all fit
-    # at once, or the pipeline waits on itself. No dashboard, no log streaming: quiet and quick.
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    # at once, or the pipeline waits on itself. No dashboard, no log streaming: quiet and quick. Metrics exported
+    # on a port of their own (tests/test_metrics.py scrapes it; Ray's agent runs either way).
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _metrics_export_port=free_port())
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 S3_CREDENTIALS = {"key": "testing", "secret": "testing"}
