@@ -9,7 +9,7 @@ from bench import (decode as bench_decode, feed as bench_feed, io as bench_io, m
                    vad as bench_vad, words as bench_words)
 from demo import corpus, evaluate, train
 
-from . import backfill, export, serve, transcribe
+from . import backfill, export, report, serve, transcribe
 
 
 def command(subparsers, name: str, help: str, add_arguments, run) -> None:
@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
             backfill.add_arguments, backfill.main)
     command(commands, "export", "one srt/vtt/txt/json file per recording of a transcription output",
             export.add_arguments, export.main)
+    command(commands, "report", "one HTML page about a job's output: errors, WER/BLEU by group, confidence, throughput",
+            report.add_arguments, report.main)
     command(commands, "serve", "the model behind an OpenAI-compatible audio API on Ray Serve",
             serve.add_arguments, serve.main)
     command(commands, "evaluate", "WER and BLEU of a checkpoint on a corpus with references",
