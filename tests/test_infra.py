@@ -614,3 +614,41 @@ def test_readme_paths_exist():
     assert paths
     for path in paths:
         assert (ROOT / path).exists(), f"infra/README.md names {path}, which does not exist"
+
+
+# ---------------------------------------------------------------------------------------------- metrics, Grafana
+
+def test_grafana_dashboard_charts_every_metric_the_code_exports_and_no_other():
+    import json
+
+    from pipeline.metrics import NAMES
+
+    dashboard = json.loads((INFRA / "grafana" / "s2t-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    charted = {re.sub(r"_(bucket|count|sum)$", "", name) for e in exprs for name in re.findall(r"\bray_s2t_\w+", e)}
+    # Ray puts "ray_" before every application metric's name; a histogram is charted through its _bucket series.
+    assert charted == {f"ray_{name}" for name in NAMES}
+    for e in exprs:
+        for name in re.findall(r"\bray_s2t_\w+", e):
+            base = re.sub(r"_(bucket|count|sum)$", "", name)[len("ray_"):]
+            assert (NAMES[base][0] == "Histogram") == (name != f"ray_{base}"), e
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids)) and dashboard["uid"]
+
+
+@pytest.mark.parametrize("name, kind", [("rayservice.yaml", "RayService"), ("rayjob-transcribe.yaml", "RayJob")])
+def test_ray_pods_export_metrics_where_the_podmonitor_scrapes_and_point_at_the_dashboard(name, kind):
+    import json
+
+    doc = one(KUBERAY / name, kind)
+    uid = json.loads((INFRA / "grafana" / "s2t-dashboard.json").read_text())["uid"]
+    assert doc["metadata"]["labels"]["s2t-ray/grafana-dashboard"] == uid
+    cluster = doc["spec"].get("rayClusterSpec") or doc["spec"].get("rayClusterConfig")
+    monitor = one(KUBERAY / "monitoring.yaml", "PodMonitor")
+    port = monitor["spec"]["podMetricsEndpoints"][0]["port"]
+    for container in ray_containers(cluster):
+        ports = {p["name"]: p["containerPort"] for p in container.get("ports", [])}
+        assert ports.get(port) == 8080, container["name"]  # KubeRay's default --metrics-export-port
+    head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
+    env = {e["name"] for e in head["env"]}
+    assert {"RAY_GRAFANA_HOST", "RAY_PROMETHEUS_HOST", "RAY_GRAFANA_IFRAME_HOST"} <= env
