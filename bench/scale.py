@@ -53,6 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", choices=["digests", "join"], default="digests",
                         help="how reruns find the rows done: the job's sorted id digests, or Ray Data's anti-join "
                              "(the alternative it was measured against)")
+    parser.add_argument("--progress-s", type=float, default=30.0, help="seconds between the runs' progress lines, "
+                                                                       "printed after the table")
     parser.add_argument("--keep", default=None, help="folder to build in and keep (default: a temporary one)")
 
 
@@ -87,7 +89,8 @@ def run_once(config: dict, address: str, mark: str, resume: str) -> dict:
         raise SystemExit(f"the job failed:\n{done.stderr[-3000:]}")
     result = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))[7:])
     first = os.path.getmtime(mark) - started if os.path.exists(mark) else None
-    return {**result, "wall_s": time.time() - started, "first_batch_s": first}
+    progress = [line for line in done.stderr.splitlines() if line.startswith("progress: ")]
+    return {**result, "wall_s": time.time() - started, "first_batch_s": first, "progress": progress}
 
 
 def append_rows(pattern_first_file: str, start: int, count: int) -> None:
@@ -112,13 +115,14 @@ def main(args) -> None:
         print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start; local Ray with "
               f"{cpus} logical CPUs")
         config = dict(manifest=manifest, output=os.path.join(folder, "out"), model=args.model, num_beams=1,
-                      feature_stage="fused")
+                      feature_stage="fused", progress_s=args.progress_s)
         mark = os.path.join(folder, "first-generation-batch")
         first_shard = os.path.join(folder, "manifest", sorted(os.listdir(os.path.join(folder, "manifest")))[0])
         print(f"resume by {args.resume}")
         print("| rows | shards | run | wall s | driver VmHWM MB | first generation batch s | rows this run | rows out "
               "| missing | doubled |")
         print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        progress = {}
         for name in ("first", "nothing to do", "10 new rows"):
             if name == "10 new rows":
                 append_rows(first_shard, args.rows, 10)
@@ -128,5 +132,9 @@ def main(args) -> None:
             print(f"| {args.rows + (10 if name == '10 new rows' else 0):,} | {args.shards} | {name} | "
                   f"{result['wall_s']:.0f} | {result['vmhwm_kb'] / 1024:.0f} | {first} | {s['rows_this_run']:,} | "
                   f"{s['rows_out']:,} | {s['rows_missing']} | {s['rows_duplicated']} |", flush=True)
+            progress[name] = result["progress"]
+        for name, lines in progress.items():
+            print(f"progress of the run \"{name}\" (a line every {args.progress_s:g} s and one at the end):")
+            print("\n".join(f"  {line}" for line in lines))
         print(f"load average at the end: {os.getloadavg()[0]:.1f}")
         ray.shutdown()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 import sys
 import threading
 import time
@@ -132,7 +133,8 @@ def line(s: dict, label: str = "rows") -> str:
     rate = s["rows"] / elapsed
     left = max(s["total"] - done, 0)
     eta = "0:00:00" if not left else (clock(left / rate) if rate > 0 else "?")
-    return (f"{round(done):,}/{s['total']:,} {label} ({100 * done / total:.1f} %), "
+    share = math.floor(1000 * done / total + 1e-6) / 10  # 99.99 % is not yet 100.0 %
+    return (f"{round(done):,}/{s['total']:,} {label} ({share:.1f} %), "
             f"{(s['audio_s']) / 3600:.2f} h audio, RTFx {s['audio_s'] / elapsed:.1f}, "
             f"{round(errors):,} errors, ETA {eta}")
 
@@ -174,8 +176,13 @@ class Progress:
             self.last = ray.get(self.actor.snapshot.remote())
             if exc[0] is None:
                 self._write(self.last, final=True)
+        except Exception:
+            if exc[0] is None:
+                raise
+            # the job's own error is the one to see, not that its counter went with it
         finally:
-            ray.kill(self.actor)
+            with contextlib.suppress(Exception):
+                ray.kill(self.actor)
 
     def _out(self):
         return self.stream or sys.stderr
