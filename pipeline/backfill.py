@@ -71,8 +71,10 @@ def run(config: BackfillConfig) -> dict:
         drop_errors(fs, root, frozenset(Reason) if config.retry_errors else RETRYABLE)
         # Streamed, never materialized: rows of tar shards and Parquet audio carry their audio's bytes (~100 kB a
         # row, once per language), and the driver would keep every block's reference.
-        todo, manifest_ids = missing_pairs(manifest, manifest.block_rows(config.rows_per_block), langs, run_id, fs,
-                                           root)
+        block_rows = manifest.block_rows(config.rows_per_block)
+        # The manifest's ids, read once: the progress' total, and those more than one file holds (labelled).
+        manifest_ids, repeated, _ = manifest.repeats(block_rows, arrow_filesystem(manifest.fs))
+        todo = missing_pairs(manifest, block_rows, langs, run_id, fs, root, repeated)
         job = config.model_copy(update={"tgt_lang": None})  # each row carries its own target language
         totals = ray.remote(pair_counts).remote(manifest_ids, len(langs), held_pairs(fs, root, langs))
         with Progress(run_id, totals, config.progress_s, label="pairs") as progress:
@@ -100,12 +102,12 @@ def check_backfill_output(config: BackfillConfig) -> tuple[fsspec.AbstractFileSy
     return fs, root
 
 
-def missing_pairs(manifest: Manifest, rows_per_block: int, langs: list[str], run_id: str, fs, root: str):
-    """-> (every (manifest row, language) pair the output holds no row for (done or errored), as a Dataset: the
+def missing_pairs(manifest: Manifest, rows_per_block: int, langs: list[str], run_id: str, fs, root: str,
+                  repeated=None):
+    """Every (manifest row, language) pair the output holds no row for (done or errored), as a Dataset: the
     manifest's rows once per language, less the output's (id, tgt_lang) pairs (pipeline/ids.py: their sorted
-    digests in the object store, and a filter); the digest set of the manifest's ids)."""
-    # An id more than one manifest file holds gets its file's label, as `s2t transcribe` gives it.
-    found, repeated, _ = manifest.repeats(rows_per_block, arrow_filesystem(manifest.fs))
+    digests in the object store, and a filter). repeated: `Manifest.repeats`' ids more than one file holds, which
+    get their file's label, as `s2t transcribe` gives them."""
     pairs = manifest.dataset(rows_per_block, arrow_filesystem(manifest.fs), repeated=repeated).map_batches(
         each_language, fn_kwargs=dict(langs=langs, run_id=run_id), batch_format="pyarrow", batch_size=None)
     files = list(footers(fs, root))
@@ -113,7 +115,7 @@ def missing_pairs(manifest: Manifest, rows_per_block: int, langs: list[str], run
         held = digest_set(rows_dataset(fs, root, files, ["id", "tgt_lang"]), on=PAIR)
         pairs = pairs.map_batches(drop_listed, fn_kwargs=dict(listed=held, on=PAIR), batch_format="pyarrow",
                                   batch_size=None)
-    return pairs.repartition(target_num_rows_per_block=rows_per_block), found
+    return pairs.repartition(target_num_rows_per_block=rows_per_block)
 
 
 def held_pairs(fs, root: str, langs: list[str]) -> int:
