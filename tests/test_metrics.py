@@ -21,27 +21,45 @@ from pipeline.transcribe import TranscribeConfig, run
 from s2t_model import DEMO_MODEL
 
 PREFIX = "ray_"  # Ray puts it before every application metric's name
+REPORT_INTERVAL_S = 11.0  # a little over how often Ray's workers report their metrics to the agent (10 s)
 
 
 def scrape() -> dict[tuple, float]:
-    """(sample name, sorted tags of ours) -> the sum over Ray's processes of every s2t_ sample."""
+    """(sample name, sorted tags of ours, the recording process) -> the value of every s2t_ sample."""
     import ray
 
     port = ray.nodes()[0]["MetricsExportPort"]
     text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
     ours = {"outcome", "reason", "component", "kind", "status", "code", "le"}
+    process = ("WorkerId", "Component", "replica")
     found: dict[tuple, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             if sample.name.startswith(PREFIX + "s2t_"):
-                key = (sample.name[len(PREFIX):], tuple(sorted((k, v) for k, v in sample.labels.items() if k in ours)))
+                key = (sample.name[len(PREFIX):], tuple(sorted((k, v) for k, v in sample.labels.items() if k in ours)),
+                       tuple(sample.labels.get(k) for k in process))
                 found[key] = found.get(key, 0.0) + sample.value
     return found
 
 
+def settled() -> dict[tuple, float]:
+    """A scrape once earlier tests' last figures are exported too: two scrapes a report interval apart agree (else
+    what an earlier test recorded just before would count as this test's)."""
+    last = scrape()
+    for _ in range(10):
+        time.sleep(REPORT_INTERVAL_S)
+        now = scrape()
+        if now == last:
+            return now
+        last = now
+    return last
+
+
 def delta(before: dict, after: dict, name: str, **tags) -> float:
-    key = (name, tuple(sorted(tags.items())))
-    return after.get(key, 0.0) - before.get(key, 0.0)
+    """What the processes recording (name, tags) added between the scrapes: a process of an earlier test that has
+    exited since is gone from the second scrape, and takes nothing away."""
+    wanted = (name, tuple(sorted(tags.items())))
+    return sum(value - before.get(key, 0.0) for key, value in after.items() if key[:2] == wanted)
 
 
 def wait_for(before: dict, expected: dict[tuple, float], timeout_s: float = 90.0) -> dict:
@@ -72,7 +90,7 @@ def test_job_metrics_count_rows_by_outcome_audio_and_generation_frames(ray_sessi
     audio_s = sum(n / 16000 for n in samples) + 2.0  # the silent row's audio counts too: it was read
     frames = sum(1 + (n - 400) // 160 for n in samples)
 
-    before = scrape()
+    before = settled()
     run(TranscribeConfig(manifest=str(manifest), output=str(tmp_path / "out"), model=DEMO_MODEL, num_beams=1))
     expected = {key("s2t_job_rows_total", outcome="ok", reason=""): 4,
                 key("s2t_job_rows_total", outcome="no_speech", reason=""): 1,
@@ -118,7 +136,7 @@ def test_serve_metrics_count_responses_audio_batches_and_queue_wait(server):
         return httpx.post(f"{server}/v1/audio/transcriptions", files={"file": ("a.flac", data)}, timeout=120
                           ).status_code
 
-    before = scrape()
+    before = settled()
     with ThreadPoolExecutor(3) as pool:  # at once: they meet in one @serve.batch (it waits 200 ms to fill)
         statuses = list(pool.map(post, audio))
     statuses.append(post(b""))  # an empty upload: 400 empty_file
