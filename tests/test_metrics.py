@@ -21,7 +21,7 @@ from pipeline.transcribe import TranscribeConfig, run
 from s2t_model import DEMO_MODEL
 
 PREFIX = "ray_"  # Ray puts it before every application metric's name
-REPORT_INTERVAL_S = 11.0  # a little over how often Ray's workers report their metrics to the agent (10 s)
+REPORT_INTERVAL_S = 11.0  # longer than the few seconds Ray took here to export a recorded value
 
 
 def scrape() -> dict[tuple, float]:
