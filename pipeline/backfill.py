@@ -82,9 +82,9 @@ def run(config: BackfillConfig) -> dict:
             # The language is a column of the rows, not tgt_lang=xx/ folders. Tried with duckdb, polars, pandas,
             # `datasets` and Ray (docs/ecosystem.md): `datasets` and polars given a glob do not read folder names, so
             # without the column they lose the language; with it in the files too, pandas (pyarrow) refuses the folder
-            # (string in the files, dictionary from the folders), and Ray's partitioned write cannot keep it in the files
-            # anyway (pyarrow's write_dataset moves a partition column into the path). A plain column reads the same in
-            # all five.
+            # (string in the files, dictionary from the folders), and Ray's partitioned write cannot keep it in the
+            # files anyway (pyarrow's write_dataset moves a partition column into the path). A plain column reads the
+            # same in all five.
             write_output(dataset, fs, root, config.rows_per_file)
         join_segments(fs, root)
     summary = summarize(fs, root, run_id, langs, time.time() - started)
