@@ -6,7 +6,8 @@ encoder per window, then one LSTM cell carried from window to window. The packag
 input: 412 audio-s/s at 64 streams, 660 at 1,024). Only the LSTM is sequential, so this module runs the encoder on
 every window of every row in one batched call and the LSTM as `torch.nn.LSTM` over the rows' windows, with the
 weights of the JIT model the wheel ships (no download, no ONNX runtime). Its probabilities match the JIT
-model's to 1e-5 (tests/test_vad.py); speech regions come from the package's own `get_speech_timestamps_from_probs`.
+model's to 2e-4 (the bound tests/test_vad.py holds); speech regions come from the package's own
+`get_speech_timestamps_from_probs`.
 `s2t bench vad` measures the three forms.
 """
 
