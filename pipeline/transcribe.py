@@ -197,7 +197,8 @@ def run(config: TranscribeConfig) -> dict:
         wall_s = time.time() - started
         summary.update(wall_s=wall_s, rtfx=summary["audio_hours_this_run"] * 3600 / wall_s if wall_s > 0 else None,
                        manifest=config.manifest, output=config.output, model=model_label, run_id=run_id,
-                       throughput=progress.last["timeline"])  # (s, rows, audio s) of this run: `s2t report` plots it
+                       # (s, rows, audio s) of this run, as lists: what json gives back. `s2t report` plots it.
+                       throughput=[list(point) for point in progress.last["timeline"]])
         with fs.open(f"{root.rstrip('/')}/{SUMMARY}", "w") as f:
             json.dump(summary, f, indent=2)
     return summary

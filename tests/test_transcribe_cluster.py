@@ -54,7 +54,8 @@ def generation_actor_nodes():
     """Node ids of the live generation actors (from the GCS actor table; no dashboard needed)."""
     nodes = []
     for actor in ray._private.state.actors().values():
-        if actor["State"] == "ALIVE" and "GenerateText" in (actor.get("ActorClassName") or ""):
+        name = actor.get("ActorClassName") or ""
+        if actor["State"] == "ALIVE" and ("GenerateText" in name or "GenerateFromAudio" in name):  # either path
             nodes.append(actor["Address"]["NodeID"])
     return nodes
 
