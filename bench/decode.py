@@ -103,6 +103,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cpu_seconds(fn, repeats: int) -> float:
+    """Best CPU time of this process over `repeats` runs after one warm-up (CPU time: other load on a shared
+    machine slows a run's wall time, much less its CPU time); never 0, as it divides."""
     fn()
     best = float("inf")
     for _ in range(repeats):

@@ -32,7 +32,6 @@ import argparse
 import json
 import os
 import tempfile
-import time
 
 import numpy as np
 import pyarrow as pa
@@ -40,6 +39,7 @@ import soundfile
 import soxr
 import torch
 
+from bench.decode import cpu_seconds
 from s2t_model import DEMO_CORPUS, FeatureExtractor
 from s2t_model.batching import CPU_MAX_FRAMES, GPU_MAX_FRAMES
 
@@ -59,18 +59,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ray", action="store_true",
                         help="time the object store with a local Ray's ray.put / ray.get (default: Ray's own steps "
                              "without Ray: pickle protocol 5, the buffers copied into shared memory)")
-
-
-def cpu_seconds(fn, repeats: int) -> float:
-    """Best CPU time of this process over `repeats` runs after one warm-up (CPU time: other load on a shared
-    machine slows a run's wall time, much less its CPU time)."""
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.process_time()
-        fn()
-        best = min(best, time.process_time() - start)
-    return best
 
 
 def utterances(count: int, seconds: float) -> list[np.ndarray]:
