@@ -102,9 +102,11 @@ def table(paths: list[str]) -> pa.Table:
                      "tgt_lang": pa.array([None] * n, pa.string())})
 
 
-def stage_options() -> dict:
-    return dict(feature_config=FeatureExtractor().to_dict(), min_duration_s=0.1, max_duration_s=60.0,
-                max_frames=CPU_MAX_FRAMES)
+def stage_options():
+    from pipeline.stages import FeatureOptions
+
+    return FeatureOptions(feature_config=FeatureExtractor().to_dict(), min_duration_s=0.1, max_duration_s=60.0,
+                          max_frames=CPU_MAX_FRAMES)
 
 
 def main(args) -> None:
@@ -136,7 +138,7 @@ def main(args) -> None:
         timed("detector (Silero VAD)", lambda: vad.speech_regions(waves))
         timed("features (fbank + CMVN)", lambda: extractor.each(waves, RATE, CPU_MAX_FRAMES))
         flac = table(files["FLAC 16 kHz"])
-        cpu_stage, decode_stage = ComputeFeatures(**stage_options()), DecodeAudio(**stage_options())
+        cpu_stage, decode_stage = ComputeFeatures(stage_options()), DecodeAudio(stage_options())
         timed("CPU-feature path: ComputeFeatures", lambda: cpu_stage(flac))
         timed("device path: DecodeAudio", lambda: decode_stage(flac))
         if "FLAC 48 kHz" in files:

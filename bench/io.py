@@ -200,9 +200,10 @@ def webdataset_tar(clips: list[dict]) -> bytes:
 
 
 def manifest_rows(uri: str, options: dict, rows_per_block: int):
-    """The blocks the job's read tasks give for `uri` (manifests and Parquet: pipeline.manifest; tar shards:
+    """The blocks the job's read tasks give for `uri` (manifests and Parquet: pipeline.records; tar shards:
     pipeline.shards), read here one file after another."""
-    from pipeline.manifest import Manifest, read_blocks
+    from pipeline.manifest import Manifest
+    from pipeline.records import read_blocks
 
     manifest = Manifest(uri, options)
     for path in manifest.files:
@@ -221,10 +222,11 @@ def rows_per_second(uri: str, options: dict, io_concurrency: int, batch_size: in
     `read_only` to every row's samples (its reads and decoding, the part io_concurrency changes). The actor takes
     CALLS_PER_ACTOR batches at once, as the job's actor pool calls it; its first batch is read once untimed (a
     long job's connections and models are warm)."""
-    from pipeline.stages import CALLS_PER_ACTOR, ComputeFeatures
+    from pipeline.stages import CALLS_PER_ACTOR, ComputeFeatures, FeatureOptions
 
-    actor = ComputeFeatures(FeatureExtractor.from_pretrained(DEMO_MODEL).to_dict(), min_duration_s=0.1,
-                            max_duration_s=60.0, storage_options=options, vad=vad, io_concurrency=io_concurrency)
+    actor = ComputeFeatures(FeatureOptions(FeatureExtractor.from_pretrained(DEMO_MODEL).to_dict(), min_duration_s=0.1,
+                                           max_duration_s=60.0, storage_options=options, vad=vad,
+                                           io_concurrency=io_concurrency))
 
     def work(block: pa.Table) -> tuple[int, int]:
         """-> (rows, rows without error)"""

@@ -137,9 +137,9 @@ def job_config(args, manifest: str, output: str):
 
 
 def fused(args) -> bool:
-    from pipeline.transcribe import fused_features
+    from pipeline.transcribe import feature_stage
 
-    return fused_features(job_config(args, "", ""))
+    return feature_stage(job_config(args, "", "")) == "fused"
 
 
 def feature_stage(config) -> str:
@@ -191,7 +191,7 @@ def job_texts(output: str) -> tuple[dict[str, str | None], int]:
     import fsspec
     import pyarrow.compute as pc
 
-    from pipeline.transcribe import read_output
+    from pipeline.output import read_output
 
     fs, root = fsspec.core.url_to_fs(output)
     table = read_output(fs, root, lambda name: name in ("id", "text", "num_tokens"))

@@ -35,9 +35,23 @@ class MarkFirstBatch(TranscribeAudio):
             open(self.mark, "a").close()
         return out
 
+
+
+def anti_join_filter(fs, root, files):  # `done_filter` by Ray Data's hash-shuffle anti-join: the comparison
+    from pipeline.output import plain_strings, rows_dataset, shuffle_partitions
+
+    if not files:
+        return (lambda rows: rows), None
+    listed = rows_dataset(fs, root, files, ["id"])
+    # The join's aggregators live as long as the job: a whole CPU each would starve the actor pools after them.
+    return (lambda rows: rows.join(listed, join_type="left_anti", num_partitions=shuffle_partitions(), on=("id",),
+                                   aggregator_ray_remote_args={"num_cpus": 0.01}).map_batches(
+        plain_strings, batch_format="pyarrow", batch_size=None)), None  # the join (polars) gives large_string
+
+
 job.TranscribeAudio = MarkFirstBatch
 if sys.argv[3] == "join":
-    job.done_filter = job.anti_join_filter
+    job.done_filter = anti_join_filter
 summary = job.run(job.TranscribeConfig(**json.loads(sys.argv[1])))
 peak = next(line.split()[1] for line in open('/proc/self/status') if line.startswith('VmHWM'))
 print('RESULT ' + json.dumps({'summary': summary, 'vmhwm_kb': int(peak)}))

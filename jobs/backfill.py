@@ -7,7 +7,8 @@ import json
 import logging
 import sys
 
-from pipeline.backfill import BackfillConfig, LeaseHeld, check_backfill_output, run
+from pipeline.backfill import BackfillConfig, check_backfill_output, run
+from pipeline.lease import LeaseHeld
 from pipeline.output import OutputError
 
 

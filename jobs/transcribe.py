@@ -11,7 +11,7 @@ import logging
 import sys
 
 from pipeline.lease import LeaseHeld
-from pipeline.manifest import ManifestError
+from pipeline.rows import ManifestError
 from pipeline.output import SUMMARY, OutputError
 from pipeline.transcribe import TranscribeConfig, check_inputs, run, summary_line
 
@@ -59,7 +59,7 @@ def main(args: argparse.Namespace) -> dict:
 def show(config: TranscribeConfig, count: int) -> None:
     """A few transcripts next to their references, the first rows of the output in id order."""
     from pipeline.output import output_filesystem
-    from pipeline.transcribe import read_output
+    from pipeline.output import read_output
 
     fs, root = output_filesystem(config.output, config.options_for(config.output))
     rows = read_output(fs, root, lambda name: name in ("id", "text", "reference", "error")).to_pylist()

@@ -22,7 +22,7 @@ from pydantic import Field
 from s2t_model import Speech2Text, checkpoint
 
 from .ids import digest_set, drop_listed
-from .lease import Lease, LeaseHeld  # noqa: F401 (LeaseHeld: what a refused run raises)
+from .lease import Lease
 from .longform import join_segments, write_output
 from .manifest import Manifest
 from .output import (META, RUNS, arrow_filesystem, check_output, drop_errors, footers, mark_output, output_filesystem,
@@ -73,12 +73,12 @@ def run(config: BackfillConfig) -> dict:
         # row, once per language), and the driver would keep every block's reference.
         block_rows = manifest.block_rows(config.rows_per_block)
         # The manifest's ids, read once: the progress' total, and those more than one file holds (labelled).
-        manifest_ids, repeated, _ = manifest.repeats(block_rows, arrow_filesystem(manifest.fs))
-        todo = missing_pairs(manifest, block_rows, langs, run_id, fs, root, repeated)
+        manifest_ids, shared, _ = manifest.ids_as_listed(block_rows, arrow_filesystem(manifest.fs))
+        pairs = missing_pairs(manifest, block_rows, langs, run_id, fs, root, shared)
         job = config.model_copy(update={"tgt_lang": None})  # each row carries its own target language
         totals = ray.remote(pair_counts).remote(manifest_ids, len(langs), held_pairs(fs, root, langs))
         with Progress(run_id, totals, config.progress_s, label="pairs") as progress:
-            dataset = counted(transcription_dataset(todo, job, folder, model_label), progress.name)
+            dataset = counted(transcription_dataset(pairs, job, folder, model_label), progress.name)
             # The language is a column of the rows, not tgt_lang=xx/ folders. Tried with duckdb, polars, pandas,
             # `datasets` and Ray (docs/ecosystem.md): `datasets` and polars given a glob do not read folder names, so
             # without the column they lose the language; with it in the files too, pandas (pyarrow) refuses the folder
@@ -103,12 +103,12 @@ def check_backfill_output(config: BackfillConfig) -> tuple[fsspec.AbstractFileSy
 
 
 def missing_pairs(manifest: Manifest, rows_per_block: int, langs: list[str], run_id: str, fs, root: str,
-                  repeated=None):
+                  shared=None):
     """Every (manifest row, language) pair the output holds no row for (done or errored), as a Dataset: the
     manifest's rows once per language, less the output's (id, tgt_lang) pairs (pipeline/ids.py: their sorted
-    digests in the object store, and a filter). repeated: `Manifest.repeats`' ids more than one file holds, which
+    digests in the object store, and a filter). shared: `Manifest.ids_as_listed`' ids more than one file holds, which
     get their file's label, as `s2t transcribe` gives them."""
-    pairs = manifest.dataset(rows_per_block, arrow_filesystem(manifest.fs), repeated=repeated).map_batches(
+    pairs = manifest.dataset(rows_per_block, arrow_filesystem(manifest.fs), shared=shared).map_batches(
         each_language, fn_kwargs=dict(langs=langs, run_id=run_id), batch_format="pyarrow", batch_size=None)
     files = list(footers(fs, root))
     if files:
@@ -139,7 +139,7 @@ def pair_counts(manifest_ids, langs: int, held: int) -> tuple[int, int]:
 def summarize(fs, root: str, run_id: str, langs: list[str], wall_s: float) -> dict:
     """What this run found and wrote, and BLEU per language of what it wrote (references: text_<lang>, else the
     manifest's text), by Ray Data aggregations over the output. Every pair found missing is written as one row of this
-    run (an error row when it fails): the pairs found are the rows this run wrote."""
+    run (an error row when it fails), so the rows this run wrote are the pairs it found missing."""
     written = footers(fs, root)
     columns = {"id", "error", "text", "reference", "run_id", "tgt_lang", "duration_s"}
     names = set.intersection(*(set(m.schema.to_arrow_schema().names) | {"tgt_lang"} for m in written.values())) \
@@ -147,7 +147,7 @@ def summarize(fs, root: str, run_id: str, langs: list[str], wall_s: float) -> di
     rows = rows_dataset(fs, root, list(written), sorted(n for n in names if n in columns or n.startswith("text_"))) \
         if written else None
     figures = run_summary(rows, run_id)
-    return {"run_id": run_id, "tgt_langs": langs, "pairs_found": figures["rows"], "pairs_written": figures["rows"],
+    return {"run_id": run_id, "tgt_langs": langs, "pairs_written": figures["rows"],
             "pairs_errored": sum(figures["errors_by_reason"].values()), "errors_by_reason": figures["errors_by_reason"],
             "wall_s": wall_s, "bleu": figures["bleu"],
             **({"bleu_signature": figures["bleu_signature"]} if "bleu_signature" in figures else {})}

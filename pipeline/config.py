@@ -12,6 +12,11 @@ import typing
 
 import pydantic
 import yaml
+from pydantic import Field
+
+from s2t_model import DecodingOptions
+from s2t_model.segment import MAX_SEGMENT_S
+from s2t_model.speech2text import MIN_AVG_LOGPROB
 
 
 class JobConfig(pydantic.BaseModel):
@@ -69,6 +74,31 @@ class JobConfig(pydantic.BaseModel):
             return cls.from_yaml(args.config, **given) if args.config else cls(**given)
         except pydantic.ValidationError as error:
             raise SystemExit(f"invalid configuration: {error}") from None
+
+
+class ModelConfig(JobConfig):
+    """The model and how it decodes and hears speech: the options the jobs and the endpoint share, defined once."""
+
+    model: str = Field(description="Speech2Text checkpoint folder, any fsspec URL")
+    num_beams: int = Field(5, ge=1)
+    max_frames: int | None = Field(None, ge=1, description="padded feature frames per generation batch (fairseq "
+                                                          "max_tokens; default: 24,000 on a CPU, 192,000 on a GPU)")
+    device: typing.Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: the GPU where there is one")
+    dtype: typing.Literal["float32", "float16", "bfloat16"] = "float32"
+    cuda_graphs: bool = Field(True, description="on a GPU, decode with CUDA graphs (false: eagerly)")
+    vad: typing.Literal["silero", "off"] = Field("silero", description="speech detection: audio without speech "
+                                                                       "gets the text \"\" without running the model")
+    min_avg_logprob: float | None = Field(MIN_AVG_LOGPROB, description="transcripts whose mean log-probability per "
+                                                                       "token is lower are flagged low_confidence")
+    min_duration_s: float = Field(0.1, ge=0)
+    max_segment_s: float = Field(MAX_SEGMENT_S, gt=0, description="longer audio is cut at pauses into segments "
+                                                                  "this long")
+    storage_options: dict = Field(default_factory=dict, description="fsspec options for every URL")
+
+    def decoding(self, **fields) -> DecodingOptions:
+        """The `DecodingOptions` these options give (`fields`: the caller's own, e.g. word_timestamps)."""
+        return DecodingOptions(num_beams=self.num_beams, max_frames=self.max_frames,
+                               min_avg_logprob=self.min_avg_logprob, **fields)
 
 
 def _plain_type(annotation) -> type:

@@ -19,6 +19,7 @@ would travel lighter still, but decoding them is the CPU work the GPU actor's on
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
@@ -26,7 +27,7 @@ import torch
 
 from s2t_model.vad import shared_vad, speech_features
 
-from .stages import ComputeFeatures, GenerateText, set_column
+from .stages import ComputeFeatures, FeatureOptions, GenerateText, GenerationOptions, set_column
 
 PCM = "pcm"
 PCM_TYPE = pa.large_list(pa.float32())  # large: a batch's samples may pass 2**31
@@ -80,8 +81,8 @@ class DecodeAudio(ComputeFeatures):
     reads = ("audio", "offset_s", "duration_s", "error")
     writes = (PCM, "speech_s", "duration_s", "error")
 
-    def __init__(self, **features):
-        super().__init__(**dict(features, vad="off"))
+    def __init__(self, options: FeatureOptions):
+        super().__init__(replace(options, vad="off"))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         batch, waves, _ = self.read(batch)
@@ -96,10 +97,9 @@ class GenerateFromAudio(GenerateText):
     reads = (PCM, "error", "speech_s", "tgt_lang")
     writes = ("speech_s", "text", "tgt_lang", "num_tokens", "avg_logprob", "low_confidence", "error", "model")
 
-    def __init__(self, vad: str = "silero", feature_frames: int | None = None, **generation):
-        super().__init__(**generation)
+    def __init__(self, options: GenerationOptions, vad: str = "silero"):
+        super().__init__(options)
         self.vad = shared_vad(self.model.device) if vad == "silero" else None
-        self.feature_frames = feature_frames  # padded frames per feature batch (default: the device's)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         extractor = self.model.feature_extractor
@@ -107,7 +107,7 @@ class GenerateFromAudio(GenerateText):
         speech = batch.column("speech_s").to_pylist()
         good = [i for i, wave in enumerate(waves) if wave is not None]
         computed, seconds = speech_features(extractor, [waves[i] for i in good], extractor.sampling_rate,
-                                            self.feature_frames, self.vad, device=self.model.device)
+                                            None, self.vad, device=self.model.device)
         features: list[torch.Tensor | None] = [None] * len(waves)
         for i, row, row_speech in zip(good, computed, seconds):
             features[i], speech[i] = row, row_speech

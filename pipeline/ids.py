@@ -18,6 +18,7 @@ changes (a long recording's segments).
 from __future__ import annotations
 
 import hashlib
+from typing import Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -101,15 +102,15 @@ def drop_listed(batch: pa.Table, listed, on: tuple[str, ...] = ("id",)) -> pa.Ta
     return batch if keep.all() else batch.filter(pa.array(keep))
 
 
-def repeated_ids(found) -> tuple[object, int]:
+def shared_ids(found) -> tuple[object, int]:
     """The ObjectRef of a digest set -> (the ObjectRef of the digests in it more than once, how many those are)."""
     import ray
 
-    listed, count = ray.remote(num_returns=2)(repeated).remote(found)
+    listed, count = ray.remote(num_returns=2)(more_than_once).remote(found)
     return listed, ray.get(count)
 
 
-def repeated(found: np.ndarray) -> tuple[np.ndarray, int]:
+def more_than_once(found: np.ndarray) -> tuple[np.ndarray, int]:
     ids, times = distinct(found)
     return ids[times > 1], int((times > 1).sum())
 
@@ -150,3 +151,19 @@ def compare(manifest: np.ndarray, output: np.ndarray) -> tuple[dict[str, int], n
               "duplicated": int(np.maximum(times_out - in_for_out, 0)[listed].sum()),
               "unlisted": int(times_out[~listed].sum())}
     return counts, ids_out[~listed]
+
+
+class SharedIds:
+    """Ids more than one manifest file holds (the ObjectRef of their digests; each file numbers the ids repeated
+    within it itself) and each file's label: a read task puts the label before such an id, so that every row keeps an
+    id of its own, the same in every run."""
+
+    def __init__(self, listed, labels: dict[str, str]):
+        self.listed, self.labels = listed, labels
+
+    def named(self, blocks: Iterable[pa.Table], path: str) -> Iterator[pa.Table]:
+        import ray
+
+        listed = ray.get(self.listed)
+        for block in blocks:
+            yield qualified(block, listed, self.labels[path])

@@ -35,9 +35,9 @@ BLOCK_S = 60.0  # seconds of audio read at a time while looking for pauses
 
 
 def split_long_audio(batch: pa.Table, max_segment_s: float, max_duration_s: float, storage_options: dict | None,
-                     done: frozenset = frozenset(), io_concurrency: int = IO_CONCURRENCY,
+                     io_concurrency: int = IO_CONCURRENCY,
                      row_retry: RowRetry = RowRetry()) -> pa.Table:
-    """Rows -> the same rows, each long one replaced by its segments not yet in `done` (ids already written).
+    """Rows -> the same rows, each long one replaced by its segments (the job drops those already written after).
 
     Rows are read `io_concurrency` at a time (each read is mostly waiting on storage); a row whose manifest duration
     is at most `max_segment_s` is not opened here at all: the feature stage reads it once."""
@@ -54,12 +54,12 @@ def split_long_audio(batch: pa.Table, max_segment_s: float, max_duration_s: floa
     if not long.num_rows:
         return kept
     with ThreadPoolExecutor(min(io_concurrency, long.num_rows), thread_name_prefix="split-read") as reads:
-        results = list(reads.map(lambda row: split_or_error(row, max_segment_s, max_duration_s, storage_options, done,
+        results = list(reads.map(lambda row: split_or_error(row, max_segment_s, max_duration_s, storage_options,
                                                             io_concurrency, row_retry), long.to_pylist()))
     return pa.concat_tables([kept, pa.Table.from_pylist([row for rows in results for row in rows], schema=schema)])
 
 
-def split_or_error(row: dict, max_segment_s: float, max_duration_s: float, storage_options, done,
+def split_or_error(row: dict, max_segment_s: float, max_duration_s: float, storage_options,
                    connections: int = 1, row_retry: RowRetry = RowRetry()) -> list[dict]:
     """One row -> its segments, or itself (short, or with the error that kept it from being read, read again while
     the store fails)."""
@@ -67,14 +67,14 @@ def split_or_error(row: dict, max_segment_s: float, max_duration_s: float, stora
     if row["error"] is not None or (row["duration_s"] is not None and row["duration_s"] <= max_segment_s):
         return [row]
     try:
-        return row_retry.call(lambda: split_row(row, max_segment_s, max_duration_s, storage_options, done,
+        return row_retry.call(lambda: split_row(row, max_segment_s, max_duration_s, storage_options,
                                                 connections), store_failed)
     except Exception as error:  # this row's file system or codec failure only
         row["error"] = str(as_audio_error(row["audio"], error))
     return [row]
 
 
-def split_row(row: dict, max_segment_s: float, max_duration_s: float, storage_options, done,
+def split_row(row: dict, max_segment_s: float, max_duration_s: float, storage_options,
               connections: int = 1) -> list[dict]:
     # A length the manifest does not give, from the start: most likely an utterance of its own (one GET, no HEAD).
     one_get = not row["offset_s"] and row["duration_s"] is None
@@ -84,7 +84,7 @@ def split_row(row: dict, max_segment_s: float, max_duration_s: float, storage_op
             if sound is not None:
                 sound.close()
             f.seek(0)
-            return split_decoded(row, f, max_segment_s, max_duration_s, done)
+            return split_decoded(row, f, max_segment_s, max_duration_s)
         with sound:
             offset = row["offset_s"] or 0.0
             start, frames = slice_frames(sound, row["audio"], offset, row["duration_s"])  # what is not there: truncated
@@ -100,11 +100,11 @@ def split_row(row: dict, max_segment_s: float, max_duration_s: float, storage_op
             from s2t_model.segment import segment_stream  # here: torch only in processes that split a recording
 
             segments = list(segment_stream(blocks, sound.samplerate, max_segment_s))
-            return segment_rows_of(row, segments, seconds, done,
+            return segment_rows_of(row, segments, seconds,
                                    lambda segment: encode_slice(sound, start + segment.start, segment.end - segment.start))
 
 
-def split_decoded(row: dict, f, max_segment_s: float, max_duration_s: float, done) -> list[dict]:
+def split_decoded(row: dict, f, max_segment_s: float, max_duration_s: float) -> list[dict]:
     """`split_row` for what PyAV decodes: the recording streamed once in blocks (its length is what was decoded,
     no header says it for sure), memory one block whatever its length."""
     from s2t_model.segment import segment_stream
@@ -136,21 +136,18 @@ def split_decoded(row: dict, f, max_segment_s: float, max_duration_s: float, don
             soundfile.write(out, samples, source.rate, format="WAV", subtype="FLOAT")  # decoded samples, unchanged
             return out.getvalue()
 
-        return segment_rows_of(row, segments, seconds, done, own_slice)
+        return segment_rows_of(row, segments, seconds, own_slice)
 
 
-def segment_rows_of(row: dict, segments: list, seconds: float, done, own_slice) -> list[dict]:
-    """A recording's rows: one per segment not in `done`, each carrying `own_slice(segment)` (bytes) when the
+def segment_rows_of(row: dict, segments: list, seconds: float, own_slice) -> list[dict]:
+    """A recording's rows: one per segment, each carrying `own_slice(segment)` (bytes) when the
     recording came as bytes; or, without speech, the row itself with speech_s 0."""
     if not segments:  # no speech: the later stages give it the text "" without reading it again
         return [{**row, "duration_s": seconds, "speech_s": 0.0}]
     offset = row["offset_s"] or 0.0
     pieces = []
     for index, segment in enumerate(segments):
-        piece_id = f"{row['id']}~{index:05d}"
-        if piece_id in done:
-            continue
-        piece = {**row, "id": piece_id, "offset_s": offset + segment.start_s,
+        piece = {**row, "id": f"{row['id']}~{index:05d}", "offset_s": offset + segment.start_s,
                  "duration_s": segment.duration_s, "segment_of": row["id"], "segment_index": index,
                  "segment_count": len(segments), "segment_start_s": segment.start_s,
                  "recording_duration_s": seconds, "recording_offset_s": offset}
@@ -222,8 +219,8 @@ def join_segments(fs: fsspec.AbstractFileSystem, root: str) -> int:
     new.map_batches(joined_output, batch_format="pyarrow", batch_size=None).write_parquet(
         root, filesystem=arrow_filesystem(fs), filename_provider=OutputNames())
     # Only then do the parts go: a run killed in between finds the recording joined and removes them next time.
-    done = {(row[LANG_KEY], row["segment_of"]) for row in complete.select_columns([LANG_KEY, "segment_of"]).take_all()}
-    remove_segments(fs, holders, done)
+    joined = {(row[LANG_KEY], row["segment_of"]) for row in complete.select_columns([LANG_KEY, "segment_of"]).take_all()}
+    remove_segments(fs, holders, joined)
     return complete.count()
 
 
@@ -296,14 +293,15 @@ def joined_row(parts: list[dict]) -> dict:
     return row
 
 
-def remove_segments(fs, holders: list[str], done: set[tuple[str, str]]) -> None:
-    """Rewrite each file holding segments without those of the `done` recordings (one file at a time)."""
+def remove_segments(fs, holders: list[str], joined: set[tuple[str, str]]) -> None:
+    """Rewrite each file holding segments without those of the `joined` recordings, each (language key,
+    recording id) (one file at a time)."""
     for path in holders:
         folder = path.rsplit("/", 1)[0]
         with fs.open(path, "rb") as f:
             table = pq.read_table(f)
         keys = lang_key(table)
-        keep = pa.array([(lang, p) not in done for lang, p in zip(keys[LANG_KEY].to_pylist(),
+        keep = pa.array([(lang, p) not in joined for lang, p in zip(keys[LANG_KEY].to_pylist(),
                                                                    table.column("segment_of").to_pylist())])
         kept = table.filter(keep)
         if kept.num_rows == table.num_rows:

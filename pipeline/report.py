@@ -374,7 +374,7 @@ def report(output: str, html_path: str | None = None, manifest: str | None = Non
     import fsspec
 
     from .output import output_filesystem
-    from .transcribe import SUMMARY
+    from .output import SUMMARY
 
     fs, root = output_filesystem(output, storage_options)
     summary_path = f"{root.rstrip('/')}/{SUMMARY}"

@@ -1,4 +1,4 @@
-"""Audio stored in tar shards, read by Ray Data tasks into the job's rows (pipeline/manifest.py SCHEMA and passthrough
+"""Audio stored in tar shards, read by Ray Data tasks into the job's rows (pipeline/rows.py SCHEMA and passthrough
 columns) plus each row's audio file bytes (`audio_bytes`, which the feature stage decodes; see pipeline/audio.py).
 Every tar is read as one sequential stream: one open per shard, never a request per sample.
 
@@ -35,7 +35,9 @@ import soundfile
 from ray.data.datasource import FileBasedDatasource
 
 from .audio import INLINE_AUDIO, is_remote
-from .manifest import SCHEMA, ManifestError, RepeatedIds, Repeats, expand, normalise
+from .ids import SharedIds
+from .listing import expand
+from .rows import SCHEMA, IdNumbering, ManifestError, normalise
 from .reasons import StoreUnavailable, is_transient
 from .storage import RowRetry
 
@@ -176,7 +178,7 @@ def webdataset_rows(f, url: str, rows_per_block: int, with_audio: bool = True) -
     """One WebDataset shard (an open binary stream; `url` names it) -> tables of at most `rows_per_block` rows, with
     each sample's audio bytes in `audio_bytes` when `with_audio` (else those members are skipped, and the tables
     are what the summary needs). Importable on its own, e.g. to measure shard reads."""
-    stem, repeats = shard_stem(url), Repeats()
+    stem, numbering = shard_stem(url), IdNumbering()
     block: list[tuple[Sample, bool]] = []
     sample, damage = None, None
 
@@ -202,7 +204,7 @@ def webdataset_rows(f, url: str, rows_per_block: int, with_audio: bool = True) -
         if sample is not None and sample.key != key:
             block.append(sample)
             if len(block) == rows_per_block:
-                yield _sample_table(block, stem, url, repeats, with_audio)
+                yield _sample_table(block, stem, url, numbering, with_audio)
                 block = []
             sample = None
         sample = sample or Sample(key)
@@ -210,7 +212,7 @@ def webdataset_rows(f, url: str, rows_per_block: int, with_audio: bool = True) -
     if damage is None and sample is not None:
         block.append(sample)
     if block:
-        yield _sample_table(block, stem, url, repeats, with_audio)
+        yield _sample_table(block, stem, url, numbering, with_audio)
     if damage is not None:  # the sample in progress is not known whole: it goes with the rest
         lost = f"; sample {sample.key} and any after it are lost" if sample is not None else ""
         yield pa.Table.from_pylist([{"id": f"{stem}/{DAMAGED}", "audio": url, "offset_s": 0.0, "duration_s": None,
@@ -218,9 +220,9 @@ def webdataset_rows(f, url: str, rows_per_block: int, with_audio: bool = True) -
                                      "error": f"{damage.reason}: {url}: {damage.detail}{lost}"}], schema=SCHEMA)
 
 
-def _sample_table(samples: list[Sample], stem: str, url: str, repeats: Repeats, with_audio: bool) -> pa.Table:
+def _sample_table(samples: list[Sample], stem: str, url: str, numbering: IdNumbering, with_audio: bool) -> pa.Table:
     records, errors = zip(*(sample.record(stem, url) for sample in samples))
-    table = normalise(list(records), url, None, repeats)
+    table = normalise(list(records), url, None, numbering)
     if any(errors):
         merged = [mine or theirs for mine, theirs in zip(errors, table["error"].to_pylist())]
         table = table.set_column(table.column_names.index("error"), "error", pa.array(merged, pa.string()))
@@ -235,13 +237,13 @@ class WebDatasetDatasource(FileBasedDatasource):
     task per shard, streaming it into blocks of `rows_per_block` samples."""
 
     def __init__(self, paths: list[str], *, rows_per_block: int, urls: dict, with_audio: bool = True,
-                 repeated: RepeatedIds | None = None, **kwargs):
+                 shared: SharedIds | None = None, **kwargs):
         super().__init__(paths, **kwargs)
-        self.rows_per_block, self.urls, self.with_audio, self.repeated = rows_per_block, urls, with_audio, repeated
+        self.rows_per_block, self.urls, self.with_audio, self.shared = rows_per_block, urls, with_audio, shared
 
     def _read_stream(self, f, path: str) -> Iterator[pa.Table]:
         blocks = webdataset_rows(f, self.urls.get(path, path), self.rows_per_block, self.with_audio)
-        yield from self.repeated.named(blocks, path) if self.repeated else blocks
+        yield from self.shared.named(blocks, path) if self.shared else blocks
 
     def _open_input_source(self, filesystem, path, **open_args):
         """Without audio (the summary's ids) a local, uncompressed shard is opened for random access: its audio

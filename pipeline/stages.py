@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from s2t_model import FeatureExtractor, Speech2Text
+from s2t_model import DecodingOptions, FeatureExtractor, Speech2Text
+from s2t_model.batching import CPU_MAX_FRAMES
 from s2t_model.vad import shared_vad, speech_features
 
 from .audio import INLINE_AUDIO, IO_CONCURRENCY, as_audio_error, is_remote, load_audio, store_failed
@@ -26,6 +28,36 @@ from .storage import RowRetry
 CALLS_PER_ACTOR = 2
 # The `words` column (--word-timestamps): each word's times in seconds from the row's start, and the word.
 WORDS_TYPE = pa.list_(pa.struct([("start_s", pa.float64()), ("end_s", pa.float64()), ("word", pa.string())]))
+
+
+@dataclass(frozen=True)
+class FeatureOptions:
+    """What an audio stage (`ComputeFeatures`, `DecodeAudio`) is built with: how rows are read, checked, and made
+    into features (`TranscribeConfig.feature_options` builds it from a job's configuration)."""
+
+    feature_config: dict  # the checkpoint's preprocessor config (FeatureExtractor.to_dict)
+    min_duration_s: float = 0.1
+    max_duration_s: float = 4 * 3600.0
+    storage_options: dict | None = None  # fsspec options for the audio's URLs
+    max_frames: int = CPU_MAX_FRAMES  # padded feature frames per batch of the fbank
+    vad: str = "silero"  # or "off"
+    io_concurrency: int = IO_CONCURRENCY  # audio files read at once
+    row_retry: RowRetry = RowRetry()
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """What a generation stage (`GenerateText`, `GenerateFromAudio`) is built with: the model, where it runs, and how
+    it decodes (`TranscribeConfig.generation_options` builds it from a job's configuration)."""
+
+    model_uri: str
+    model_label: str  # the output's `model` column: the URI and the checkpoint's content hash
+    device: str = "cpu"  # "cuda", "cpu", or "auto": the actor's GPU when it has one
+    dtype: str = "float32"
+    cuda_graphs: bool = True
+    storage_options: dict | None = None  # fsspec options for the model's URL
+    tgt_lang: str | None = None  # every row's target language (None: the row's own, where the model has it)
+    decoding: DecodingOptions = DecodingOptions()
 
 
 def set_column(table: pa.Table, name: str, values, type: pa.DataType) -> pa.Table:
@@ -48,22 +80,16 @@ class ComputeFeatures:
     """Decode each row's audio slice, find its speech (`speech_s`) and compute its fbank + CMVN features (T, 80),
     stored flat as float32 lists; null for a row without speech, which the generation stage gives the text ""."""
 
-    def __init__(self, feature_config: dict, min_duration_s: float, max_duration_s: float,
-                 storage_options: dict | None = None, max_frames: int = 24000, vad: str = "silero",
-                 io_concurrency: int = IO_CONCURRENCY, row_retry: RowRetry = RowRetry()):
-        self.extractor = FeatureExtractor.from_dict(feature_config)
+    def __init__(self, options: FeatureOptions):
+        self.extractor = FeatureExtractor.from_dict(options.feature_config)
         # Reading a file is mostly waiting on storage (30-100 ms a request on an object store): threads read a
         # batch's rows at once. Memory stays one batch of samples, as when read one by one; libsndfile (called
         # through cffi) releases the GIL while it decodes.
-        self.reads = ThreadPoolExecutor(io_concurrency, thread_name_prefix="audio-read")
-        self.io_concurrency = io_concurrency
+        self.reads = ThreadPoolExecutor(options.io_concurrency, thread_name_prefix="audio-read")
         # Held while a batch's features are computed: a second batch meanwhile only reads (CALLS_PER_ACTOR).
         self.busy = threading.Lock()
-        self.vad = shared_vad() if vad == "silero" else None
-        self.limits = dict(min_duration_s=min_duration_s, max_duration_s=max_duration_s)
-        self.storage_options = storage_options
-        self.max_frames = max_frames
-        self.row_retry = row_retry
+        self.vad = shared_vad() if options.vad == "silero" else None
+        self.options = options
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         batch, features = self.compute(batch)
@@ -78,8 +104,8 @@ class ComputeFeatures:
         features: list[np.ndarray | None] = [None] * batch.num_rows
         good = sorted(waves)
         with self.busy:
-            computed, seconds = speech_features(self.extractor, [waves[i] for i in good], rate, self.max_frames,
-                                                self.vad)
+            computed, seconds = speech_features(self.extractor, [waves[i] for i in good], rate,
+                                                self.options.max_frames, self.vad)
         for i, row, row_speech in zip(good, computed, seconds):
             features[i], speech[i] = None if row is None else row.numpy(), row_speech
         return set_column(batch, "speech_s", speech, pa.float64()), features
@@ -95,11 +121,11 @@ class ComputeFeatures:
         errors = [row["error"] for row in rows]
         durations = [row["duration_s"] for row in rows]
         speech: list[float | None] = [row.get("speech_s") for row in rows]
-        todo = [i for i, row in enumerate(rows) if row["error"] is None and speech[i] != 0.0]
+        to_read = [i for i, row in enumerate(rows) if row["error"] is None and speech[i] != 0.0]
         # Local files are read in this thread: a local disk answers in microseconds, and handing each row to a
         # thread costs more than that (missing local files: 24 us a row here, 65 us through the pool).
-        remote = any(is_remote(rows[i]["audio"]) for i in todo)
-        for i, loaded in zip(todo, (self.reads.map if remote else map)(self.load, [rows[i] for i in todo])):
+        remote = any(is_remote(rows[i]["audio"]) for i in to_read)
+        for i, loaded in zip(to_read, (self.reads.map if remote else map)(self.load, [rows[i] for i in to_read])):
             if isinstance(loaded, str):
                 errors[i] = loaded
             else:
@@ -112,11 +138,12 @@ class ComputeFeatures:
 
     def load(self, row: dict) -> np.ndarray | str:
         """One row's samples, or its error; read again (`row_retry`) while the store fails."""
+        o = self.options
         try:
-            return self.row_retry.call(lambda: load_audio(
+            return o.row_retry.call(lambda: load_audio(
                 row["audio"], self.extractor.sampling_rate, row["offset_s"] or 0.0, row["duration_s"],
-                storage_options=self.storage_options, data=row.get(INLINE_AUDIO), connections=self.io_concurrency,
-                **self.limits), store_failed)
+                storage_options=o.storage_options, data=row.get(INLINE_AUDIO), connections=o.io_concurrency,
+                min_duration_s=o.min_duration_s, max_duration_s=o.max_duration_s), store_failed)
         except Exception as error:  # a file system or codec failure of this row only
             return str(as_audio_error(row["audio"], error))
 
@@ -128,18 +155,15 @@ class GenerateText:
     its own error, the rest of its batch is still decoded.
     """
 
-    def __init__(self, model_uri: str, model_label: str, device: str = "cpu", dtype: str = "float32",
-                 cuda_graphs: bool = True, storage_options: dict | None = None, tgt_lang: str | None = None,
-                 word_timestamps: bool = False, **generate_options):
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model = Speech2Text.from_pretrained(model_uri, device=device, dtype=getattr(torch, dtype),
-                                                 storage_options=storage_options, cuda_graphs=cuda_graphs)
-        self.model_label = model_label
-        self.tgt_lang = tgt_lang
-        self.word_timestamps = word_timestamps
-        self.generate_options = dict(generate_options, word_timestamps=word_timestamps,
-                                     on_batch=GenerationMetrics("job"))
+    def __init__(self, options: GenerationOptions):
+        self.model = Speech2Text.from_pretrained(options.model_uri, device=resolve_device(options.device),
+                                                 dtype=getattr(torch, options.dtype),
+                                                 storage_options=options.storage_options,
+                                                 cuda_graphs=options.cuda_graphs)
+        self.model_label = options.model_label
+        self.tgt_lang = options.tgt_lang
+        self.decoding = options.decoding
+        self.on_batch = GenerationMetrics("job")
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         return self.generate(batch.drop_columns(["features"]), features_column(batch, self.model.config.input_feat_per_channel))
@@ -149,17 +173,17 @@ class GenerateText:
         row's (T, 80), None for a row without speech (text "")."""
         errors = batch.column("error").to_pylist()
         langs = self._target_languages(batch, errors)
-        todo = [i for i, error in enumerate(errors) if error is None]
-        results = self._transcribe([features[i] for i in todo], [langs[i] for i in todo])
+        to_decode = [i for i, error in enumerate(errors) if error is None]
+        results = self._transcribe([features[i] for i in to_decode], [langs[i] for i in to_decode])
         texts, num_tokens, scores, low, words = ([None] * len(errors) for _ in range(5))
-        for i, result in zip(todo, results):
+        for i, result in zip(to_decode, results):
             if isinstance(result, str):
                 errors[i] = result
             else:
                 texts[i], num_tokens[i], scores[i] = result.text, len(result.ids), result.avg_logprob
                 low[i] = result.low_confidence
                 words[i] = [{"start_s": w.start_s, "end_s": w.end_s, "word": w.word} for w in result.words or []]
-        if self.word_timestamps:
+        if self.decoding.word_timestamps:
             batch = set_column(batch, "words", words, WORDS_TYPE)
         for name, values, type in [("text", texts, pa.string()), ("tgt_lang", langs, pa.string()),
                                    ("num_tokens", num_tokens, pa.int32()), ("avg_logprob", scores, pa.float32()),
@@ -185,14 +209,14 @@ class GenerateText:
         if not features:
             return []
         try:
-            return self.model.transcribe_features(features, tgt_lang=langs, **self.generate_options)
+            return self.model.transcribe_features(features, langs, self.decoding, self.on_batch)
         except Exception:
             pass
         # One row broke the batch (or memory ran out): decode the rows one by one, so only the bad one fails.
         results = []
         for f, lang in zip(features, langs):
             try:
-                results.extend(self.model.transcribe_features([f], tgt_lang=[lang], **self.generate_options))
+                results.extend(self.model.transcribe_features([f], [lang], self.decoding, self.on_batch))
             except Exception as error:
                 results.append(f"generation_failed: {type(error).__name__}: {error}")
         return results
@@ -206,9 +230,9 @@ class TranscribeAudio:
     keep the GPUs fed.
     """
 
-    def __init__(self, features: dict, generation: dict):
-        self.compute_features = ComputeFeatures(**features)
-        self.generate_text = GenerateText(**generation)
+    def __init__(self, features: FeatureOptions, generation: GenerationOptions):
+        self.compute_features = ComputeFeatures(features)
+        self.generate_text = GenerateText(generation)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         batch, features = self.compute_features.compute(batch)
@@ -216,3 +240,11 @@ class TranscribeAudio:
         # --generation-cpus, not twice that); another batch meanwhile only reads (CALLS_PER_ACTOR).
         with self.compute_features.busy:
             return self.generate_text.generate(batch, features)
+
+
+def resolve_device(device: str) -> str:
+    """"auto" -> "cuda" where this process has a GPU, else "cpu"; any other device as it is: the one place "auto" is
+    resolved, in the process that runs the model (a job's actor, a Serve replica)."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device

@@ -23,10 +23,9 @@ from pydantic import Field
 
 from s2t_model import FeatureExtractor, checkpoint
 from s2t_model.batching import CPU_MAX_FRAMES
-from s2t_model.speech2text import MIN_AVG_LOGPROB
 
 from .audio import IO_CONCURRENCY, is_remote
-from .config import JobConfig
+from .config import ModelConfig
 from .ids import digest_set, drop_listed, union
 from .lease import Lease
 from .reasons import RETRYABLE, Reason, parse_reasons
@@ -34,19 +33,19 @@ from .storage import ClientRetry, RowRetry, retry_store_errors, with_client_retr
 from .longform import join_segments, split_long_audio, write_output
 from .manifest import Manifest
 from .shards import TarredAudio
-from .output import (META, SUMMARY, arrow_filesystem, check_output, drop_errors, footers, holds_segments,  # noqa: F401
-                     mark_output, output_filesystem, plain_strings, read_output, rows_dataset, scan_output,
-                     shuffle_partitions, with_run_id)
+from .output import (META, SUMMARY, arrow_filesystem, check_output, drop_errors, footers, holds_segments,
+                     mark_output, output_filesystem, rows_dataset, with_run_id)
 from .progress import Progress, counted, quiet_ray, start_counts
 from .summary import corpus_summary
 from .gpu_stage import DecodeAudio, GenerateFromAudio
-from .stages import CALLS_PER_ACTOR, ComputeFeatures, GenerateText, TranscribeAudio
+from .stages import (CALLS_PER_ACTOR, ComputeFeatures, FeatureOptions, GenerateText, GenerationOptions,
+                     TranscribeAudio)
 
 log = logging.getLogger(__name__)
 TASK_CPUS = 1.0  # CPUs the actor pools leave to the read, split and write tasks (`actor_cpus`)
 
 
-class TranscribeConfig(JobConfig):
+class TranscribeConfig(ModelConfig):
     manifest: str = Field(description="manifest (NeMo .jsonl, fairseq .tsv, .csv, .parquet), a glob or brace list of "
                                       "manifest shards or of WebDataset .tar shards, or a glob of audio files; any "
                                       "fsspec URL")
@@ -54,12 +53,9 @@ class TranscribeConfig(JobConfig):
                                                        "members are in, each the tar of shard_id in its name "
                                                        "(audio__OP_0..127_CL_.tar, audio_{0..127}.tar, a glob)")
     output: str = Field(description="Parquet dataset folder, any fsspec URL")
-    model: str = Field(description="Speech2Text checkpoint folder, any fsspec URL")
     tgt_lang: str | None = Field(None, description="target language tag for every row (default: the row's "
                                                    "tgt_lang column when the model has that tag, else none: ASR)")
-    num_beams: int = Field(5, ge=1)
     max_new_tokens: int | None = Field(None, description="default: the model's max_length - 1")
-    max_frames: int | None = Field(None, ge=1, description="padded feature frames per generation batch (fairseq max_tokens; default: 24,000 on a CPU, 192,000 on a GPU)")
     batch_size: int | None = Field(None, ge=1, description="rows handed to a generation actor at a time (default: "
                                                            "64 on CPUs; 768 with GPUs, four frame budgets of 10 s "
                                                            "rows: a GPU is slow on small batches)")
@@ -79,16 +75,7 @@ class TranscribeConfig(JobConfig):
                             "features on their device (docs/gpu.md); separate: CPU feature actors feed the generation "
                             "actors; fused: each generation actor reads and computes its own features; auto: device "
                             "with GPUs, fused on CPUs only (no two stages competing for the same cores)")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    cuda_graphs: bool = Field(True, description="on a GPU, decode with CUDA graphs (false: eagerly)")
-    vad: Literal["silero", "off"] = Field("silero", description="speech detection: a row without speech gets the "
-                                                                "text \"\" without running the model")
-    min_avg_logprob: float | None = Field(MIN_AVG_LOGPROB, description="rows whose mean log-probability per token "
-                                                                       "is lower are flagged low_confidence")
-    min_duration_s: float = Field(0.1, ge=0)
     max_duration_s: float = Field(4 * 3600.0, gt=0, description="longest recording, in seconds")
-    max_segment_s: float = Field(20.0, gt=0, description="longer recordings are cut at pauses into segments this long")
     rows_per_file: int = Field(10000, ge=1, description="rows per Parquet file (the last ones may have fewer)")
     rows_per_block: int | None = Field(None, ge=1, description="manifest rows per Ray Data block, the unit the actors "
                                                                 "share out (default: 1,024; 256 for rows carrying "
@@ -99,7 +86,6 @@ class TranscribeConfig(JobConfig):
                                                    "of its columns, no _s2t/output.json) as this job's: its files are "
                                                    "rewritten in this version's layout and the folder marked")
     s3_endpoint_url: str | None = Field(None, description="S3 endpoint (MinIO, Ceph, ...); AWS_* variables work too")
-    storage_options: dict = Field(default_factory=dict, description="fsspec options for every URL")
     s3_retry_mode: Literal["standard", "adaptive", "legacy"] = Field(
         ClientRetry.mode, description="botocore's retry mode for S3 requests (docs/faults.md)")
     s3_attempts: int = Field(ClientRetry.attempts, ge=1, description="botocore's attempts of one S3 request, the "
@@ -138,6 +124,24 @@ class TranscribeConfig(JobConfig):
     def row_retry(self) -> RowRetry:
         return RowRetry(self.read_attempts, self.read_backoff_s)
 
+    def audio_storage(self) -> dict | None:
+        """fsspec options for the audio's URLs (those of the manifest's protocol, else any URL's)."""
+        return self.options_for(self.manifest) or self.storage() or None
+
+    def feature_options(self, folder: str) -> FeatureOptions:
+        """The audio stages' options; folder: the checkpoint, fetched locally (for its preprocessor config)."""
+        return FeatureOptions(
+            feature_config=FeatureExtractor.from_pretrained(folder).to_dict(), min_duration_s=self.min_duration_s,
+            max_duration_s=self.max_duration_s, storage_options=self.audio_storage(),
+            max_frames=self.max_frames or CPU_MAX_FRAMES,  # feature actors run on CPUs
+            vad=self.vad, io_concurrency=self.io_concurrency, row_retry=self.row_retry())
+
+    def generation_options(self, model_label: str) -> GenerationOptions:
+        return GenerationOptions(
+            model_uri=self.model, model_label=model_label, device=self.device, dtype=self.dtype,
+            cuda_graphs=self.cuda_graphs, storage_options=self.options_for(self.model), tgt_lang=self.tgt_lang,
+            decoding=self.decoding(max_new_tokens=self.max_new_tokens, word_timestamps=self.word_timestamps))
+
     def redo_reasons(self) -> frozenset[Reason]:
         """The reasons of the error rows a run does again: the retryable ones, and those --retry-errors names."""
         try:
@@ -165,35 +169,36 @@ def run(config: TranscribeConfig) -> dict:
         join_segments(fs, root)  # what a run killed after its write left unjoined
         # Error rows to do again leave the output first (so that none is there twice), files cut short too.
         drop_errors(fs, root, config.redo_reasons())
-        done = footers(fs, root)
+        footers_before = footers(fs, root)
         # One set of the output's ids drops both the rows done and the segments of long recordings done; rows are
         # dropped before tar shards are read where the manifest knows them (NeMo).
-        not_done, done_ids = done_filter(fs, root, list(done))
+        drop_done, ids_before = done_filter(fs, root, list(footers_before))
         block_rows = manifest.block_rows(config.rows_per_block)
         # The manifest's ids before the work (the summary counts against them): an id more than one manifest file
         # holds gets its file's label, in every run the same.
-        manifest_ids, repeated, repeated_count = manifest.ids(block_rows, arrow_filesystem(manifest.fs))
-        if repeated_count:
+        manifest_ids, shared, shared_count = manifest.ids(block_rows, arrow_filesystem(manifest.fs))
+        if shared_count:
             log.warning("%d ids are held by more than one manifest file: each such row's id gets its file's label "
-                        "(<file>/<id>)", repeated_count)
-        rows = manifest.dataset(block_rows, arrow_filesystem(manifest.fs), todo=not_done, repeated=repeated).map_batches(
+                        "(<file>/<id>)", shared_count)
+        rows = manifest.dataset(block_rows, arrow_filesystem(manifest.fs), drop_done=drop_done, shared=shared).map_batches(
             with_run_id, fn_kwargs=dict(run_id=run_id), batch_format="pyarrow", batch_size=None)
         # Blocks of rows_per_block rows again after the read tasks (which merge theirs) and the filter: the unit
         # the actor pools share out (a streaming split, not a shuffle).
-        todo = rows.repartition(target_num_rows_per_block=block_rows)
+        rows = rows.repartition(target_num_rows_per_block=block_rows)
         fs.makedirs(root, exist_ok=True)
-        segments_done = any(holds_segments(metadata) for metadata in done.values())
+        segments_done = any(holds_segments(metadata) for metadata in footers_before.values())
         # Counted at the write, against the manifest's rows and those the output held (a task: no wait here).
-        with Progress(run_id, ray.remote(start_counts).remote(manifest_ids, done_ids), config.progress_s) as progress:
-            dataset = counted(transcription_dataset(todo, config, folder, model_label,
-                                                    done=not_done if segments_done else None), progress.name)
+        with Progress(run_id, ray.remote(start_counts).remote(manifest_ids, ids_before), config.progress_s) as progress:
+            dataset = counted(transcription_dataset(rows, config, folder, model_label,
+                                                    drop_done=drop_done if segments_done else None), progress.name)
             write_output(dataset, fs, root, config.rows_per_file)
         join_segments(fs, root)
 
         written = footers(fs, root)
         out = rows_dataset(fs, root, list(written), summary_columns(written)) if written else None
-        summary = corpus_summary(manifest_ids, out, run_id, output_ids=ids_after_run(fs, root, done, done_ids, written))
-        summary["ids_in_several_files"] = repeated_count
+        summary = corpus_summary(manifest_ids, out, run_id, output_ids=ids_after_run(fs, root, footers_before, ids_before,
+                                                                                  written))
+        summary["ids_in_several_files"] = shared_count
         wall_s = time.time() - started
         summary.update(wall_s=wall_s, rtfx=summary["audio_hours_this_run"] * 3600 / wall_s if wall_s > 0 else None,
                        manifest=config.manifest, output=config.output, model=model_label, run_id=run_id,
@@ -219,9 +224,9 @@ def done_filter(fs, root: str, files: list[str]):
     those ids: their sorted digests in the object store, read once here; pipeline/ids.py says why not a join)."""
     if not files:
         return (lambda rows: rows), None
-    done = digest_set(rows_dataset(fs, root, files, ["id"]))
-    return (lambda rows: rows.map_batches(drop_listed, fn_kwargs=dict(listed=done), batch_format="pyarrow",
-                                          batch_size=None)), done
+    listed = digest_set(rows_dataset(fs, root, files, ["id"]))
+    return (lambda rows: rows.map_batches(drop_listed, fn_kwargs=dict(listed=listed), batch_format="pyarrow",
+                                          batch_size=None)), listed
 
 
 def ids_after_run(fs, root: str, before: dict, before_ids, after: dict):
@@ -233,17 +238,6 @@ def ids_after_run(fs, root: str, before: dict, before_ids, after: dict):
     return union(before_ids, digest_set(rows_dataset(fs, root, added, ["id"]))) if added else before_ids
 
 
-def anti_join_filter(fs, root: str, files: list[str]):
-    """The same by Ray Data's hash-shuffle anti-join (kept for `s2t bench scale --resume join`, the comparison)."""
-    if not files:
-        return (lambda rows: rows), None
-    done = rows_dataset(fs, root, files, ["id"])
-    # The join's aggregators live as long as the job: a whole CPU each would starve the actor pools after them.
-    return (lambda rows: rows.join(done, join_type="left_anti", num_partitions=shuffle_partitions(), on=("id",),
-                                   aggregator_ray_remote_args={"num_cpus": 0.01}).map_batches(
-        plain_strings, batch_format="pyarrow", batch_size=None)), None  # the join (polars) gives large_string
-
-
 def summary_columns(written: dict[str, pq.FileMetaData]) -> list[str]:
     """The output's columns the summary reads (those every file has): translation references sit in text_<lang>
     columns (as in the demo corpus), else in the manifest's text."""
@@ -252,13 +246,13 @@ def summary_columns(written: dict[str, pq.FileMetaData]) -> list[str]:
     return sorted(n for n in names if n in wanted or n.startswith("text_"))
 
 
-def transcription_dataset(rows, config: TranscribeConfig, folder: str, model_label: str, done=None):
+def transcription_dataset(rows, config: TranscribeConfig, folder: str, model_label: str, drop_done=None):
     """The stages over manifest rows: long recordings cut into segments (tasks), then CPU feature actors feeding the
-    generation actor pool, or (`fused_features`) generation actors that compute their own features.
+    generation actor pool, or (`feature_stage` "fused") generation actors that compute their own features.
 
     folder: the checkpoint, fetched locally (the feature actors need only its preprocessor config).
     rows: a Ray Dataset of manifest rows.
-    done: Dataset -> the Dataset less the segments already in the output (not to be done again).
+    drop_done: Dataset -> the Dataset less the segments already in the output (not to be done again).
     """
     import ray
 
@@ -266,58 +260,33 @@ def transcription_dataset(rows, config: TranscribeConfig, folder: str, model_lab
                      max_size=max(config.generation_actors, config.max_generation_actors or config.generation_actors))
     # Actors that read audio take CALLS_PER_ACTOR batches at once: one reads while another computes.
     reading = dict(max_concurrent_calls_per_actor=CALLS_PER_ACTOR, enable_true_multi_threading=True)
-    audio_options = config.options_for(config.manifest) or config.storage() or None
-    features = dict(
-        feature_config=FeatureExtractor.from_pretrained(folder).to_dict(),
-        min_duration_s=config.min_duration_s,
-        max_duration_s=config.max_duration_s,
-        storage_options=audio_options,
-        max_frames=config.max_frames or CPU_MAX_FRAMES,  # feature actors run on CPUs
-        vad=config.vad,
-        io_concurrency=config.io_concurrency,
-        row_retry=config.row_retry(),
-    )
-    generation = dict(
-        model_uri=config.model,
-        model_label=model_label,
-        device="cuda" if config.num_gpus > 0 and config.device == "auto" else config.device,
-        dtype=config.dtype,
-        cuda_graphs=config.cuda_graphs,
-        storage_options=config.options_for(config.model),
-        tgt_lang=config.tgt_lang,
-        num_beams=config.num_beams,
-        max_new_tokens=config.max_new_tokens,
-        max_frames=config.max_frames,
-        min_avg_logprob=config.min_avg_logprob,
-        word_timestamps=config.word_timestamps,
-    )
+    features, generation = config.feature_options(folder), config.generation_options(model_label)
     dataset = rows.map_batches(
         split_long_audio,
         batch_format="pyarrow",
         batch_size=None,
         fn_kwargs=dict(max_segment_s=config.max_segment_s, max_duration_s=config.max_duration_s,
-                       storage_options=audio_options, io_concurrency=config.io_concurrency,
+                       storage_options=features.storage_options, io_concurrency=config.io_concurrency,
                        row_retry=config.row_retry()),
     )
-    if done is not None:
-        dataset = done(dataset)
+    if drop_done is not None:
+        dataset = drop_done(dataset)
     generation_cpus, feature_cpus = actor_cpus(config, pool_size["max_size"], ray.cluster_resources().get("CPU", 0))
     generation_options = dict(batch_format="pyarrow", batch_size=generation_batch_size(config),
                               num_gpus=config.num_gpus, num_cpus=generation_cpus)
     stage = feature_stage(config)
     if stage == "fused":
-        return dataset.map_batches(TranscribeAudio, fn_constructor_kwargs=dict(features=features, generation=generation),
+        return dataset.map_batches(TranscribeAudio, fn_constructor_args=(features, generation),
                                    compute=ray.data.ActorPoolStrategy(**pool_size, **reading), **generation_options)
-    if stage == "device":
-        generation = dict(generation, vad=config.vad)
     return dataset.map_batches(
         DecodeAudio if stage == "device" else ComputeFeatures,
         batch_format="pyarrow",
         batch_size=config.feature_batch_size,
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=config.feature_actors, **reading),
         num_cpus=feature_cpus,
-        fn_constructor_kwargs=features,
-    ).map_batches(GenerateFromAudio if stage == "device" else GenerateText, fn_constructor_kwargs=generation,
+        fn_constructor_args=(features,),
+    ).map_batches(GenerateFromAudio if stage == "device" else GenerateText,
+                  fn_constructor_args=(generation, config.vad) if stage == "device" else (generation,),
                   compute=ray.data.ActorPoolStrategy(**pool_size), **generation_options)
 
 
@@ -342,11 +311,6 @@ def actor_cpus(config: TranscribeConfig, generation_actors: int, cluster_cpus: f
                 "none: each actor reserves %.3g of its CPUs instead (the cores are shared, not added)", wanted,
                 cluster_cpus, scale)
     return config.generation_cpus * scale, config.feature_cpus * scale
-
-
-def fused_features(config: TranscribeConfig) -> bool:
-    """Whether the generation actors read audio and compute their own features."""
-    return feature_stage(config) == "fused"
 
 
 GPU_BATCH_SIZE = 768  # rows a generation call with GPUs: four of GPU_MAX_FRAMES' batches of 10 s rows

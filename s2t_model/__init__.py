@@ -3,7 +3,7 @@
 import os as _os
 
 from .config import Speech2TextConfig
-from .decoding import GenerationOutput
+from .decoding import DecodingOptions, GenerationOutput
 from .features import FeatureExtractor
 from .segment import Segment, find_segments, segment_stream
 from .speech2text import Speech2Text, Transcript
@@ -16,6 +16,7 @@ DEMO_MODEL = _os.path.join(_ASSETS, "demo-model")  # the demo model's checkpoint
 DEMO_CORPUS = _os.path.join(_ASSETS, "demo-corpus")  # 50 utterances
 DEMO_LONG_FORM = _os.path.join(_ASSETS, "long-form")  # two long recordings and where each utterance lies in them
 
-__all__ = ["Speech2Text", "Speech2TextConfig", "FeatureExtractor", "Tokenizer", "GenerationOutput", "Transcript",
+__all__ = ["Speech2Text", "Speech2TextConfig", "FeatureExtractor", "Tokenizer", "DecodingOptions", "GenerationOutput",
+           "Transcript",
            "Segment", "find_segments", "segment_stream",
            "DEMO_MODEL", "DEMO_CORPUS", "DEMO_LONG_FORM"]

@@ -31,6 +31,21 @@ from .model import KVCache, Speech2TextModule, subsampled_lengths, token_positio
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class DecodingOptions:
+    """How `Speech2Text.transcribe_features` turns features into transcripts (None: the checkpoint's or the device's
+    default). The jobs and the endpoint build one from their configuration; `transcribe` takes its fields as keywords."""
+
+    num_beams: int | None = None  # 1: greedy search
+    max_new_tokens: int | None = None  # default: the checkpoint's max_length - 1
+    length_penalty: float | None = None
+    early_stopping: bool | str | None = None  # True, False or "never", as transformers' generate
+    max_frames: int | None = None  # padded feature frames per batch (fairseq's max_tokens)
+    min_avg_logprob: float | None = None  # transcripts scoring lower per token are flagged low_confidence
+    word_timestamps: bool = False  # each transcript's words, timed in its utterance
+    logprobs: bool = False  # each token's log-probability
+
+
 @dataclass
 class GenerationOutput:
     # One entry per returned sequence, num_return_sequences per utterance, utterance by utterance.

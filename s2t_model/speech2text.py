@@ -13,7 +13,7 @@ from torch import Tensor
 from . import alignment, checkpoint
 from .batching import default_max_frames, frame_budget_batches
 from .config import Speech2TextConfig
-from .decoding import GenerationOutput, generate
+from .decoding import DecodingOptions, GenerationOutput, generate
 from .features import FeatureExtractor
 from .model import Speech2TextModule
 from .tokenizer import Tokenizer
@@ -121,17 +121,16 @@ class Speech2Text(Speech2TextModule):
         self,
         waveforms: Sequence[np.ndarray] | np.ndarray,
         sampling_rate: int,
-        num_beams: int | None = None,
         tgt_lang: TgtLang = None,
-        max_frames: int | None = None,
-        **generate_options,
+        **options,
     ) -> list[str]:
         """Waveforms (a list of 1-D arrays) -> texts, in length-sorted batches of at most `max_frames` padded frames
-        (default: the device's, s2t_model.batching.default_max_frames)."""
+        (default: the device's, s2t_model.batching.default_max_frames). options: `DecodingOptions`' fields."""
         if isinstance(waveforms, np.ndarray) and waveforms.ndim == 1:
             waveforms = [waveforms]
-        results = self.transcribe_features(self.features(waveforms, sampling_rate, max_frames), num_beams=num_beams,
-                                           tgt_lang=tgt_lang, max_frames=max_frames, **generate_options)
+        decoding = DecodingOptions(**options)
+        results = self.transcribe_features(self.features(waveforms, sampling_rate, decoding.max_frames),
+                                           tgt_lang=tgt_lang, options=decoding)
         return [result.text for result in results]
 
     def features(self, waveforms: Sequence[np.ndarray], sampling_rate: int, max_frames: int | None = None) -> list[Tensor]:
@@ -144,14 +143,12 @@ class Speech2Text(Speech2TextModule):
         self,
         features: Sequence[Tensor | np.ndarray | None],
         tgt_lang: TgtLang = None,
-        max_frames: int | None = None,
-        min_avg_logprob: float | None = None,
-        word_timestamps: bool = False,
-        logprobs: bool = False,
+        options: DecodingOptions | None = None,
         on_batch: Callable[[list[int]], None] | None = None,
-        **generate_options,
+        **fields,
     ) -> list[Transcript]:
-        """Features of utterances, each (T_i, 80) -> one `Transcript` each, in the order given.
+        """Features of utterances, each (T_i, 80) -> one `Transcript` each, in the order given, decoded as `options`
+        (`DecodingOptions`, with any of its `fields` given here instead).
 
         None stands for an utterance without speech (see `vad.speech_features`): its transcript is empty, and the
         model does not run on it. A transcript whose mean log-probability is below `min_avg_logprob` is flagged
@@ -168,21 +165,25 @@ class Speech2Text(Speech2TextModule):
         langs = [tgt_lang] * len(features) if tgt_lang is None or isinstance(tgt_lang, str) else list(tgt_lang)
         if len(langs) != len(features):
             raise ValueError(f"tgt_lang has {len(langs)} entries for {len(features)} utterances")
+        o = dataclasses.replace(options or DecodingOptions(), **fields)
         results = [Transcript("", [], None, speech=False) for _ in features]
         heard = [i for i, f in enumerate(features) if f is not None]
-        max_frames = max_frames or default_max_frames(self.device)
+        max_frames = o.max_frames or default_max_frames(self.device)
         for batch in frame_budget_batches([len(features[i]) for i in heard], max_frames):
             batch = [heard[j] for j in batch]
             if on_batch is not None:
                 on_batch([len(features[i]) for i in batch])
             padded, lengths = pad_features([features[i] for i in batch], self.device)
-            out = self.generate(padded, lengths, tgt_lang=[langs[i] for i in batch], **generate_options)
-            timed = self.timed(padded, lengths, out.ids, word_timestamps) if word_timestamps or logprobs else None
+            out = self.generate(padded, lengths, num_beams=o.num_beams, max_new_tokens=o.max_new_tokens,
+                                length_penalty=o.length_penalty, early_stopping=o.early_stopping,
+                                tgt_lang=[langs[i] for i in batch])
+            timed = self.timed(padded, lengths, out.ids, o.word_timestamps) if o.word_timestamps or o.logprobs \
+                else None
             for n, (i, ids, score) in enumerate(zip(batch, out.ids, out.scores)):
-                low = min_avg_logprob is not None and score < min_avg_logprob
+                low = o.min_avg_logprob is not None and score < o.min_avg_logprob
                 results[i] = Transcript(self.tokenizer.decode(ids), ids, score, low_confidence=low)
                 if timed is not None:
-                    results[i].token_logprobs = timed[n][0] if logprobs else None
+                    results[i].token_logprobs = timed[n][0] if o.logprobs else None
                     results[i].words = timed[n][1]
         return results
 

@@ -2,8 +2,12 @@
 
 import json
 import random
+from typing import TYPE_CHECKING
 
 import sentencepiece
+
+if TYPE_CHECKING:
+    import numpy as np
 
 ONES = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen " \
        "seventeen eighteen nineteen".split()

@@ -21,8 +21,8 @@ from helpers import demo_rows
 from pipeline import audio
 from pipeline.audio import INLINE_AUDIO
 from pipeline.longform import joined_row, split_long_audio
-from pipeline.manifest import SCHEMA
-from pipeline.stages import ComputeFeatures
+from pipeline.rows import SCHEMA
+from pipeline.stages import ComputeFeatures, FeatureOptions
 from s2t_model import DEMO_LONG_FORM, DEMO_MODEL, FeatureExtractor
 
 CONCURRENCY = 4
@@ -59,9 +59,9 @@ def rows_table(rows: list[dict], durations: bool) -> pa.Table:
 
 
 def feature_stage(storage_options: dict | None, io_concurrency: int) -> ComputeFeatures:
-    return ComputeFeatures(FeatureExtractor.from_pretrained(DEMO_MODEL).to_dict(), min_duration_s=0.1,
-                           max_duration_s=60.0, storage_options=storage_options, vad="off",
-                           io_concurrency=io_concurrency)
+    return ComputeFeatures(FeatureOptions(FeatureExtractor.from_pretrained(DEMO_MODEL).to_dict(), min_duration_s=0.1,
+                                          max_duration_s=60.0, storage_options=storage_options, vad="off",
+                                          io_concurrency=io_concurrency))
 
 
 def test_feature_actor_reads_io_concurrency_files_at_once():

@@ -13,7 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from helpers import demo_rows
-from pipeline.backfill import BackfillConfig, LeaseHeld, run
+from pipeline.backfill import BackfillConfig, run
+from pipeline.lease import LeaseHeld
 from s2t_model import DEMO_MODEL
 
 SMALL = dict(batch_size=4, feature_batch_size=4, rows_per_file=4, rows_per_block=4, num_beams=1)
@@ -41,15 +42,15 @@ def test_incremental_runs_write_only_missing_pairs(ray_session, tmp_path):
 
     first = run(BackfillConfig(tgt_langs="fr,de", **config))
     assert pairs(output) == Counter({(i, lang): 1 for i in ids for lang in ("fr", "de")})
-    assert first["pairs_found"] == first["pairs_written"] == 12 and first["pairs_errored"] == 0
+    assert first["pairs_written"] == 12 and first["pairs_errored"] == 0
     assert first["bleu"]["fr"] >= 50  # references: the manifest's text_fr
 
     second = run(BackfillConfig(tgt_langs="fr,de", **config))
-    assert second["pairs_found"] == second["pairs_written"] == 0
+    assert second["pairs_written"] == 0
     assert sum(pairs(output).values()) == 12
 
     third = run(BackfillConfig(tgt_langs="fr,de,es", **config))
-    assert third["pairs_found"] == third["pairs_written"] == 6
+    assert third["pairs_written"] == 6
     assert pairs(output) == Counter({(i, lang): 1 for i in ids for lang in ("fr", "de", "es")})
     every = pa.concat_tables(pq.read_table(f) for f in output.glob("*.parquet"))
     es = every.filter(pa.compute.equal(every["tgt_lang"], "es"))
@@ -65,9 +66,9 @@ def test_errored_pairs_are_retried_only_when_asked(ray_session, tmp_path):
     output = tmp_path / "out"
     config = dict(manifest=str(source), output=str(output), model=DEMO_MODEL, tgt_langs="fr", **SMALL)
     assert run(BackfillConfig(**config))["pairs_errored"] == 1
-    assert run(BackfillConfig(**config))["pairs_found"] == 0
+    assert run(BackfillConfig(**config))["pairs_written"] == 0
     retried = run(BackfillConfig(retry_errors=True, **config))
-    assert retried["pairs_found"] == 1 and retried["errors_by_reason"] == {"missing": 1}
+    assert retried["pairs_written"] == 1 and retried["errors_by_reason"] == {"missing": 1}
     assert pairs(output) == Counter({(row["id"], "fr"): 1 for row in rows})
 
 
@@ -94,7 +95,7 @@ def test_a_concurrent_run_is_refused_and_a_killed_run_is_completed(ray_session, 
 
     # Its lease names a dead process on this host: the rerun takes it over and writes only what is missing.
     rerun = run(BackfillConfig(manifest=source, output=str(output), model=DEMO_MODEL, tgt_langs="fr,de", **SMALL))
-    assert rerun["pairs_found"] < 32
+    assert rerun["pairs_written"] < 32
     assert pairs(output) == Counter({(i, lang): 1 for i in ids for lang in ("fr", "de")})
     assert not (output / "_s2t" / "_lease.json").exists()
 
@@ -150,6 +151,6 @@ def test_a_backfill_over_webdataset_shards_streams_their_audio(ray_session, tmp_
     config = dict(manifest=str(tmp_path / "shard-{000000..000001}.tar"), output=str(output), model=DEMO_MODEL, **SMALL)
     first = run(BackfillConfig(tgt_langs="fr,de", **config))
     assert pairs(output) == Counter({(row["id"], lang): 1 for row in rows for lang in ("fr", "de")})
-    assert first["pairs_found"] == 12 and first["pairs_errored"] == 0
+    assert first["pairs_written"] == 12 and first["pairs_errored"] == 0
     assert first["bleu"]["fr"] >= 50
-    assert run(BackfillConfig(tgt_langs="fr,de", **config))["pairs_found"] == 0
+    assert run(BackfillConfig(tgt_langs="fr,de", **config))["pairs_written"] == 0

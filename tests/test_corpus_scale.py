@@ -11,9 +11,10 @@ import pytest
 
 from helpers import demo_rows, killed_mid_job
 from pipeline import scoring
-from pipeline.backfill import Lease, LeaseHeld
+from pipeline.lease import Lease, LeaseHeld
 from pipeline.ids import digest_set
-from pipeline.manifest import Manifest, ManifestError, read_manifest
+from pipeline.manifest import Manifest, read_manifest
+from pipeline.rows import ManifestError
 from pipeline.summary import corpus_summary
 from pipeline.transcribe import TranscribeConfig, run
 from s2t_model import DEMO_MODEL

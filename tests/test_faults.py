@@ -57,10 +57,10 @@ def through(url: str) -> dict:
 
 
 def stage(url: str, attempts: int = RowRetry.attempts):
-    from pipeline.stages import ComputeFeatures
+    from pipeline.stages import ComputeFeatures, FeatureOptions
 
-    return ComputeFeatures(FeatureExtractor.from_pretrained(DEMO_MODEL).to_dict(), 0.1, 60.0,
-                           storage_options=through(url), vad="off", row_retry=RowRetry(attempts, 0.05))
+    return ComputeFeatures(FeatureOptions(FeatureExtractor.from_pretrained(DEMO_MODEL).to_dict(), 0.1, 60.0,
+                                          storage_options=through(url), vad="off", row_retry=RowRetry(attempts, 0.05)))
 
 
 def row(uri: str) -> dict:

@@ -15,9 +15,9 @@ import torch
 from helpers import demo_rows, non_speech
 from pipeline import scoring
 from pipeline.gpu_stage import PCM, PCM_TYPE, DecodeAudio, GenerateFromAudio, pcm_column, pcm_rows
-from pipeline.stages import ComputeFeatures, GenerateText
+from pipeline.stages import ComputeFeatures, FeatureOptions, GenerateText, GenerationOptions
 from pipeline.transcribe import TranscribeConfig, feature_stage, generation_batch_size, run
-from s2t_model import DEMO_MODEL, FeatureExtractor
+from s2t_model import DEMO_MODEL, DecodingOptions, FeatureExtractor
 from s2t_model.vad import SileroVAD, shared_vad
 
 CLIPS = 5
@@ -47,8 +47,9 @@ def rows(tmp_path_factory):
 
 
 def stage_options():
-    features = dict(feature_config=FeatureExtractor().to_dict(), min_duration_s=0.1, max_duration_s=60.0)
-    generation = dict(model_uri=DEMO_MODEL, model_label="demo", device="cpu", num_beams=2, max_new_tokens=60)
+    features = FeatureOptions(feature_config=FeatureExtractor().to_dict(), min_duration_s=0.1, max_duration_s=60.0)
+    generation = GenerationOptions(model_uri=DEMO_MODEL, model_label="demo", device="cpu",
+                                   decoding=DecodingOptions(num_beams=2, max_new_tokens=60))
     return features, generation
 
 
@@ -69,12 +70,12 @@ def with_ids(stage) -> list:
 def test_the_device_path_gives_the_cpu_feature_paths_ids_texts_and_speech(rows):
     table, references = rows
     features, generation = stage_options()
-    cpu_stage = GenerateText(**generation)
+    cpu_stage = GenerateText(generation)
     cpu_ids = with_ids(cpu_stage)
-    cpu = cpu_stage(ComputeFeatures(**features)(table)).to_pylist()
-    device_stage = GenerateFromAudio(**generation)
+    cpu = cpu_stage(ComputeFeatures(features)(table)).to_pylist()
+    device_stage = GenerateFromAudio(generation)
     device_ids = with_ids(device_stage)
-    decoded = DecodeAudio(**features)(table)
+    decoded = DecodeAudio(features)(table)
     assert decoded.schema.field(PCM).type == PCM_TYPE and "features" not in decoded.column_names
     device = device_stage(decoded).to_pylist()
     assert PCM not in device[0]

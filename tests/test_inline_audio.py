@@ -4,9 +4,9 @@ bytes, exactly as from the file; the bytes never reach the generation actors or 
 import pyarrow as pa
 
 from helpers import demo_rows
-from pipeline.manifest import SCHEMA
-from pipeline.stages import TranscribeAudio
-from s2t_model import DEMO_MODEL, FeatureExtractor
+from pipeline.rows import SCHEMA
+from pipeline.stages import FeatureOptions, GenerationOptions, TranscribeAudio
+from s2t_model import DEMO_MODEL, DecodingOptions, FeatureExtractor
 
 
 def transcribe(rows: list[dict], with_bytes: dict[int, bytes]) -> list[dict]:
@@ -16,9 +16,9 @@ def transcribe(rows: list[dict], with_bytes: dict[int, bytes]) -> list[dict]:
          for i, r in enumerate(rows)], schema=SCHEMA)
     table = table.append_column("audio_bytes", pa.array([with_bytes.get(i) for i in range(len(rows))], pa.binary()))
     stage = TranscribeAudio(
-        features=dict(feature_config=FeatureExtractor.from_pretrained(DEMO_MODEL).to_dict(), min_duration_s=0.1,
-                      max_duration_s=60.0),
-        generation=dict(model_uri=DEMO_MODEL, model_label="demo", num_beams=1))
+        FeatureOptions(feature_config=FeatureExtractor.from_pretrained(DEMO_MODEL).to_dict(), min_duration_s=0.1,
+                       max_duration_s=60.0),
+        GenerationOptions(model_uri=DEMO_MODEL, model_label="demo", decoding=DecodingOptions(num_beams=1)))
     out = stage(table)
     assert "audio_bytes" not in out.column_names
     return out.to_pylist()

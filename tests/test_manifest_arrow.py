@@ -11,8 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 
 
-import pipeline.manifest as manifest
-from pipeline.manifest import Manifest, Repeats, read_blocks
+import pipeline.records as records
+from pipeline.manifest import Manifest
+from pipeline.records import read_blocks
+from pipeline.rows import IdNumbering
 
 
 def lines(*records) -> bytes:
@@ -67,7 +69,7 @@ def read(data: bytes, base: str | None, rows_per_block: int) -> list[tuple[pa.Sc
 @pytest.mark.parametrize("rows_per_block", [1, 3, 256])
 def test_arrow_blocks_give_the_rows_of_the_row_by_row_path(monkeypatch, data, base, rows_per_block):
     fast = read(data, base, rows_per_block)
-    monkeypatch.setattr(manifest, "_json_table", lambda *args: None)
+    monkeypatch.setattr(records, "_json_table", lambda *args: None)
     slow = read(data, base, rows_per_block)
     assert fast == slow
 
@@ -75,14 +77,14 @@ def test_arrow_blocks_give_the_rows_of_the_row_by_row_path(monkeypatch, data, ba
 @pytest.mark.parametrize("data", [PLAIN, NEMO, REPEATS, INT_IDS], ids=["plain", "nemo", "repeated-ids", "int-ids"])
 def test_clean_blocks_take_the_arrow_path(monkeypatch, data):
     taken = []
-    original = manifest._json_table
-    monkeypatch.setattr(manifest, "_json_table", lambda *args: taken.append(original(*args)) or taken[-1])
+    original = records._json_table
+    monkeypatch.setattr(records, "_json_table", lambda *args: taken.append(original(*args)) or taken[-1])
     read(data, "/corpus", 4)
     assert taken and all(table is not None for table in taken)
 
 
 def test_repeated_ids_are_numbered_in_file_order():
-    assert Repeats().number_all(["x", "x", "x#2", "y", "x", "x#3"]) == ["x", "x#2", "x#2#2", "y", "x#3", "x#3#2"]
+    assert IdNumbering().number_all(["x", "x", "x#2", "y", "x", "x#3"]) == ["x", "x#2", "x#2#2", "y", "x#3", "x#3#2"]
 
 
 def test_rows_carrying_their_audio_come_in_smaller_blocks(tmp_path):

@@ -305,7 +305,8 @@ def test_resume_after_sigkill_mid_shard(webdataset_job):
 
 
 def test_what_a_pattern_names_is_decided_by_extension(tmp_path):
-    from pipeline.manifest import Manifest, ManifestError
+    from pipeline.manifest import Manifest
+    from pipeline.rows import ManifestError
     from pipeline.shards import TarredAudio
 
     write_tar(tmp_path / "a-0.tar", [])

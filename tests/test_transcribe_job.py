@@ -22,7 +22,8 @@ import soxr
 
 from helpers import demo_rows
 from pipeline import scoring
-from pipeline.manifest import ManifestError, read_manifest
+from pipeline.manifest import read_manifest
+from pipeline.rows import ManifestError
 from pipeline.transcribe import TranscribeConfig, run
 from s2t_model import DEMO_MODEL
 
