@@ -7,9 +7,13 @@ import json
 import logging
 import sys
 
-from pipeline.backfill import BackfillConfig, check_backfill_output, run
+from pipeline.backfill import BackfillConfig, run
 from pipeline.lease import LeaseHeld
 from pipeline.output import OutputError
+from pipeline.rows import ManifestError
+from pipeline.transcribe import check_inputs
+
+EXIT_RETRYABLE = 75  # EX_TEMPFAIL (sysexits.h): pairs remain that another run may do
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,15 +26,20 @@ def main(args: argparse.Namespace) -> dict:
     from jobs.transcribe import init_ray
 
     try:
-        check_backfill_output(config)  # before Ray starts: an output that cannot work is said in one line
-    except OutputError as error:
+        check_inputs(config)  # before Ray starts: what cannot work is said in one line, as s2t transcribe says it
+    except (ManifestError, OutputError) as error:
         sys.exit(f"s2t backfill: {error}")
     init_ray(config.verbose)
     try:
         summary = run(config)
     except LeaseHeld as error:
-        raise SystemExit(f"not starting: {error}") from None
+        sys.exit(f"s2t backfill: {error}")
     print(json.dumps({k: v for k, v in summary.items() if k != "bleu_signature"}))
+    if summary["pairs_retryable"]:
+        # Not done: a scheduler that reruns failed jobs gets them done (the rerun does those pairs again).
+        print(f"s2t backfill: {summary['pairs_retryable']} pairs failed for the store's or our sake; run the same "
+              f"command again to do them", file=sys.stderr)
+        sys.exit(EXIT_RETRYABLE)
     return summary
 
 

@@ -14,7 +14,6 @@ import json
 import time
 import uuid
 
-import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field
@@ -25,13 +24,12 @@ from .ids import digest_set, drop_listed
 from .lease import Lease
 from .longform import join_segments, write_output
 from .manifest import Manifest
-from .output import (META, RUNS, arrow_filesystem, check_output, drop_errors, footers, mark_output, output_filesystem,
-                     rows_dataset, each_language)
+from .output import (META, RUNS, arrow_filesystem, drop_errors, footers, mark_output, rows_dataset, each_language)
 from .reasons import RETRYABLE, Reason
 from .storage import retry_store_errors
 from .progress import Progress, counted, quiet_ray
 from .summary import run_summary
-from .transcribe import TranscribeConfig, transcription_dataset
+from .transcribe import TranscribeConfig, check_inputs, transcription_dataset
 
 PAIR = ("id", "tgt_lang")  # what a backfill's row is: one manifest row in one language
 
@@ -53,8 +51,7 @@ def run(config: BackfillConfig) -> dict:
     started = time.time()
     run_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
     langs = config.languages()
-    manifest = Manifest(config.manifest, config.options_for(config.manifest))
-    fs, root = check_backfill_output(config)
+    manifest, fs, root = check_inputs(config)
     folder = checkpoint.local_folder(config.model, config.options_for(config.model))
     known = Speech2Text.from_pretrained(folder).tokenizer.langs
     unknown = [lang for lang in langs if lang not in known]
@@ -93,13 +90,6 @@ def run(config: BackfillConfig) -> dict:
     with fs.open(f"{root.rstrip('/')}/{RUNS}/{run_id}.json", "w") as f:
         json.dump(summary, f, indent=2)
     return summary
-
-
-def check_backfill_output(config: BackfillConfig) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The output folder, checked before any work as `s2t transcribe` checks its own (OutputError)."""
-    fs, root = output_filesystem(config.output, config.options_for(config.output))
-    check_output(fs, root, config.output, adopt=config.adopt_output)
-    return fs, root
 
 
 def missing_pairs(manifest: Manifest, rows_per_block: int, langs: list[str], run_id: str, fs, root: str,
@@ -148,6 +138,7 @@ def summarize(fs, root: str, run_id: str, langs: list[str], wall_s: float) -> di
         if written else None
     figures = run_summary(rows, run_id)
     return {"run_id": run_id, "tgt_langs": langs, "pairs_written": figures["rows"],
-            "pairs_errored": sum(figures["errors_by_reason"].values()), "errors_by_reason": figures["errors_by_reason"],
+            "pairs_errored": sum(figures["errors_by_reason"].values()), "pairs_retryable": figures["rows_retryable"],
+            "errors_by_reason": figures["errors_by_reason"],
             "wall_s": wall_s, "bleu": figures["bleu"],
             **({"bleu_signature": figures["bleu_signature"]} if "bleu_signature" in figures else {})}

@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 from ray.data.datasource import FileBasedDatasource, FilenameProvider
 
 from . import storage  # noqa: F401 (sets the S3 client's tries in every process that writes the output)
+from .reasons import reason_words
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +239,7 @@ def drop_errors(fs: fsspec.AbstractFileSystem, root: str, reasons) -> int:
 def redone_rows(errors: pa.ChunkedArray, reasons) -> pa.ChunkedArray:
     """Whether each row's error has one of `reasons` (false for rows without error)."""
     errors = errors.cast(pa.string())  # (a column of nulls only may be typed null)
-    words = pc.list_element(pc.split_pattern(pc.fill_null(errors, ""), ":", max_splits=1), 0)
+    words = reason_words(pc.fill_null(errors, ""))
     return pc.and_(pc.is_valid(errors), pc.is_in(words, value_set=pa.array(sorted(reasons), pa.string())))
 
 

@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from . import metrics
+from .reasons import reason_words
 
 TIMELINE_POINTS = 200  # (seconds, rows, audio seconds) samples kept for the report's throughput plot
 
@@ -44,7 +45,7 @@ def row_counts(batch: pa.Table) -> dict:
     errors: dict[str, float] = {}
     failed = pc.invert(ok)
     if pc.any(failed).as_py():
-        reasons = pc.list_element(pc.split_pattern(pc.filter(error, failed), ":", max_splits=1), 0).to_pylist()
+        reasons = reason_words(pc.filter(error, failed)).to_pylist()
         for reason, w in zip(reasons, pc.filter(weight, failed).to_pylist()):
             errors[reason] = errors.get(reason, 0.0) + w
 

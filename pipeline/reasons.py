@@ -13,6 +13,9 @@ import errno
 import socket
 from enum import StrEnum
 
+import pyarrow as pa
+import pyarrow.compute as pc
+
 
 class Reason(StrEnum):
     MISSING = "missing"  # no such file (404), no such member of an archive or tar
@@ -36,13 +39,23 @@ class Reason(StrEnum):
 RETRYABLE = frozenset({Reason.UNAVAILABLE, Reason.GENERATION_FAILED})
 
 
+def reason_word(error: str) -> str:
+    """The first word of an `error` value, as written (an older version's may be no member of `Reason`)."""
+    return error.split(":", 1)[0]
+
+
+def reason_words(errors: pa.Array | pa.ChunkedArray) -> pa.ChunkedArray:
+    """`reason_word` of a column of errors, computed by Arrow (no Python object per row); null where null."""
+    return pc.list_element(pc.split_pattern(errors, ":", max_splits=1), 0)
+
+
 def reason_of(error: str | None) -> Reason | None:
     """The reason of an `error` value (None for a row without error); a word no member has (an older version's)
     counts as unreadable, final."""
     if not error:
         return None
     try:
-        return Reason(error.split(":", 1)[0])
+        return Reason(reason_word(error))
     except ValueError:
         return Reason.UNREADABLE
 

@@ -25,6 +25,7 @@ from . import scoring
 from s2t_model.speech2text import MIN_AVG_LOGPROB
 
 from .ids import digests, lookup
+from .reasons import reason_word
 from .summary import block_sums, figures
 
 DURATION_EDGES = [0.0, 2.0, 5.0, 10.0, 20.0, 60.0]  # seconds: the buckets [0, 2), [2, 5), ..., [60, inf)
@@ -103,7 +104,7 @@ def candidates(batch: pa.Table, ok) -> pa.Table:
     if not pc.all(ok).as_py():
         taken: dict[str, int] = {}
         for row in shown.filter(pc.invert(ok)).to_pylist():
-            reason = row["error"].split(":", 1)[0]
+            reason = reason_word(row["error"])
             if taken.get(reason, 0) < EXAMPLES:
                 taken[reason] = taken.get(reason, 0) + 1
                 found.append((f"example:{reason}", 0.0, row))

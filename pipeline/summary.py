@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 
 from . import scoring
 from .ids import compare, digest_set, drop_listed, sorted_digests
-from .reasons import reason_of
+from .reasons import reason_of, reason_words
 
 SUMS = pa.schema([("name", pa.string()), ("value", pa.float64())])
 
@@ -33,7 +33,7 @@ def block_sums(batch: pa.Table, run_id: str | None = None) -> pa.Table:
         "n_out": batch.num_rows, "ok": pc.sum(ok).as_py() or 0, "audio_s": pc.sum(seconds).as_py() or 0.0,
         "run_rows": pc.sum(this_run).as_py() or 0,
         "run_audio_s": pc.sum(pc.if_else(this_run, seconds, 0.0)).as_py() or 0.0, "wer_edits": 0.0, "wer_words": 0.0}
-    reasons = pc.list_element(pc.split_pattern(pc.filter(error, pc.invert(ok)), ":", max_splits=1), 0)
+    reasons = reason_words(pc.filter(error, pc.invert(ok)))
     for counted in pc.value_counts(reasons).to_pylist():
         sums[f"error:{counted['values']}"] = counted["counts"]
     scored = batch.filter(ok)

@@ -154,3 +154,14 @@ def test_a_backfill_over_webdataset_shards_streams_their_audio(ray_session, tmp_
     assert first["pairs_written"] == 12 and first["pairs_errored"] == 0
     assert first["bleu"]["fr"] >= 50
     assert run(BackfillConfig(tgt_langs="fr,de", **config))["pairs_written"] == 0
+
+
+@pytest.mark.parametrize("job", ["transcribe", "backfill"])
+def test_both_jobs_refuse_a_manifest_that_is_not_there_in_one_line_before_ray_starts(tmp_path, job):
+    missing = str(tmp_path / "nowhere.jsonl")
+    args = [missing, str(tmp_path / "out")] if job == "transcribe" else ["--manifest", missing, "--output",
+                                                                          str(tmp_path / "out")]
+    done = subprocess.run([sys.executable, "-m", f"jobs.{job}", *args, "--model", DEMO_MODEL],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "RAY_ADDRESS": ""})
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == f"s2t {job}: {missing}: no such manifest"

@@ -268,3 +268,36 @@ def test_as_many_one_cpu_generation_actors_as_cpus_do_not_starve_the_read_tasks(
     assert done.returncode == 0, done.stderr[-3000:]
     table = pq.read_table(tmp_path / "out", columns=["id", "error"])
     assert sorted(table["id"].to_pylist()) == sorted(r["id"] for r in rows) and table["error"].null_count == len(rows)
+
+
+def test_a_backfill_leaving_the_stores_pairs_exits_75_and_its_rerun_does_them(ray_session, store, bucket):
+    """The backfill tells a scheduler the truth as `s2t transcribe` does: a clip answering 500 every time leaves its
+    pair `unavailable` and the run exits 75; the rerun, the fault gone, does that pair alone and exits 0."""
+    import argparse
+
+    from jobs import backfill
+
+    proxy, direct, url = store
+    rows = demo_rows(4)
+    for r in rows:
+        direct.put_file(r["audio_filepath"], f"{bucket}/corpus/audio/{r['id']}.flac")
+    direct.pipe_file(f"{bucket}/corpus/manifest.jsonl", "\n".join(
+        json.dumps({"id": r["id"], "audio_filepath": f"audio/{r['id']}.flac"}) for r in rows).encode())
+    proxy.faults[:] = [Fault("500", path=f"/audio/{rows[1]['id']}.flac")]
+    parser = argparse.ArgumentParser()
+    backfill.add_arguments(parser)
+    args = parser.parse_args([
+        "--manifest", f"s3://{bucket}/corpus/manifest.jsonl", "--output", f"s3://{bucket}/out", "--model",
+        DEMO_MODEL, "--tgt-langs", "fr", "--s3-endpoint-url", url, "--storage-options", json.dumps(CREDENTIALS),
+        "--num-beams", "1", "--s3-read-timeout-s", "2", "--read-backoff-s", "0.1"])
+    with pytest.raises(SystemExit) as exit:
+        backfill.main(args)
+    assert exit.value.code == 75
+    errors = [e for e in output_table(direct, f"{bucket}/out")["error"].to_pylist() if e]
+    assert len(errors) == 1 and errors[0].startswith("unavailable: ")
+
+    proxy.faults.clear()
+    summary = backfill.main(args)
+    assert (summary["pairs_written"], summary["pairs_errored"], summary["pairs_retryable"]) == (1, 0, 0)
+    out = output_table(direct, f"{bucket}/out")
+    assert out.num_rows == len(rows) and out["error"].null_count == len(rows)
