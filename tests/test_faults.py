@@ -301,3 +301,33 @@ def test_a_backfill_leaving_the_stores_pairs_exits_75_and_its_rerun_does_them(ra
     assert (summary["pairs_written"], summary["pairs_errored"], summary["pairs_retryable"]) == (1, 0, 0)
     out = output_table(direct, f"{bucket}/out")
     assert out.num_rows == len(rows) and out["error"].null_count == len(rows)
+
+
+
+@pytest.mark.parametrize("fault", ["500", "reset_body"])
+@pytest.mark.parametrize("container", ["wav", "mka"])
+def test_a_store_failing_while_a_streamed_file_is_decoded_is_unavailable_not_the_files_fault(store, bucket, fault,
+                                                                                             container):
+    """A file over WHOLE_FILE_BYTES is decoded while streamed (WAV by libsndfile, Matroska by PyAV): the store
+    failing then (every GET after the HEAD answered 500, or cut short) is `unavailable`, retryable; never `corrupt`
+    or `truncated`, the file's fault."""
+    from bench.decode import encode_audio
+    from pipeline.audio import WHOLE_FILE_BYTES
+
+    proxy, direct, url = store
+    rate = 16000
+    samples = np.random.default_rng(0).uniform(-0.5, 0.5, int(WHOLE_FILE_BYTES / 2 * 1.2)).astype(np.float32)
+    data = io.BytesIO()
+    if container == "wav":
+        soundfile.write(data, samples, rate, format="WAV", subtype="PCM_16")
+        data = data.getvalue()
+    else:
+        data = encode_audio(samples, rate, "matroska", "pcm_s16le")
+    assert len(data) > WHOLE_FILE_BYTES
+    direct.pipe_file(f"{bucket}/big.{container}", data)
+    actor = stage(url, attempts=2)
+    actor.options = type(actor.options)(**{**actor.options.__dict__, "max_duration_s": 7200.0})
+
+    proxy.faults[:] = [Fault(fault, methods=("GET",), path=f"/{bucket}/big.{container}")]
+    error = actor.load(row(f"s3://{bucket}/big.{container}"))
+    assert isinstance(error, str) and error.startswith("unavailable: "), error
