@@ -357,7 +357,7 @@ def test_nemo_rows_already_done_are_dropped_before_their_tars_are_read(ray_sessi
     entries = nemo_dataset(tmp_path, rows, shards=2)
     manifest = Manifest(str(tmp_path / "tarred_audio_manifest.json"),
                         tarred_audio=TarredAudio(str(tmp_path / "audio_{0..1}.tar")))
-    read = manifest.dataset(4, pyarrow.fs.LocalFileSystem(), todo=lambda rows: rows.map_batches(
+    read = manifest.dataset(4, pyarrow.fs.LocalFileSystem(), drop_done=lambda rows: rows.map_batches(
         no_audio_yet, batch_format="pyarrow")).take_all()
     assert sorted(r["audio"] for r in read) == sorted(f"{tmp_path}/audio_0.tar/{e['audio_filepath']}"
                                                       for e in entries if e["shard_id"] == 0)
