@@ -1,7 +1,8 @@
 """`s2t evaluate`: WER of the English transcripts and BLEU of each translation, on a corpus with references.
 
 Transcripts go through the public path (`Speech2Text.transcribe`: features, batching, generation, decoding).
-WER is jiwer's over lowercase words; BLEU is sacrebleu's corpus BLEU, printed with its signature.
+WER is the job summary's (`pipeline.scoring.wer`: jiwer over normalised text); BLEU is sacrebleu's corpus BLEU,
+printed with its signature.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 import soundfile
 import soxr
 
+from pipeline import scoring
 from s2t_model import Speech2Text
 
 
@@ -43,7 +45,6 @@ def score(
     model: Speech2Text, rows: list[dict], langs: list[str], num_beams: int = 5, max_new_tokens: int | None = None
 ) -> dict[str, float]:
     """{"wer": %, "bleu_<lang>": BLEU, "bleu_signature": sacrebleu's} of the model on `rows`."""
-    import jiwer
     import sacrebleu
 
     rate = model.feature_extractor.sampling_rate
@@ -54,7 +55,7 @@ def score(
             waves, sampling_rate=rate, num_beams=num_beams, tgt_lang=lang, max_new_tokens=max_new_tokens
         )
         if lang is None:
-            results["wer"] = 100 * jiwer.wer([row["text"] for row in rows], hypotheses)
+            results["wer"] = scoring.wer([row["text"] for row in rows], hypotheses)
         else:
             references = [[row[f"text_{lang}"] for row in rows]]
             bleu = sacrebleu.BLEU()

@@ -5,8 +5,8 @@ came from.
 Two decoders, chosen by what the file is (libsndfile recognises it by its content, never by its name), as measured
 by `s2t bench decode` (docs/audio-formats.md): libsndfile for what it reads right and fastest (WAV, FLAC, AIFF,
 Ogg Vorbis, ...: the samples the job always had); PyAV (FFmpeg's libraries) for MP3 (libsndfile takes the length
-from the first frame when there is no Xing/Info header, and counts cover art as audio), Opus (PyAV decodes it about
-twice as fast) and everything libsndfile does not recognise: m4a/AAC, mp4/mov/mkv audio tracks, webm, AMR, WMA, ...
+from the first frame when there is no Xing/Info header, and counts cover art as audio), Opus (PyAV decodes it
+faster) and everything libsndfile does not recognise: m4a/AAC, mp4/mov/mkv audio tracks, webm, AMR, WMA, ...
 
 Every failure is an `AudioError` whose `reason` is a `Reason` (missing, empty, unreadable, corrupt, truncated,
 too_short, too_long; unavailable when the store failed, which is retryable) and whose message names the file: the
@@ -37,8 +37,8 @@ DATA_CHUNK_LOG = re.compile(r"^data\s*:\s*(?P<claimed>\d+) \(should be (?P<there
 ROUNDING_S = 0.1  # how far past the end of a file a manifest's offset + duration may reach
 WHOLE_FILE_BYTES = 16 << 20  # remote files up to this size are fetched whole (larger: streamed, slices read alone)
 # Reads at once per audio actor and per long-form split task: a feature batch's reads all in flight while the actor
-# computes another batch's features (behind s2t bench io's 100 ms proxy, 16 reads at once kept 82 rows/s coming, 32
-# kept 107).
+# computes another batch's features, so that the store's latency hides behind that work (rows/s by concurrency:
+# docs/benchmarks.md, `s2t bench io`; why 32: docs/decisions/2026-12-01-object-store-reads.md).
 IO_CONCURRENCY = 32
 ONE_GET_MAX_S = 300.0  # a row of up to this long from offset 0 is first asked for with one GET of WHOLE_FILE_BYTES
 # A row's own encoded audio file (WebDataset and NeMo tar members, Hugging Face datasets' Audio bytes): read from it,
@@ -153,7 +153,7 @@ def read_libsndfile(sound: soundfile.SoundFile, name: str, offset_s: float, dura
 
 def to_mono(samples: np.ndarray) -> np.ndarray:
     """(N, channels) -> (N,) float32, channels averaged: the same numbers as `samples.mean(axis=1)`, column by column
-    (a reduction along the short interleaved axis is ~10x slower: 48 kHz stereo took longer than decoding FLAC)."""
+    (a reduction along the short interleaved axis is several times slower: docs/audio-formats.md, bench decode)."""
     if samples.shape[1] == 1:
         return samples[:, 0]
     mono = samples[:, 0].copy()
@@ -395,8 +395,8 @@ def open_audio(uri: str, storage_options: dict | None, data: bytes | None = None
             raise AudioError("empty", f"{uri}: the file has zero bytes")
         if not member and size <= WHOLE_FILE_BYTES and "file" not in fs.protocol:
             # A small file on an object store: one GET, decoded from memory. libsndfile reading the remote file
-            # itself calls back into Python for each small read, and threads doing so hardly overlap (behind s2t
-            # bench io's proxy, 50 ms a request, 16 threads: 8 files/s that way, 42 fetched first).
+            # itself calls back into Python for each small read, and threads doing so hardly overlap
+            # (docs/decisions/2026-12-01-object-store-reads.md).
             with f:
                 return io.BytesIO(f.read())
         return f

@@ -39,7 +39,8 @@ class JobConfig(pydantic.BaseModel):
             if name in cls.hidden_options:
                 continue
             kind = _plain_type(field.annotation)
-            help = (field.description or "") + ("" if field.is_required() else f" (default: {field.default})")
+            default = "" if field.is_required() else f" (default: {field.get_default(call_default_factory=True)})"
+            help = (field.description or "") + default
             if name in positional:
                 parser.add_argument(name, nargs="?", help=help)
                 continue

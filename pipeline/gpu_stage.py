@@ -4,8 +4,9 @@ detects speech, computes fbank + CMVN and generates on its own device, in one pl
     DecodeAudio (CPU actors): rows -> `pcm`, each row's samples at the model's rate (16 kHz), float32
     GenerateFromAudio (the generation pool): `pcm` -> speech detection, features and text on its device
 
-Why: on CPU feature actors the detector and the features cost ~4x what decoding does, so a GPU decoding at tens of
-thousands of audio-seconds a second needs ~4x the cores to be fed (`s2t bench feed` measures both designs, docs/gpu.md).
+Why: on CPU feature actors the detector and the features cost several times what decoding does, so a GPU decoding
+at tens of thousands of audio-seconds a second needs several times the cores to be fed (`s2t bench feed` measures
+both designs; its figures: docs/gpu.md).
 On a GPU both are a few kernels per batch.
 
 What travels is float32 PCM, chosen by measurement (`s2t bench feed`, its hand-offs table; docs/gpu.md): int16 halves

@@ -48,9 +48,9 @@ OWN_FILES = re.compile(rf"^{re.escape(MARKER)}$|^{re.escape(SUMMARY)}$|^{RUNS}/[
 OLDER_FILES = re.compile(r"^_s2t_output\.json$|^_summary\.json$|^_runs/[0-9A-Za-z-]+\.json$"
                          r"|^_lease\.json$|^_lease\.takeover-[^/]+$")
 OLDER_MOVES = {"_summary.json": SUMMARY, "_runs/": f"{RUNS}/"}
-# The columns every version of the jobs wrote in each file (the first, 6bf948f, on; backfill's tgt_lang was in its
+# The columns every version of the jobs wrote in each file, from the first on (backfill's tgt_lang was in its
 # folder's name): Parquet files with all of them, in a folder without the marker, are an older version's output and
-# can be adopted.
+# can be adopted (docs/decisions/2026-12-01-adopting-older-outputs.md).
 S2T_COLUMNS = {"id", "audio", "text", "num_tokens", "avg_logprob", "error", "model"}
 JOBS = "s2t transcribe or s2t backfill"
 # The bookkeeping of a long recording's segment rows (pipeline/longform.py), in no file of the output's own.
@@ -278,8 +278,10 @@ def rows_dataset(fs: fsspec.AbstractFileSystem, root: str, files: list[str], col
 
 
 class OutputFiles(FileBasedDatasource):
-    """Output files, their `columns` only (those a file lacks are left out), streamed in row groups. Not `ray.data.read_parquet`: in Ray 2.60 every call lists the files with 32 new footer-reading actors,
-    ~6 s on 2 cores each time a job reads its output (the driver has the footers already, `footers`)."""
+    """Output files, their `columns` only (those a file lacks are left out), streamed in row groups. Not
+    `ray.data.read_parquet`: in Ray 2.60 every call lists the files with 32 new footer-reading actors, whose start
+    costs seconds each time a job reads its output, and the driver has the footers already (`footers`). The figure:
+    docs/decisions/2026-12-01-corpus-scale.md."""
 
     def __init__(self, paths: list[str], *, columns: list[str] | None, **kwargs):
         super().__init__(paths, **kwargs)
@@ -330,7 +332,7 @@ def shuffle_partitions() -> int:
 
 def with_run_id(batch: pa.Table, run_id: str) -> pa.Table:
     """Rows -> the same with the `run_id` that writes them (this module, not the job's: Ray Data's tasks import a
-    function's module, and the job's imports torch, ~2 s in every worker process)."""
+    function's module, and the job's imports torch, a slow import in every worker process)."""
     return batch.append_column("run_id", pa.array([run_id] * batch.num_rows, pa.string()))
 
 

@@ -1,4 +1,10 @@
-"""WER on normalised text (jiwer) and BLEU (sacrebleu), for the summaries of the jobs."""
+"""WER on normalised text (jiwer) and BLEU (sacrebleu): the one definition of each that the job's summary, the report
+and `s2t evaluate` use.
+
+WER is jiwer's word error rate in percent, over the whole corpus (word edits of all rows / reference words of all
+rows), of the texts after `normalise`; rows without a reference (None, or nothing left after normalising) are not
+scored. `wer` computes it for lists of texts, `wer_counts` gives a row's share of it (what the summary adds up).
+"""
 
 from __future__ import annotations
 
@@ -9,20 +15,18 @@ _PUNCTUATION = re.compile(r"[^\w\s']|_")
 
 
 def normalise(text: str) -> str:
-    """Lowercase, punctuation and hyphens to spaces, accents kept, whitespace collapsed (Whisper's basic normaliser)."""
+    """NFKC, lowercase, then every character but letters, digits, whitespace and the apostrophe becomes a space (so
+    punctuation goes and hyphens split words: "Twenty-one." -> "twenty one"), accents kept, whitespace collapsed.
+
+    Close to Whisper's BasicTextNormalizer, which also drops bracketed words and splits at apostrophes."""
     text = unicodedata.normalize("NFKC", text).lower()
     return " ".join(_PUNCTUATION.sub(" ", text).split())
 
 
-def wer(references: list[str], hypotheses: list[str]) -> float | None:
-    """Word error rate in percent over normalised text; None when there is nothing to score."""
-    import jiwer
-
-    pairs = [(normalise(r), normalise(h)) for r, h in zip(references, hypotheses) if r is not None and h is not None]
-    pairs = [(r, h) for r, h in pairs if r]
-    if not pairs:
-        return None
-    return 100 * jiwer.wer([r for r, _ in pairs], [h for _, h in pairs])
+def wer(references: list[str | None], hypotheses: list[str | None]) -> float | None:
+    """Corpus word error rate in percent over normalised text (the module's definition); None when no row is scored."""
+    counts = [wer_counts(r, h) for r, h in zip(references, hypotheses)]
+    return wer_from_counts(sum(edits for edits, _ in counts), sum(words for _, words in counts))
 
 
 def bleu(references: list[str], hypotheses: list[str]) -> tuple[float, str] | None:
@@ -43,7 +47,8 @@ BLEU_STATS = 2 + 2 * 4  # hypothesis length, reference length, n-gram matches an
 
 
 def wer_counts(reference: str | None, hypothesis: str | None) -> tuple[int, int]:
-    """(word edits, reference words) of one row over normalised text; (0, 0) when the row is not scored."""
+    """(word edits, reference words) of one row over normalised text, jiwer's counts; (0, 0) when the row is not
+    scored (no reference or no hypothesis, or a reference that normalises to nothing)."""
     import jiwer
 
     if reference is None or hypothesis is None:

@@ -82,7 +82,7 @@ class ComputeFeatures:
 
     def __init__(self, options: FeatureOptions):
         self.extractor = FeatureExtractor.from_dict(options.feature_config)
-        # Reading a file is mostly waiting on storage (30-100 ms a request on an object store): threads read a
+        # Reading a file is mostly waiting on storage (a round trip per request on an object store): threads read a
         # batch's rows at once. Memory stays one batch of samples, as when read one by one; libsndfile (called
         # through cffi) releases the GIL while it decodes.
         self.reads = ThreadPoolExecutor(options.io_concurrency, thread_name_prefix="audio-read")
@@ -123,7 +123,7 @@ class ComputeFeatures:
         speech: list[float | None] = [row.get("speech_s") for row in rows]
         to_read = [i for i, row in enumerate(rows) if row["error"] is None and speech[i] != 0.0]
         # Local files are read in this thread: a local disk answers in microseconds, and handing each row to a
-        # thread costs more than that (missing local files: 24 us a row here, 65 us through the pool).
+        # thread costs more than that (docs/decisions/2026-12-01-corpus-scale.md).
         remote = any(is_remote(rows[i]["audio"]) for i in to_read)
         for i, loaded in zip(to_read, (self.reads.map if remote else map)(self.load, [rows[i] for i in to_read])):
             if isinstance(loaded, str):

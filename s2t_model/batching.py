@@ -6,8 +6,8 @@ import torch
 
 # Padded feature frames per generation batch when none is given. A CPU is compute-bound at any batch size, so a
 # modest budget (24,000 frames: 24 utterances of 10 s) bounds padding and memory at no cost. A GPU is bound by kernel
-# launches until batches are large: on one H200, s2t-small fp16 greedy, 256 x 10 s decoded at 35,600 RTFx against
-# 14,100 for 64 x 10 s (bench/gpu.sh), so the GPU default is 192,000 frames (192 utterances of 10 s).
+# launches until batches are large, so its default is 192,000 frames (192 utterances of 10 s); RTFx at 64 and 256
+# utterances a batch: docs/benchmarks.md (`bash bench/gpu.sh`).
 CPU_MAX_FRAMES = 24_000
 GPU_MAX_FRAMES = 192_000
 

@@ -1,9 +1,9 @@
-"""The decoder step as a CUDA graph: one replay instead of ~120 kernel launches a step.
+"""The decoder step as a CUDA graph: one replay instead of a kernel launch for each small operation of the step.
 
-On a GPU a Speech2Text decoder step is bound by launching kernels, not by arithmetic (s2t-small: ~120 kernels a step,
-the GPU busy a tenth of the time). A CUDA graph replays the whole step - embedding, every layer, the output head - as
-one launch (one H200, s2t-small fp16, 64 x 10 s greedy: 14,100 RTFx against 3,300 without). A graph runs over
-static shapes and addresses, so:
+On a GPU a Speech2Text decoder step is bound by launching kernels, not by arithmetic: its operations are many and
+each is small, so the GPU mostly waits for the next launch. A CUDA graph replays the whole step - embedding, every
+layer, the output head - as one launch (RTFx with and without graphs: docs/benchmarks.md, `bash bench/gpu.sh`). A
+graph runs over static shapes and addresses, so:
 - the step reads and writes fixed buffers: tokens (U, Q), the cross-attention keys and values (layers, 2, U, H, S, D/H)
   with their mask, a KV cache of fixed capacity T written at the position held by a device tensor;
 - shapes are bucketed (U utterance slots: a power of two; S encoder frames and T: multiples of 64), and graphs are

@@ -165,8 +165,8 @@ def utterance_cmvn(
     """
     valid = torch.arange(features.shape[1], device=features.device) < num_frames.to(features.device)[:, None]
     # Why skip: the log-mel of exact zeros sits ~20 below any recorded quiet, and CMVN over such frames squeezes every
-    # speech frame (demo clips with 0.3 s of zeros on each side: WER 3.2 % -> 29.5 %; skipped: 1.7 %). Kaldi-style
-    # dither of the zero runs measured worse (6.3 %): one 16-bit step of noise is far below a recording's background.
+    # speech frame. Why not Kaldi-style dither of the zero runs: one 16-bit step of noise is still far below a
+    # recording's background, so those frames squeeze the speech too, if less (the WERs: docs/speech-detection.md).
     silent = (features <= math.log(LOG_FLOOR) + 1e-3).all(-1) & valid  # (B, T)
     silent &= skip_digital_silence
     counted = valid & ~silent

@@ -95,8 +95,8 @@ class Attention(nn.Module):
         """A decoding step's few queries: x (B, Q, D) over k, v (B, H, K, D/H), K possibly a strided view of a cache;
         mask broadcastable to (B, H, Q, K), True = attend.
 
-        Two plain matmuls: for one query a row (or a beam's few), SDPA's CPU flash kernel cost 2-3.5 ms of a ~12 ms
-        step at s2t-small batch 8, several times these (bench/model.py prints the step against its floor).
+        Two plain matmuls: for one query a row (or a beam's few), SDPA's CPU kernel costs several times what they do
+        (`s2t bench model` prints the step against its floor; docs/decisions/2026-11-30-decoder-step.md).
         """
         q = self.split_heads(self.q_proj(x)) * (k.shape[-1] ** -0.5)  # (B, H, Q, D/H)
         weights = q @ k.transpose(-1, -2)  # (B, H, Q, K)
@@ -186,8 +186,8 @@ class KVCache:
 
     buffer: (layers, 2, rows, H, capacity, D/H). All rows are at the same step: `length` tokens are cached. Beam
     search reorders rows and finished utterances leave by index into the same buffer (`select`), and the capacity
-    doubles when it is full, so a step writes one position instead of copying the whole past (torch.cat did: 2.2 ms
-    of a 15.8 ms step at s2t-small batch 8 on a 2-core CPU).
+    doubles when it is full, so a step writes one position instead of copying the whole past, as a cache grown by
+    concatenation does every step (docs/decisions/2026-11-30-decoder-step.md).
     """
 
     def __init__(self, layers: int, rows: int, heads: int, head_dim: int, capacity: int, dtype, device):

@@ -9,11 +9,8 @@ Why every clear pause, not only as often as `max_segment_s` needs: models traine
 model: one clip of 1-3 numbers) do much worse on several at once. Why 300 ms: pauses inside the demo utterances
 last up to 0.25 s. Why 150 ms of pad: with 300 ms the demo model hears the neighbouring pause as a word more often.
 
-This replaced a hand-written segmenter (frame energies, Otsu thresholds, 419 lines) after a comparison on the same
-recordings, WER of segments joined (true utterances one by one in brackets), demo model, beam 5:
-bundled long-form 0.85 % vs 1.28 % (0.43), 2.05 % vs 3.42 % (4.11); 20 demo clips joined by 0.5-1.5 s of exact
-zeros 3.66 % vs 3.66 % (6.28); by -40 dBFS pink noise 7.85 % vs 16.23 % (6.28): the energy segmenter took noise
-for speech.
+Why Silero's pauses and not frame energies: a hand-written energy segmenter, compared on the same recordings, did
+as well or worse on every one and took noise for speech (docs/decisions/2026-11-30-vad-segmenter.md).
 
 Streaming: `segment_stream` takes the audio in blocks; the VAD's state carries from block to block, and what is held
 is one block and one probability per 32 ms (450 kB an hour). Segments come once the last block is in.
@@ -108,7 +105,8 @@ def to_mono_float32(block: np.ndarray) -> np.ndarray:
     elif not np.issubdtype(block.dtype, np.floating):
         raise ValueError(f"expected float or int16 samples, got dtype {block.dtype}")
     if block.ndim == 2:
-        mono = block[:, 0].astype(np.float32)  # a copy: column by column, ~10x faster than mean(axis=1)
+        # Column by column, not mean(axis=1): a reduction along the short interleaved axis is several times slower.
+        mono = block[:, 0].astype(np.float32)  # a copy
         for channel in range(1, block.shape[1]):
             mono += block[:, channel]
         block = mono / np.float32(block.shape[1]) if block.shape[1] > 1 else mono

@@ -19,9 +19,8 @@ from .model import Speech2TextModule
 from .tokenizer import Tokenizer
 
 TgtLang = str | None | Sequence[str | None]
-# Default of --min-avg-logprob, measured with the demo model (README, "Speech detection"): its 50 demo clips score
-# -0.085 per token (median; 5th percentile -0.117; the one below -0.3, at -1.54, has WER 83 %), while 31 of 32
-# non-speech clips transcribed without VAD score below -0.3 (median -0.65). Whisper's -1.0 would flag 5 of those 32.
+# Default of --min-avg-logprob: in the gap between the demo model's scores on speech and on non-speech decoded
+# without the VAD (the scores, and how to choose another checkpoint's value: docs/speech-detection.md).
 MIN_AVG_LOGPROB = -0.3
 
 

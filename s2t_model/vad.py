@@ -229,7 +229,7 @@ def detector_input(wave: np.ndarray) -> np.ndarray:
 
 
 def shared_vad(device: torch.device | str = "cpu") -> SileroVAD:
-    """One model per process and device (an actor, a replica): loading takes ~50 ms and 1.2 MB."""
+    """One model per process and device (an actor, a replica), loaded on first use, never per batch or request."""
     return _vad_on(torch.device(device))
 
 
