@@ -56,8 +56,8 @@ def read_blocks(f, uri: str, rows_per_block: int, base: str | None, with_audio: 
     """One manifest file (an open binary stream) -> tables of at most `rows_per_block` normalised rows."""
     seen = IdNumbering()
     if suffix_of(uri) in ("jsonl", "json"):
-        # Each block parsed by Arrow when it can be (~1.6 us a row, against ~10 us through Python objects); a block
-        # it cannot take goes the row-by-row way, which gives each row its own error.
+        # Each block parsed by Arrow when it can be, with no Python object per row (several times cheaper a row:
+        # docs/benchmarks.md); a block it cannot take goes the row-by-row way, which gives each row its own error.
         for lines in _line_blocks(f, rows_per_block * -(-ARROW_LINES // rows_per_block)):
             table = _json_table([line for _, line in lines], uri, base, seen) or \
                 normalise(list(_json_records(_decoded(lines), uri)), uri, base, seen, strict=False)

@@ -29,18 +29,6 @@ def wer(references: list[str | None], hypotheses: list[str | None]) -> float | N
     return wer_from_counts(sum(edits for edits, _ in counts), sum(words for _, words in counts))
 
 
-def bleu(references: list[str], hypotheses: list[str]) -> tuple[float, str] | None:
-    """sacrebleu corpus BLEU and its signature; None when there is nothing to score."""
-    import sacrebleu
-
-    pairs = [(r, h) for r, h in zip(references, hypotheses) if r is not None and h is not None]
-    if not pairs:
-        return None
-    metric = sacrebleu.BLEU()
-    score = metric.corpus_score([h for _, h in pairs], [[r for r, _ in pairs]])
-    return score.score, str(metric.get_signature())
-
-
 # Sufficient statistics: per-row counts that, summed over any rows in any order (a Ray Data aggregation), give the
 # same corpus WER and BLEU as jiwer and sacrebleu on those rows at once.
 BLEU_STATS = 2 + 2 * 4  # hypothesis length, reference length, n-gram matches and totals for n = 1..4
