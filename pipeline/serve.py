@@ -21,6 +21,7 @@ import os
 import time
 from typing import Literal
 
+import fsspec
 import numpy as np
 import torch
 from fastapi import FastAPI, File, Form, Request, UploadFile
@@ -42,6 +43,7 @@ from .http_guard import GuardLimits, RequestGuard, error_body, quote
 from .metrics import GenerationMetrics, answered_metrics, inc, observe
 from .openai_api import (ApiOptions, OptionError, delta_event, done_event, parse_options, timed_words,
                          token_logprobs, usage)
+from .storage import ClientRetry, RowRetry, fetch_checkpoint, with_client_retry
 from .subtitles import subtitles
 
 logger = logging.getLogger(__name__)
@@ -79,7 +81,13 @@ class ServeConfig(JobConfig):
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     cuda_graphs: bool = Field(True, description="on a GPU, decode with CUDA graphs (false: eagerly)")
     api_key_env: str | None = Field(None, description="environment variable holding the bearer token to require")
-    storage_options: dict = Field(default_factory=dict, description="fsspec options for the model URL")
+    storage_options: dict = Field(default_factory=dict, description="fsspec options for the model URL (for S3, "
+                                                                     "the job's client retry settings go under them)")
+    read_attempts: int = Field(RowRetry.attempts, ge=1, description="fetches of the model at start-up while the store "
+                                                                   "fails (after the client's own retries), the first "
+                                                                   "included; then the replica fails as unavailable")
+    read_backoff_s: float = Field(RowRetry.backoff_s, ge=0, description="the k-th fetch again waits a random time up "
+                                                                        "to this x 2^k")
 
     def deployment_options(self) -> dict:
         options = dict(
@@ -169,8 +177,15 @@ class Speech2TextServer:
         self.config = ServeConfig(**config)
         c = self.config
         device = ("cuda" if torch.cuda.is_available() else "cpu") if c.device == "auto" else c.device
-        self.model = Speech2Text.from_pretrained(c.model, device=device, dtype=getattr(torch, c.dtype),
-                                                 storage_options=c.storage_options or None, cuda_graphs=c.cuda_graphs)
+        # Fetched as the job's actors fetch it: the S3 client's retry settings, then the whole fetch again while the
+        # store fails; after that the replica's error says the store is unavailable (Serve restarts the replica).
+        options = c.storage_options or None
+        if fsspec.core.split_protocol(c.model)[0] in ("s3", "s3a"):
+            options = with_client_retry(options, ClientRetry())
+        folder = fetch_checkpoint(c.model, options, RowRetry(c.read_attempts, c.read_backoff_s))
+        self.model = Speech2Text.from_pretrained(folder, device=device, dtype=getattr(torch, c.dtype),
+                                                 cuda_graphs=c.cuda_graphs)
+        self.model.source = c.model
         app.state.guard_limits = GuardLimits(
             max_body_bytes=int(c.max_upload_mb * 1024 * 1024) + MULTIPART_OVERHEAD_BYTES,
             body_timeout_s=c.body_timeout_s, api_key_sha256=api_key_sha256)

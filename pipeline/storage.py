@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, TypeVar
 
-from .reasons import TRANSIENT_MESSAGES
+from .reasons import TRANSIENT_MESSAGES, StoreUnavailable, is_transient
 
 T = TypeVar("T")
 # s3fs' own tries of a call (around botocore's attempts; for resets mid-body, timeouts, "Slow Down"), nested once
@@ -79,6 +79,20 @@ class RowRetry:
     def wait(self, attempt: int) -> None:
         """The wait after failed attempt `attempt` (0: the first)."""
         time.sleep(random.uniform(0, min(self.max_backoff_s, self.backoff_s * 2 ** attempt)))
+
+
+def fetch_checkpoint(uri: str, storage_options: dict | None, retry: RowRetry = RowRetry()) -> str:
+    """The local folder of checkpoint `uri` (`checkpoint.local_folder`), fetched again (`retry`: files already
+    whole are kept) while the store fails; after the last, StoreUnavailable names the model and the store's error.
+    A 404 or a folder that is no checkpoint passes at once: no retry makes it one."""
+    from s2t_model import checkpoint
+
+    try:
+        return retry.call(lambda: checkpoint.local_folder(uri, storage_options), is_transient)
+    except Exception as error:
+        if not is_transient(error):
+            raise
+        raise StoreUnavailable(f"the model {uri}, {retry.attempts} reads", error) from error
 
 
 def retry_store_errors() -> None:

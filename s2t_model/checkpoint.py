@@ -50,7 +50,12 @@ def local_folder(uri: str, storage_options: dict | None = None) -> str:
         if os.path.exists(local) and os.path.getsize(local) == fs.size(remote):
             continue
         partial = f"{local}.{uuid.uuid4().hex}.partial"  # several actors may fetch the same checkpoint at once
-        fs.get(remote, partial)
+        try:
+            fs.get(remote, partial)
+        except BaseException:
+            if os.path.exists(partial):  # a body cut short: a fetch again starts this file over, leaves no litter
+                os.remove(partial)
+            raise
         os.replace(partial, local)
     return folder
 

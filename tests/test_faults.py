@@ -101,6 +101,50 @@ def test_a_lease_whose_create_answer_was_lost_is_the_runs_own(store, bucket):
     assert not direct.exists(f"{bucket}/out/_lease.json")
 
 
+def test_serve_fetches_its_model_through_503s_and_cut_bodies_and_names_a_dead_store_unavailable(ray_session, store,
+                                                                                                  bucket):
+    """A Serve replica whose checkpoint is on S3 behind the proxy: 503s and bodies cut short on the checkpoint's
+    GETs, more than the client's own tries, are fetched again and it serves; a store answering 500 every time
+    fails the deployment with the store named unavailable (after its fetches), not with a generic crash."""
+    import httpx
+    from ray import serve
+
+    from conftest import free_port
+    from pipeline.serve import build_app
+
+    proxy, direct, url = store
+    direct.put(DEMO_MODEL, f"{bucket}/model", recursive=True)
+    options = {**CREDENTIALS, "client_kwargs": {"endpoint_url": url}}
+    config = {"model": f"s3://{bucket}/model", "storage_options": options, "read_backoff_s": 0.05, "vad": "off"}
+    clip = demo_rows(1)[0]
+    # Three 503s in a row: past botocore's three attempts of the first GET; five bodies cut: past s3fs' two tries.
+    proxy.faults[:] = [Fault("503", methods=("GET",), path=f"/{bucket}/model/", first=3),
+                       Fault("reset_body", methods=("GET",), path="model.safetensors", first=5)]
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(build_app(config), name="s2t-flaky-store", route_prefix="/flaky")
+        assert (proxy.injected["503"], proxy.injected["reset_body"]) == (3, 5)
+        with open(clip["audio_filepath"], "rb") as f:
+            answer = httpx.post(f"http://127.0.0.1:{port}/flaky/v1/audio/transcriptions", files={"file": f},
+                                timeout=60)
+        assert answer.json()["text"] == clip["text"], answer.text
+        serve.delete("s2t-flaky-store")
+
+        direct.put(DEMO_MODEL, f"{bucket}/other-model", recursive=True)  # not in the replicas' cache
+        proxy.faults[:] = [Fault("500", path=f"{bucket}/other-model")]
+        with pytest.raises(RuntimeError) as failed:
+            serve.run(build_app({**config, "model": f"s3://{bucket}/other-model", "read_attempts": 2}),
+                      name="s2t-dead-store", route_prefix="/dead")
+        assert "s2t-dead-store failed" in str(failed.value)
+        # The replica's error, as `serve status` shows it (Serve gave up on its constructor after its own retries).
+        message = serve.status().applications["s2t-dead-store"].deployments["Speech2TextServer"].message
+        assert f"the store is unavailable: the model s3://{bucket}/other-model, 2 reads" in message, message[-2000:]
+        assert "internal error" in message and proxy.injected["500"] >= 2 * FAST.attempts
+    finally:
+        serve.shutdown()
+
+
 def tar_of(clips: list[tuple[str, bytes]], text: bool = True) -> bytes:
     out = io.BytesIO()
     with tarfile.open(fileobj=out, mode="w") as tar:
