@@ -9,6 +9,8 @@
 Concurrent requests meet in `@serve.batch` and go through `Speech2Text.transcribe_features` (length-sorted,
 frame-budgeted), the path the Ray Data job uses. Bad input is a 4xx with an OpenAI-shaped JSON error, never a 500.
 The token, the body's size and its arrival are checked first, by `http_guard.RequestGuard` (see there why there).
+Requests come through `serve_ingress.Speech2TextIngress`, which answers a 503 with Retry-After for those of a
+replica that died before answering.
 """
 
 
@@ -43,6 +45,7 @@ from .http_guard import GuardLimits, RequestGuard, error_body, quote
 from .metrics import GenerationMetrics, answered_metrics, inc, observe
 from .openai_api import (ApiOptions, OptionError, delta_event, done_event, parse_options, timed_words,
                          token_logprobs, usage)
+from .serve_ingress import Speech2TextIngress, relay_asgi
 from .storage import ClientRetry, RowRetry, fetch_checkpoint, with_client_retry
 from .subtitles import subtitles
 
@@ -88,6 +91,10 @@ class ServeConfig(JobConfig):
                                                                    "included; then the replica fails as unavailable")
     read_backoff_s: float = Field(RowRetry.backoff_s, ge=0, description="the k-th fetch again waits a random time up "
                                                                         "to this x 2^k")
+
+    def guard_limits(self, api_key_sha256: str | None) -> GuardLimits:
+        return GuardLimits(max_body_bytes=int(self.max_upload_mb * 1024 * 1024) + MULTIPART_OVERHEAD_BYTES,
+                           body_timeout_s=self.body_timeout_s, api_key_sha256=api_key_sha256)
 
     def deployment_options(self) -> dict:
         options = dict(
@@ -186,9 +193,7 @@ class Speech2TextServer:
         self.model = Speech2Text.from_pretrained(folder, device=device, dtype=getattr(torch, c.dtype),
                                                  cuda_graphs=c.cuda_graphs)
         self.model.source = c.model
-        app.state.guard_limits = GuardLimits(
-            max_body_bytes=int(c.max_upload_mb * 1024 * 1024) + MULTIPART_OVERHEAD_BYTES,
-            body_timeout_s=c.body_timeout_s, api_key_sha256=api_key_sha256)
+        app.state.guard_limits = c.guard_limits(api_key_sha256)
         self.decode_batch.set_max_batch_size(c.max_batch_size)
         self.decode_batch.set_batch_wait_timeout_s(c.batch_wait_ms / 1000)
         self.languages = self.model.tokenizer.langs if self.model.tokenizer else []
@@ -196,6 +201,7 @@ class Speech2TextServer:
         self.generation_metrics = GenerationMetrics("serve")
         self.open_streams = 0  # streamed answers in progress (a client gone mid-stream must not leave one open)
         self.cancelled_segments = 0  # segments of streams whose client went away before they were decoded
+        self.decoding = 0  # requests in the batches being decoded now
 
     def check_health(self) -> None:
         if self.model is None:
@@ -213,7 +219,11 @@ class Speech2TextServer:
                 observe("s2t_serve_queue_wait_seconds", started - r[3])
         # In a thread, so the replica keeps taking requests (and health checks) while the batch decodes.
         timed = any(len(r) > 2 and r[2] for r in requests)
-        return await asyncio.to_thread(self.transcribe, [r[0] for r in requests], [r[1] for r in requests], timed)
+        self.decoding += len(requests)
+        try:
+            return await asyncio.to_thread(self.transcribe, [r[0] for r in requests], [r[1] for r in requests], timed)
+        finally:
+            self.decoding -= len(requests)
 
     def transcribe(self, waveforms: list[np.ndarray], langs: list[str | None], timed: bool = False
                    ) -> list[Transcript]:
@@ -316,6 +326,15 @@ class Speech2TextServer:
         deployment handle)."""
         return {"open": self.open_streams, "cancelled_segments": self.cancelled_segments}
 
+    def batch_counts(self) -> dict:
+        """Requests in the batches being decoded now (for tests and operators, through a deployment handle)."""
+        return {"decoding": self.decoding}
+
+    async def asgi(self, scope: dict, body: bytes):
+        """A request relayed by `Speech2TextIngress` (its ASGI scope and whole body) -> this app's ASGI messages."""
+        async for message in relay_asgi(app, scope, body):
+            yield message
+
     @app.post("/v1/audio/transcriptions")
     async def transcriptions(
         self,
@@ -370,4 +389,8 @@ def build_app(args: dict) -> serve.Application:
         if not key:
             raise ValueError(f"api_key_env names {config.api_key_env}, and that environment variable is not set")
         api_key_sha256 = hashlib.sha256(key.encode()).hexdigest()  # the replicas never see the key itself
-    return Speech2TextServer.options(**config.deployment_options()).bind(config.model_dump(), api_key_sha256)
+    options = config.deployment_options()
+    server = Speech2TextServer.options(**options).bind(config.model_dump(), api_key_sha256)
+    # The ingress relays and holds no model: it reserves no CPU, so it never waits for one a model replica holds.
+    return Speech2TextIngress.options(**{**options, "ray_actor_options": {"num_cpus": 0}}).bind(
+        server, config.guard_limits(api_key_sha256), config.retry_after_s)

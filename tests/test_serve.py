@@ -149,6 +149,62 @@ def test_a_full_queue_gets_503_with_retry_after_and_the_rest_are_answered(server
         serve.delete("s2t-tight")
 
 
+def replica_pids(app: str, deployment: str = "Speech2TextServer") -> list[int]:
+    """The processes of `app`'s replicas of `deployment` in this session's Ray, found by their process titles."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if f.read().startswith(f"ray::ServeReplica:{app}:{deployment}".encode()):
+                    found.append(int(entry))
+        except (ValueError, OSError):
+            continue
+    return found
+
+
+def test_a_replica_killed_mid_batch_answers_its_requests_503_with_retry_after(server):
+    """SIGKILL of the model's replica while a batch of 6 uploads decodes: each gets a 503 with Retry-After and an
+    OpenAI-shaped JSON error, soon, not a hang; the replica Serve starts in its place answers the retry."""
+    import signal
+
+    from openai import OpenAI
+    from ray import serve
+
+    from pipeline.serve import build_app
+
+    serve.run(build_app({"model": DEMO_MODEL, "max_batch_size": 8, "batch_wait_ms": 500, "retry_after_s": 2}),
+              name="s2t-kill", route_prefix="/kill")
+    try:
+        handle = serve.get_deployment_handle("Speech2TextServer", "s2t-kill")
+        [pid] = replica_pids("s2t-kill")
+        _, audio = long_recording()  # 87 s in 13 segments: a few seconds of decoding for the six together
+        with ThreadPoolExecutor(6) as pool:
+            answers = [pool.submit(post, f"{server}/kill", files={"file": ("long.flac", audio)}, token=None,
+                                   ) for _ in range(6)]
+            deadline = time.monotonic() + 60
+            while handle.batch_counts.remote().result()["decoding"] == 0 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert handle.batch_counts.remote().result()["decoding"] > 0
+            killed = time.monotonic()
+            os.kill(pid, signal.SIGKILL)
+            responses = [answer.result() for answer in answers]
+            waited = time.monotonic() - killed
+        for response in responses:
+            assert response.status_code == 503, (response.status_code, response.text[:300])
+            assert response.headers["retry-after"] == "2"
+            error = response.json()["error"]
+            assert error["type"] == "server_error" and error["code"] == "replica_unavailable", error
+        assert waited < 30, waited  # the handle saw the death; nothing waited out a timeout
+        # The openai client retries a 503 by itself, after its Retry-After: the new replica answers.
+        client = OpenAI(base_url=f"{server}/kill/v1", api_key="-", max_retries=30)
+        clip = demo_rows(1)[0]
+        assert client.audio.transcriptions.create(model="s2t", file=open(clip["audio_filepath"], "rb")).text == \
+            clip["text"]
+        assert replica_pids("s2t-kill") not in ([], [pid])
+    finally:
+        serve.delete("s2t-kill")
+
+
 def test_long_upload_is_cut_at_pauses_with_timestamps(server):
     from openai import OpenAI
 
@@ -476,7 +532,7 @@ def test_a_client_gone_mid_stream_cancels_its_rest_and_leaves_no_stream_open(ser
     from ray import serve
 
     _, audio = long_recording()
-    handle = serve.get_app_handle("s2t")
+    handle = serve.get_deployment_handle("Speech2TextServer", "s2t")  # the model's replica, behind the ingress
     cancelled = handle.stream_counts.remote().result()["cancelled_segments"]
     with httpx.stream("POST", f"{server}/v1/audio/transcriptions", files={"file": ("long.flac", audio)},
                       data={"stream": "true"}, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120) as r:
