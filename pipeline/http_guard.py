@@ -4,7 +4,8 @@ It answers before the app (and its multipart parser) sees anything:
 - 401 when a bearer token is required and missing or wrong, checked on the headers alone;
 - 413 when the declared Content-Length is over the limit, before a byte of body is read;
 - the body is then read here, counted as it arrives and cut with a 413 the moment it passes the limit (a chunked
-  upload declares no length), and a body that stops arriving for `body_timeout_s` is dropped with a 408.
+  upload declares no length), and a body that stops arriving for `body_timeout_s` is dropped with a 408;
+- a multipart body without its closing delimiter (cut short on its way) is a 400 `truncated_upload`.
 Each rejection carries `Connection: close`, so uvicorn drops the socket instead of draining the rest of the body.
 
 Why here, in the replica, and not in Serve's proxy or uvicorn: Ray Serve 2.60 runs uvicorn in its proxy with only
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 QUOTE_CHARS = 40  # error messages quote at most this much of what a client sent
+EPILOGUE_BYTES = 1024  # text a multipart body may carry after its closing delimiter (clients send none)
 
 
 def quote(value: object) -> str:
@@ -71,6 +73,8 @@ class RequestGuard:
                 return await self.app(scope, receive, send)
             self.check_declared_length(scope, limits)
             body = await self.read_body(receive, limits)
+            if body is not None:
+                check_multipart_end(scope, body)
         except Rejected as rejection:
             return await self.reject(send, rejection)
         if body is not None:  # None: the client went away, there is nobody to answer
@@ -124,6 +128,21 @@ class RequestGuard:
         await send({"type": "http.response.start", "status": rejection.status,
                     "headers": [(k.encode(), v.encode()) for k, v in headers.items()]})
         await send({"type": "http.response.body", "body": body})
+
+
+def check_multipart_end(scope, body: bytes) -> None:
+    """A multipart body must end with its closing delimiter: one that does not was cut short on its way (a chunked
+    upload whose client stopped, a proxy that truncated it). The form parser would take it for a form without the
+    file, and the answer would say the file was not sent."""
+    kind, _, params = header(scope, b"content-type").partition(";")
+    if kind.strip().lower() != "multipart/form-data":
+        return
+    boundary = next((value.strip().strip('"') for key, _, value in (p.partition("=") for p in params.split(";"))
+                     if key.strip().lower() == "boundary"), "")
+    closing = b"--" + boundary.encode("latin-1") + b"--"
+    if boundary and closing not in body[-(len(closing) + EPILOGUE_BYTES):]:
+        raise Rejected(400, f"the multipart body ends before its closing boundary after {len(body)} bytes: the upload "
+                            f"was cut short; send it again", "truncated_upload")
 
 
 def exceeds(digits: str, limit: int) -> bool:

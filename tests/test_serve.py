@@ -331,6 +331,35 @@ def test_stalled_uploads_do_not_block_good_requests_and_are_dropped(server):
             sock.close()
 
 
+def test_an_upload_cut_short_is_a_400_that_says_so_and_resets_mid_upload_leave_the_server_answering(server):
+    """The API takes uploads only (no URL is read on a request's behalf): a multipart body that ends before its
+    closing boundary, with a Content-Length to match or chunked, is a 400 naming the cut, not a form without its
+    file; clients that reset their connections mid-upload cost nothing: the next request is answered."""
+    import struct
+
+    row = demo_rows(1)[0]
+    flac = open(row["audio_filepath"], "rb").read()
+    body, content_type = multipart(flac)
+    cut = body[: len(body) // 2]
+    headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": content_type}
+    answers = {}
+    with open_request(server, {**headers, "Content-Length": len(cut)}, cut) as sock:
+        answers["length"] = read_response(sock, timeout=30)
+    chunked = f"{len(cut):x}\r\n".encode() + cut + b"\r\n0\r\n\r\n"
+    with open_request(server, {**headers, "Transfer-Encoding": "chunked"}, chunked) as sock:
+        answers["chunked"] = read_response(sock, timeout=30)
+    for status, error in answers.values():
+        assert status == 400 and error["error"]["code"] == "truncated_upload", error
+        assert "cut short" in error["error"]["message"]
+    for _ in range(20):
+        sock = open_request(server, {**headers, "Content-Length": len(body)}, cut)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # a TCP reset
+        sock.close()
+    response = httpx.post(f"{server}/v1/audio/transcriptions", files={"file": ("a.flac", flac)}, timeout=30,
+                          headers={"Authorization": f"Bearer {API_KEY}"})
+    assert response.status_code == 200 and response.json()["text"] == row["text"], response.text
+
+
 def test_a_declared_huge_body_gets_413_before_any_of_it_is_sent(server):
     headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "multipart/form-data; boundary=x",
                "Content-Length": 10**12}
