@@ -259,7 +259,7 @@ def replica_threads(config) -> str:
 
 def process_cpu_s() -> dict[str, tuple[int, float]]:
     """(pid, CPU seconds (user + system) so far) of the processes a request passes through on this machine: this one
-    (the client, and Ray's driver threads), Serve's HTTP proxy and the replica. Found in /proc by their titles,
+    (the client, and Ray's driver threads), Serve's HTTP proxy, the ingress and the model's replica. Found in /proc by their titles,
     among this process' descendants only (a local Ray started here: its raylet is our child, its workers the
     raylet's), so that another Ray on the same machine never counts."""
     tick = os.sysconf("SC_CLK_TCK")
@@ -284,8 +284,10 @@ def process_cpu_s() -> dict[str, tuple[int, float]]:
 
     found = {"client": os.getpid()}
     for pid, title in titles.items():
-        if f"ServeReplica:{APP_NAME}:".encode() in title and ours(pid):
+        if f"ServeReplica:{APP_NAME}:Speech2TextServer".encode() in title and ours(pid):
             found["replica"] = pid
+        elif f"ServeReplica:{APP_NAME}:Speech2TextIngress".encode() in title and ours(pid):
+            found["ingress"] = pid  # relays requests to the replica (pipeline/serve_ingress.py)
         elif title.startswith(b"ray::ProxyActor") and ours(pid):
             found["proxy"] = pid
     seconds = {}
