@@ -143,6 +143,7 @@ def test_serve_fetches_its_model_through_503s_and_cut_bodies_and_names_a_dead_st
         message = serve.status().applications["s2t-dead-store"].deployments["Speech2TextServer"].message
         assert f"the store is unavailable: the model s3://{bucket}/other-model, 2 reads" in message, message[-2000:]
         assert "internal error" in message and proxy.injected["500"] >= 2 * FAST.attempts
+        print("the replica's error:", message.strip().splitlines()[-1])
     finally:
         serve.shutdown()
 

@@ -195,6 +195,7 @@ def test_a_replica_killed_mid_batch_answers_its_requests_503_with_retry_after(se
             error = response.json()["error"]
             assert error["type"] == "server_error" and error["code"] == "replica_unavailable", error
         assert waited < 30, waited  # the handle saw the death; nothing waited out a timeout
+        print(f"503s {waited:.1f} s after the kill")
         # The openai client retries a 503 by itself, after its Retry-After: the new replica answers.
         client = OpenAI(base_url=f"{server}/kill/v1", api_key="-", max_retries=30)
         clip = demo_rows(1)[0]
