@@ -52,7 +52,7 @@ def run(config: BackfillConfig) -> dict:
     run_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
     langs = config.languages()
     manifest, fs, root = check_inputs(config)
-    folder = checkpoint.local_folder(config.model, config.options_for(config.model))
+    folder = config.fetch_model()
     known = Speech2Text.from_pretrained(folder).tokenizer.langs
     unknown = [lang for lang in langs if lang not in known]
     if unknown:

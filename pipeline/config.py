@@ -10,6 +10,7 @@ import json
 import types
 import typing
 
+import fsspec
 import pydantic
 import yaml
 from pydantic import Field
@@ -17,6 +18,9 @@ from pydantic import Field
 from s2t_model import DecodingOptions
 from s2t_model.segment import MAX_SEGMENT_S
 from s2t_model.speech2text import MIN_AVG_LOGPROB
+
+from .audio import is_remote
+from .storage import ClientRetry, RowRetry, fetch_checkpoint, with_client_retry
 
 
 class JobConfig(pydantic.BaseModel):
@@ -78,7 +82,8 @@ class JobConfig(pydantic.BaseModel):
 
 
 class ModelConfig(JobConfig):
-    """The model and how it decodes and hears speech: the options the jobs and the endpoint share, defined once."""
+    """The model, how it decodes and hears speech, and the store it and the audio are read from: the options the
+    jobs and the endpoint share, defined once."""
 
     model: str = Field(description="Speech2Text checkpoint folder, any fsspec URL")
     num_beams: int = Field(5, ge=1)
@@ -95,6 +100,42 @@ class ModelConfig(JobConfig):
     max_segment_s: float = Field(MAX_SEGMENT_S, gt=0, description="longer audio is cut at pauses into segments "
                                                                   "this long")
     storage_options: dict = Field(default_factory=dict, description="fsspec options for every URL")
+    s3_endpoint_url: str | None = Field(None, description="S3 endpoint (MinIO, Ceph, ...); AWS_* variables work too")
+    s3_retry_mode: typing.Literal["standard", "adaptive", "legacy"] = Field(
+        ClientRetry.mode, description="botocore's retry mode for S3 requests (docs/faults.md)")
+    s3_attempts: int = Field(ClientRetry.attempts, ge=1, description="botocore's attempts of one S3 request, the "
+                                                                     "first included")
+    s3_connect_timeout_s: float = Field(ClientRetry.connect_timeout_s, gt=0)
+    s3_read_timeout_s: float = Field(ClientRetry.read_timeout_s, gt=0, description="longest wait for the next bytes "
+                                                                                   "of an S3 answer before a retry")
+    read_attempts: int = Field(RowRetry.attempts, ge=1, description="reads of a file (a row's audio, the model) while "
+                                                                   "the store fails (after the client's own retries), "
+                                                                   "the first included; then it is unavailable")
+    read_backoff_s: float = Field(RowRetry.backoff_s, ge=0, description="a file's k-th read again waits a random "
+                                                                        "time up to this x 2^k")
+
+    def storage(self, uri: str | None = None) -> dict:
+        """fsspec options for `uri` (None: any URL): the given ones, the endpoint, and for S3 the client's retry
+        settings under them (the given ones win)."""
+        options = dict(self.storage_options)
+        if self.s3_endpoint_url:
+            options.setdefault("client_kwargs", {})["endpoint_url"] = self.s3_endpoint_url
+        if uri is None or fsspec.core.split_protocol(uri)[0] in ("s3", "s3a"):
+            options = with_client_retry(options, ClientRetry(self.s3_retry_mode, self.s3_attempts,
+                                                             self.s3_connect_timeout_s, self.s3_read_timeout_s))
+        return options
+
+    def options_for(self, uri: str) -> dict | None:
+        """Storage options only for URLs of a protocol that takes them (s3fs' are no use to the local filesystem)."""
+        return self.storage(uri) if is_remote(uri) else None
+
+    def row_retry(self) -> RowRetry:
+        """How a read of the store is done again while the store fails (a row's audio, the model)."""
+        return RowRetry(self.read_attempts, self.read_backoff_s)
+
+    def fetch_model(self) -> str:
+        """The checkpoint's local folder, fetched with the store's retries (`storage.fetch_checkpoint`)."""
+        return fetch_checkpoint(self.model, self.options_for(self.model), self.row_retry())
 
     def decoding(self, **fields) -> DecodingOptions:
         """The `DecodingOptions` these options give (`fields`: the caller's own, e.g. word_timestamps)."""

@@ -21,11 +21,8 @@ import logging
 import math
 import os
 import time
-from typing import Literal
 
-import fsspec
 import numpy as np
-import torch
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
@@ -34,27 +31,25 @@ from ray import serve
 from starlette.datastructures import UploadFile as AnyUploadFile  # what FastAPI hands over
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from s2t_model import Speech2Text, Transcript
+from s2t_model import Transcript
 from s2t_model.segment import find_segments
-from s2t_model.speech2text import MIN_AVG_LOGPROB
 from s2t_model.vad import shared_vad, speech_features
 
 from .audio import AudioError, decode_audio
-from .config import JobConfig
+from .config import ModelConfig
 from .http_guard import GuardLimits, RequestGuard, error_body, quote
 from .metrics import GenerationMetrics, answered_metrics, inc, observe
 from .openai_api import (ApiOptions, OptionError, delta_event, done_event, parse_options, timed_words,
                          token_logprobs, usage)
 from .serve_ingress import Speech2TextIngress, relay_asgi
-from .storage import ClientRetry, RowRetry, fetch_checkpoint, with_client_retry
+from .stages import load_model
 from .subtitles import subtitles
 
 logger = logging.getLogger(__name__)
 MULTIPART_OVERHEAD_BYTES = 64 * 1024  # a request body may exceed the upload limit by its form fields and boundaries
 
 
-class ServeConfig(JobConfig):
-    model: str = Field(description="Speech2Text checkpoint folder, any fsspec URL")
+class ServeConfig(ModelConfig):
     model_name: str = Field("s2t", description="the model id /v1/models lists (requests may name any)")
     host: str = "127.0.0.1"
     port: int = 8000
@@ -72,25 +67,8 @@ class ServeConfig(JobConfig):
     retry_after_s: float = Field(1.0, ge=0, description="the Retry-After a 503 for a full queue carries")
     max_upload_mb: float = Field(25.0, gt=0)
     body_timeout_s: float = Field(30.0, gt=0, description="a request body that stops arriving for this long gets 408")
-    min_duration_s: float = Field(0.1, ge=0)
     max_duration_s: float = Field(1800.0, gt=0, description="longest upload, in seconds of audio")
-    max_segment_s: float = Field(20.0, gt=0, description="longer audio is cut at pauses into segments this long")
-    num_beams: int = Field(5, ge=1)
-    vad: Literal["silero", "off"] = Field("silero", description="speech detection: no speech, no words")
-    min_avg_logprob: float | None = Field(MIN_AVG_LOGPROB, description="segments whose mean log-probability per "
-                                                                       "token is lower are flagged low_confidence")
-    max_frames: int | None = Field(None, ge=1, description="padded feature frames per generation batch (fairseq max_tokens; default: 24,000 on a CPU, 192,000 on a GPU)")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    cuda_graphs: bool = Field(True, description="on a GPU, decode with CUDA graphs (false: eagerly)")
     api_key_env: str | None = Field(None, description="environment variable holding the bearer token to require")
-    storage_options: dict = Field(default_factory=dict, description="fsspec options for the model URL (for S3, "
-                                                                     "the job's client retry settings go under them)")
-    read_attempts: int = Field(RowRetry.attempts, ge=1, description="fetches of the model at start-up while the store "
-                                                                   "fails (after the client's own retries), the first "
-                                                                   "included; then the replica fails as unavailable")
-    read_backoff_s: float = Field(RowRetry.backoff_s, ge=0, description="the k-th fetch again waits a random time up "
-                                                                        "to this x 2^k")
 
     def guard_limits(self, api_key_sha256: str | None) -> GuardLimits:
         return GuardLimits(max_body_bytes=int(self.max_upload_mb * 1024 * 1024) + MULTIPART_OVERHEAD_BYTES,
@@ -183,16 +161,9 @@ class Speech2TextServer:
     def __init__(self, config: dict, api_key_sha256: str | None = None):
         self.config = ServeConfig(**config)
         c = self.config
-        device = ("cuda" if torch.cuda.is_available() else "cpu") if c.device == "auto" else c.device
         # Fetched as the job's actors fetch it: the S3 client's retry settings, then the whole fetch again while the
         # store fails; after that the replica's error says the store is unavailable (Serve restarts the replica).
-        options = c.storage_options or None
-        if fsspec.core.split_protocol(c.model)[0] in ("s3", "s3a"):
-            options = with_client_retry(options, ClientRetry())
-        folder = fetch_checkpoint(c.model, options, RowRetry(c.read_attempts, c.read_backoff_s))
-        self.model = Speech2Text.from_pretrained(folder, device=device, dtype=getattr(torch, c.dtype),
-                                                 cuda_graphs=c.cuda_graphs)
-        self.model.source = c.model
+        self.model = load_model(c.model, c.options_for(c.model), c.row_retry(), c.device, c.dtype, c.cuda_graphs)
         app.state.guard_limits = c.guard_limits(api_key_sha256)
         self.decode_batch.set_max_batch_size(c.max_batch_size)
         self.decode_batch.set_batch_wait_timeout_s(c.batch_wait_ms / 1000)
@@ -202,10 +173,6 @@ class Speech2TextServer:
         self.open_streams = 0  # streamed answers in progress (a client gone mid-stream must not leave one open)
         self.cancelled_segments = 0  # segments of streams whose client went away before they were decoded
         self.decoding = 0  # requests in the batches being decoded now
-
-    def check_health(self) -> None:
-        if self.model is None:
-            raise RuntimeError("the model is not loaded")
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)
     async def decode_batch(self, requests: list[tuple]) -> list[Transcript]:
@@ -230,9 +197,8 @@ class Speech2TextServer:
         c, model = self.config, self.model
         features, _ = speech_features(model.feature_extractor, waveforms, model.feature_extractor.sampling_rate,
                                       c.max_frames, self.vad, model.device)
-        return model.transcribe_features(features, tgt_lang=langs, num_beams=c.num_beams, max_frames=c.max_frames,
-                                         min_avg_logprob=c.min_avg_logprob, word_timestamps=timed, logprobs=timed,
-                                         on_batch=self.generation_metrics)
+        return model.transcribe_features(features, langs, c.decoding(word_timestamps=timed, logprobs=timed),
+                                         self.generation_metrics)
 
     async def read_audio(self, file: UploadFile | None) -> tuple[np.ndarray, float]:
         limit = int(self.config.max_upload_mb * 1024 * 1024)
@@ -375,8 +341,7 @@ class Speech2TextServer:
 
     @app.get("/healthz")
     async def healthz(self):
-        self.check_health()
-        return {"status": "ok", "model": self.config.model}
+        return {"status": "ok", "model": self.config.model}  # answered: the replica is up, its model loaded
 
 
 def build_app(args: dict) -> serve.Application:

@@ -21,7 +21,7 @@ from s2t_model.vad import shared_vad, speech_features
 
 from .audio import INLINE_AUDIO, IO_CONCURRENCY, as_audio_error, is_remote, load_audio, store_failed
 from .metrics import GenerationMetrics
-from .storage import RowRetry
+from .storage import RowRetry, fetch_checkpoint
 
 # Batches an audio actor works on at once (Ray Data's `max_concurrent_calls_per_actor`): one batch's reads wait on
 # storage while another's features are computed. The CPU work itself goes one batch at a time (`ComputeFeatures.busy`).
@@ -56,6 +56,7 @@ class GenerationOptions:
     dtype: str = "float32"
     cuda_graphs: bool = True
     storage_options: dict | None = None  # fsspec options for the model's URL
+    fetch_retry: RowRetry = RowRetry()  # the model's fetch, done again while the store fails
     tgt_lang: str | None = None  # every row's target language (None: the row's own, where the model has it)
     decoding: DecodingOptions = DecodingOptions()
 
@@ -156,10 +157,8 @@ class GenerateText:
     """
 
     def __init__(self, options: GenerationOptions):
-        self.model = Speech2Text.from_pretrained(options.model_uri, device=resolve_device(options.device),
-                                                 dtype=getattr(torch, options.dtype),
-                                                 storage_options=options.storage_options,
-                                                 cuda_graphs=options.cuda_graphs)
+        self.model = load_model(options.model_uri, options.storage_options, options.fetch_retry, options.device,
+                                options.dtype, options.cuda_graphs)
         self.model_label = options.model_label
         self.tgt_lang = options.tgt_lang
         self.decoding = options.decoding
@@ -248,3 +247,14 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
+
+
+def load_model(uri: str, storage_options: dict | None, retry: RowRetry, device: str, dtype: str,
+               cuda_graphs: bool) -> Speech2Text:
+    """The model as a job's generation actor and a Serve replica load it: fetched with the store's retries
+    (`storage.fetch_checkpoint`), on `device` ("auto" resolved here, in the process that runs it)."""
+    folder = fetch_checkpoint(uri, storage_options, retry)
+    model = Speech2Text.from_pretrained(folder, device=resolve_device(device), dtype=getattr(torch, dtype),
+                                        cuda_graphs=cuda_graphs)
+    model.source = uri  # its name in errors: the URI, not the cache folder
+    return model

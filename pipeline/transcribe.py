@@ -24,12 +24,12 @@ from pydantic import Field
 from s2t_model import FeatureExtractor, checkpoint
 from s2t_model.batching import CPU_MAX_FRAMES
 
-from .audio import IO_CONCURRENCY, is_remote
+from .audio import IO_CONCURRENCY
 from .config import ModelConfig
 from .ids import digest_set, drop_listed, union
 from .lease import Lease
 from .reasons import RETRYABLE, Reason, parse_reasons
-from .storage import ClientRetry, RowRetry, retry_store_errors, with_client_retry
+from .storage import retry_store_errors
 from .longform import join_segments, split_long_audio, write_output
 from .manifest import Manifest
 from .shards import TarredAudio
@@ -85,19 +85,6 @@ class TranscribeConfig(ModelConfig):
     adopt_output: bool = Field(False, description="take an output folder of an older version of s2t (Parquet files "
                                                    "of its columns, no _s2t/output.json) as this job's: its files are "
                                                    "rewritten in this version's layout and the folder marked")
-    s3_endpoint_url: str | None = Field(None, description="S3 endpoint (MinIO, Ceph, ...); AWS_* variables work too")
-    s3_retry_mode: Literal["standard", "adaptive", "legacy"] = Field(
-        ClientRetry.mode, description="botocore's retry mode for S3 requests (docs/faults.md)")
-    s3_attempts: int = Field(ClientRetry.attempts, ge=1, description="botocore's attempts of one S3 request, the "
-                                                                     "first included")
-    s3_connect_timeout_s: float = Field(ClientRetry.connect_timeout_s, gt=0)
-    s3_read_timeout_s: float = Field(ClientRetry.read_timeout_s, gt=0, description="longest wait for the next bytes "
-                                                                                   "of an S3 answer before a retry")
-    read_attempts: int = Field(RowRetry.attempts, ge=1, description="reads of a row's audio while the store fails "
-                                                                   "(after the client's own retries), the first "
-                                                                   "included; then its error is unavailable")
-    read_backoff_s: float = Field(RowRetry.backoff_s, ge=0, description="a row's k-th read again waits a random "
-                                                                        "time up to this x 2^k")
     retry_errors: str | None = Field(None, description="also do again the rows whose earlier error has one of these "
                                                        "final reasons (comma-separated, or all; bare: all); rows of "
                                                        "retryable reasons (unavailable, generation_failed) are "
@@ -105,24 +92,6 @@ class TranscribeConfig(ModelConfig):
     optional_values: typing.ClassVar[dict[str, str]] = {"retry_errors": "all"}
     progress_s: float = Field(30.0, gt=0, description="seconds between progress lines when not in a terminal")
     verbose: bool = Field(False, description="Ray's own output too: Ray Data's progress bars, plans, INFO lines")
-
-    def storage(self, uri: str | None = None) -> dict:
-        """fsspec options for `uri` (None: any URL): the given ones, the endpoint, and for S3 the client's retry
-        settings under them (the given ones win)."""
-        options = dict(self.storage_options)
-        if self.s3_endpoint_url:
-            options.setdefault("client_kwargs", {})["endpoint_url"] = self.s3_endpoint_url
-        if uri is None or fsspec.core.split_protocol(uri)[0] in ("s3", "s3a"):
-            options = with_client_retry(options, ClientRetry(self.s3_retry_mode, self.s3_attempts,
-                                                             self.s3_connect_timeout_s, self.s3_read_timeout_s))
-        return options
-
-    def options_for(self, uri: str) -> dict | None:
-        """Storage options only for URLs of a protocol that takes them (s3fs' are no use to the local filesystem)."""
-        return self.storage(uri) if is_remote(uri) else None
-
-    def row_retry(self) -> RowRetry:
-        return RowRetry(self.read_attempts, self.read_backoff_s)
 
     def audio_storage(self) -> dict | None:
         """fsspec options for the audio's URLs (those of the manifest's protocol, else any URL's)."""
@@ -139,7 +108,8 @@ class TranscribeConfig(ModelConfig):
     def generation_options(self, model_label: str) -> GenerationOptions:
         return GenerationOptions(
             model_uri=self.model, model_label=model_label, device=self.device, dtype=self.dtype,
-            cuda_graphs=self.cuda_graphs, storage_options=self.options_for(self.model), tgt_lang=self.tgt_lang,
+            cuda_graphs=self.cuda_graphs, storage_options=self.options_for(self.model), fetch_retry=self.row_retry(),
+            tgt_lang=self.tgt_lang,
             decoding=self.decoding(max_new_tokens=self.max_new_tokens, word_timestamps=self.word_timestamps))
 
     def redo_reasons(self) -> frozenset[Reason]:
@@ -159,7 +129,7 @@ def run(config: TranscribeConfig) -> dict:
     started = time.time()
     run_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
     manifest, fs, root = check_inputs(config)
-    folder = checkpoint.local_folder(config.model, config.options_for(config.model))
+    folder = config.fetch_model()
     model_label = f"{config.model}@sha256:{checkpoint.content_hash(folder)[:16]}"
     # One run at a time on an output: a second is refused (LeaseHeld names the first), else both would write every
     # row that neither had yet.
