@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # torch is pinned to the CPU wheel this machine has on disk; any other spec pulls gigabytes of CUDA packages.
 PIP_INSTALL := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt
 
-.PHONY: install system-packages test bench demo demo-assets clean docs/configuration.md
+.PHONY: install system-packages lint test bench demo demo-assets clean docs/configuration.md
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,7 +21,12 @@ system-packages:
 	  (command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
 	   apt-get update -qq && apt-get install -y -qq espeak-ng sox >/dev/null) || true
 
-test: install
+# ruff: the linter (pyproject.toml's [tool.ruff]) and the formatter; `ruff format .` fixes what the check finds.
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: install lint
 	$(PY) -m pytest -q
 
 bench: install

@@ -22,10 +22,19 @@ import soxr
 from s2t_model import DEMO_LONG_FORM
 
 
-def encode_audio(samples: np.ndarray, rate: int, container: str, codec: str, out_rate: int | None = None,
-                 channels: int = 1, bit_rate: int | None = None, container_options: dict | None = None,
-                 codec_options: dict | None = None, video: str | None = None, cover: np.ndarray | None = None
-                 ) -> bytes:
+def encode_audio(
+    samples: np.ndarray,
+    rate: int,
+    container: str,
+    codec: str,
+    out_rate: int | None = None,
+    channels: int = 1,
+    bit_rate: int | None = None,
+    container_options: dict | None = None,
+    codec_options: dict | None = None,
+    video: str | None = None,
+    cover: np.ndarray | None = None,
+) -> bytes:
     """Mono float32 `samples` at `rate` -> the bytes of a file FFmpeg's muxer `container` writes with encoder
     `codec` (PyAV resamples to `out_rate` and the codec's sample format), `channels` copies of the signal. video: a
     video encoder for a small video track beside the audio (mp4, mov); cover: an RGB image stored as attached
@@ -53,8 +62,9 @@ def encode_audio(samples: np.ndarray, rate: int, container: str, codec: str, out
         planes = np.tile(np.asarray(samples, np.float32)[None, :], (channels, 1))
         rng, pts, shown = np.random.default_rng(0), 0, 0
         for start in range(0, planes.shape[1], 1024):
-            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(planes[:, start: start + 1024]), format="fltp",
-                                               layout=layout)
+            frame = av.AudioFrame.from_ndarray(
+                np.ascontiguousarray(planes[:, start : start + 1024]), format="fltp", layout=layout
+            )
             frame.sample_rate, frame.pts = rate, pts
             pts += frame.samples
             for packet in stream.encode(frame):
@@ -78,7 +88,7 @@ def sndfile_bytes(samples: np.ndarray, rate: int, format: str, subtype: str | No
     out, frames = io.BytesIO(), np.tile(samples[:, None], (1, channels))
     with soundfile.SoundFile(out, "w", rate, channels, subtype, format=format) as sound:
         for start in range(0, len(frames), 8192):  # libsndfile's Vorbis encoder crashes on long writes at once
-            sound.write(frames[start: start + 8192])
+            sound.write(frames[start : start + 8192])
     return out.getvalue()
 
 
@@ -147,9 +157,11 @@ def main(args) -> None:
     samples, rate = soundfile.read(path, dtype="float32")
     samples = soxr.resample(samples, rate, 48000).astype(np.float32)
     seconds = len(samples) / 48000
-    print(f"{seconds:.0f} s of audio (the long-form demo recording at 48 kHz, stereo but for amr); PyAV {av.__version__}"
-          f" (FFmpeg {av.ffmpeg_version_info}), libsndfile {soundfile.__libsndfile_version__}; CPU seconds of one "
-          f"process, best of {args.repeats}")
+    print(
+        f"{seconds:.0f} s of audio (the long-form demo recording at 48 kHz, stereo but for amr); PyAV {av.__version__}"
+        f" (FFmpeg {av.ffmpeg_version_info}), libsndfile {soundfile.__libsndfile_version__}; CPU seconds of one "
+        f"process, best of {args.repeats}"
+    )
     print(f"\n  {'format':<26} {'libsndfile':>12} {'PyAV':>12} {'PyAV/lsf':>9}  used        note  (audio s per CPU s)")
     for name, make in FORMATS.items():
         data = make(samples)
@@ -162,18 +174,29 @@ def main(args) -> None:
                 continue
             speeds[side] = seconds / cpu_seconds(lambda: decode(data), args.repeats)
         note = ""
-        if "libsndfile" in lengths and "PyAV" in lengths and abs(lengths["libsndfile"] - lengths["PyAV"]) > 0.01 * lengths["PyAV"]:
+        if (
+            "libsndfile" in lengths
+            and "PyAV" in lengths
+            and abs(lengths["libsndfile"] - lengths["PyAV"]) > 0.01 * lengths["PyAV"]
+        ):
             rate_of = 8000 if "amr" in name else 48000
             note = f"libsndfile decodes {lengths['libsndfile'] / rate_of:.1f} s of {lengths['PyAV'] / rate_of:.1f}"
-        cells = [f"{speeds[s]:12.0f}" if isinstance(speeds[s], float) else f"{speeds[s][:12]:>12}"
-                 for s in ("libsndfile", "PyAV")]
-        ratio = (f"{speeds['PyAV'] / speeds['libsndfile']:8.2f}x"
-                 if all(isinstance(speeds[s], float) for s in speeds) else f"{'':>9}")
+        cells = [
+            f"{speeds[s]:12.0f}" if isinstance(speeds[s], float) else f"{speeds[s][:12]:>12}"
+            for s in ("libsndfile", "PyAV")
+        ]
+        ratio = (
+            f"{speeds['PyAV'] / speeds['libsndfile']:8.2f}x"
+            if all(isinstance(speeds[s], float) for s in speeds)
+            else f"{'':>9}"
+        )
         print(f"  {name:<26} {cells[0]} {cells[1]} {ratio}  {chosen(data):<11} {note}")
 
     stereo = np.tile(samples[:, None], (1, 2))
     mean_s = cpu_seconds(lambda: stereo.mean(axis=1), args.repeats)
     ours_s = cpu_seconds(lambda: to_mono(stereo), args.repeats)
-    print(f"\nChannel averaging, 48 kHz stereo: mean(axis=1) {1e6 * mean_s / seconds:.0f} us per audio second, "
-          f"to_mono {1e6 * ours_s / seconds:.0f} us ({mean_s / ours_s:.1f}x faster, the same numbers: "
-          f"{np.array_equal(stereo.mean(axis=1), to_mono(stereo))})")
+    print(
+        f"\nChannel averaging, 48 kHz stereo: mean(axis=1) {1e6 * mean_s / seconds:.0f} us per audio second, "
+        f"to_mono {1e6 * ours_s / seconds:.0f} us ({mean_s / ours_s:.1f}x faster, the same numbers: "
+        f"{np.array_equal(stereo.mean(axis=1), to_mono(stereo))})"
+    )

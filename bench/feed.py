@@ -44,8 +44,13 @@ from s2t_model import DEMO_CORPUS, FeatureExtractor
 from s2t_model.batching import CPU_MAX_FRAMES, GPU_MAX_FRAMES
 
 RATE = 16000
-FORMATS = [("flac", 16000, "FLAC 16 kHz"), ("flac", 48000, "FLAC 48 kHz"), ("wav", 16000, "WAV 16 kHz"),
-           ("mp3", 16000, "MP3 16 kHz"), ("ogg", 16000, "Ogg Vorbis 16 kHz")]
+FORMATS = [
+    ("flac", 16000, "FLAC 16 kHz"),
+    ("flac", 48000, "FLAC 48 kHz"),
+    ("wav", 16000, "WAV 16 kHz"),
+    ("mp3", 16000, "MP3 16 kHz"),
+    ("ogg", 16000, "Ogg Vorbis 16 kHz"),
+]
 TARGET_CPU_STAGE = 3500  # audio-s per CPU-s: the device path's CPU stage, 10 s 16 kHz FLAC
 TARGET_HOST_US = 10.0  # us per audio-second: the GPU actor's host work on the device path
 
@@ -56,9 +61,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpu-rows", type=int, default=768, help="rows a GPU actor's call gets (the job's default)")
     parser.add_argument("--rtfx", type=float, default=20000.0, help="the model's RTFx on one GPU")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each stage; the best one counts")
-    parser.add_argument("--ray", action="store_true",
-                        help="time the object store with a local Ray's ray.put / ray.get (default: Ray's own steps "
-                             "without Ray: pickle protocol 5, the buffers copied into shared memory)")
+    parser.add_argument(
+        "--ray",
+        action="store_true",
+        help="time the object store with a local Ray's ray.put / ray.get (default: Ray's own steps "
+        "without Ray: pickle protocol 5, the buffers copied into shared memory)",
+    )
 
 
 def utterances(count: int, seconds: float) -> list[np.ndarray]:
@@ -97,16 +105,24 @@ def write_files(folder: str, waves: list[np.ndarray]) -> dict[str, list[str]]:
 
 def table(paths: list[str]) -> pa.Table:
     n = len(paths)
-    return pa.table({"id": [f"u{i}" for i in range(n)], "audio": paths, "offset_s": [0.0] * n,
-                     "duration_s": pa.array([None] * n, pa.float64()), "error": pa.array([None] * n, pa.string()),
-                     "tgt_lang": pa.array([None] * n, pa.string())})
+    return pa.table(
+        {
+            "id": [f"u{i}" for i in range(n)],
+            "audio": paths,
+            "offset_s": [0.0] * n,
+            "duration_s": pa.array([None] * n, pa.float64()),
+            "error": pa.array([None] * n, pa.string()),
+            "tgt_lang": pa.array([None] * n, pa.string()),
+        }
+    )
 
 
 def stage_options():
     from pipeline.stages import FeatureOptions
 
-    return FeatureOptions(feature_config=FeatureExtractor().to_dict(), min_duration_s=0.1, max_duration_s=60.0,
-                          max_frames=CPU_MAX_FRAMES)
+    return FeatureOptions(
+        feature_config=FeatureExtractor().to_dict(), min_duration_s=0.1, max_duration_s=60.0, max_frames=CPU_MAX_FRAMES
+    )
 
 
 def main(args) -> None:
@@ -120,8 +136,10 @@ def main(args) -> None:
     waves = utterances(args.rows, args.seconds)
     audio_s = args.rows * args.seconds
     load = os.getloadavg()[0]
-    print(f"torch {torch.__version__}, 1 thread; {os.cpu_count()} cores, load average {load:.1f} (figures are CPU "
-          f"time: load inflates them less than wall time); batches of {args.rows} x {args.seconds:g} s of speech")
+    print(
+        f"torch {torch.__version__}, 1 thread; {os.cpu_count()} cores, load average {load:.1f} (figures are CPU "
+        f"time: load inflates them less than wall time); batches of {args.rows} x {args.seconds:g} s of speech"
+    )
     rates: dict[str, float] = {}  # audio-s per CPU-s
     us: dict[str, float] = {}  # us of CPU per audio-second (hand-offs)
 
@@ -148,31 +166,41 @@ def main(args) -> None:
 
         # Hand-offs, each per audio-second of a batch.
         features = [f.numpy() for f in extractor.each(waves, RATE, CPU_MAX_FRAMES)]
-        sent = {"PCM float32": pa.table({"pcm": pcm_column(waves, np.float32)}),
-                "PCM int16": pa.table({"pcm": pcm_column(waves, np.int16)}),
-                "features": cpu_stage(flac).select(["features"])}
+        sent = {
+            "PCM float32": pa.table({"pcm": pcm_column(waves, np.float32)}),
+            "PCM int16": pa.table({"pcm": pcm_column(waves, np.int16)}),
+            "features": cpu_stage(flac).select(["features"]),
+        }
 
         def per_audio_s(fn) -> float:
             return cpu_seconds(fn, args.repeats) / audio_s * 1e6
 
         us["column: PCM float32"] = per_audio_s(lambda: pcm_column(waves, np.float32))
         us["column: PCM int16"] = per_audio_s(lambda: pcm_column(waves, np.int16))
-        us["column: features"] = per_audio_s(lambda: pa.array([f.reshape(-1) for f in features], pa.list_(pa.float32())))
+        us["column: features"] = per_audio_s(
+            lambda: pa.array([f.reshape(-1) for f in features], pa.list_(pa.float32()))
+        )
         for name, t in sent.items():
             staging = np.empty(t.nbytes, np.uint8)
             buffers = [b for b in t.column(0).chunks[0].flatten().buffers() if b is not None]
             us[f"host side of the copy to a GPU: {name}"] = per_audio_s(
-                lambda buffers=buffers, staging=staging: [np.copyto(staging[: b.size], np.frombuffer(b, np.uint8))
-                                                          for b in buffers])
-        us["GPU actor unpacks: PCM float32 (pcm_rows)"] = per_audio_s(lambda: pcm_rows(sent["PCM float32"].column(0), "cpu"))
+                lambda buffers=buffers, staging=staging: [
+                    np.copyto(staging[: b.size], np.frombuffer(b, np.uint8)) for b in buffers
+                ]
+            )
+        us["GPU actor unpacks: PCM float32 (pcm_rows)"] = per_audio_s(
+            lambda: pcm_rows(sent["PCM float32"].column(0), "cpu")
+        )
         us["GPU actor unpacks: features (features_column + pad_features)"] = per_audio_s(
-            lambda: pad_features(features_column(sent["features"], 80), torch.device("cpu")))
+            lambda: pad_features(features_column(sent["features"], 80), torch.device("cpu"))
+        )
         (object_store if args.ray else object_store_steps)(sent, us, per_audio_s)
 
         us["GPU actor launches detector + features ops"] = launching(args, extractor, vad, speech_features)
         probs = vad.speech_probs(waves)
         us["GPU actor applies the regions' rules (silero-vad's, on the host)"] = per_audio_s(
-            lambda: [regions_from_probs(p, len(w)) for p, w in zip(probs, waves)])
+            lambda: [regions_from_probs(p, len(w)) for p, w in zip(probs, waves)]
+        )
 
     report(args, rates, us)
 
@@ -189,8 +217,9 @@ def launching(args, extractor, vad, speech_features) -> float:
     for length_s in (0.04, 0.08):
         rows = [torch.from_numpy(w) for w in utterances(args.gpu_rows, length_s)]
         budget = num_frames(int(length_s * RATE)) * rows_per_batch
-        times.append(cpu_seconds(lambda: speech_features(extractor, rows, RATE, budget, vad, device="cpu"),
-                                 args.repeats))
+        times.append(
+            cpu_seconds(lambda: speech_features(extractor, rows, RATE, budget, vad, device="cpu"), args.repeats)
+        )
     return max(0.0, 2 * times[0] - times[1]) / (args.gpu_rows * args.seconds) * 1e6
 
 
@@ -209,7 +238,7 @@ def object_store_steps(sent: dict[str, pa.Table], us: dict[str, float], per_audi
             view, at = memoryview(shared), 0
             for b in buffers:
                 raw = b.raw()
-                view[at:at + raw.nbytes] = raw
+                view[at : at + raw.nbytes] = raw
                 at += raw.nbytes
             return meta, [b.raw().nbytes for b in buffers]
 
@@ -219,7 +248,7 @@ def object_store_steps(sent: dict[str, pa.Table], us: dict[str, float], per_audi
         def get(meta=meta, sizes=sizes, shared=shared):
             view, at, buffers = memoryview(shared), 0, []
             for size in sizes:
-                buffers.append(view[at:at + size])
+                buffers.append(view[at : at + size])
                 at += size
             return pickle.loads(meta, buffers=buffers)
 
@@ -253,29 +282,45 @@ def report(args, rates: dict[str, float], us: dict[str, float]) -> None:
         return us.get(f"object store put: {name}", 0.0)
 
     def host(name: str, unpack: str, extra: float = 0.0) -> float:
-        return us.get(f"object store get: {name}", 0.0) + us[unpack] + us[f"host side of the copy to a GPU: {name}"] + extra
+        return (
+            us.get(f"object store get: {name}", 0.0)
+            + us[unpack]
+            + us[f"host side of the copy to a GPU: {name}"]
+            + extra
+        )
 
     today_host = host("features", "GPU actor unpacks: features (features_column + pad_features)")
-    device_host = host("PCM float32", "GPU actor unpacks: PCM float32 (pcm_rows)",
-                       us["GPU actor launches detector + features ops"] +
-                       us["GPU actor applies the regions' rules (silero-vad's, on the host)"])
-    designs = [("CPU-feature path (separate)", "CPU-feature path: ComputeFeatures", "features", today_host),
-               ("device path (default with GPUs)", "device path: DecodeAudio", "PCM float32", device_host)]
+    device_host = host(
+        "PCM float32",
+        "GPU actor unpacks: PCM float32 (pcm_rows)",
+        us["GPU actor launches detector + features ops"]
+        + us["GPU actor applies the regions' rules (silero-vad's, on the host)"],
+    )
+    designs = [
+        ("CPU-feature path (separate)", "CPU-feature path: ComputeFeatures", "features", today_host),
+        ("device path (default with GPUs)", "device path: DecodeAudio", "PCM float32", device_host),
+    ]
     print(f"\n  cores per GPU for {args.rtfx:,.0f} RTFx: CPU stage + its put, and the GPU actor's host work")
     cores = {}
     for name, stage, sent, host_us in designs:
         cpu_us = 1e6 / rates[stage] + put(sent)
         cores[name] = args.rtfx * (cpu_us + host_us) / 1e6
-        line = (f"  {name:<32} CPU stage {cpu_us:6.1f} us + GPU actor host {host_us:5.2f} us per audio-s: "
-                f"{cores[name]:5.1f} cores")
+        line = (
+            f"  {name:<32} CPU stage {cpu_us:6.1f} us + GPU actor host {host_us:5.2f} us per audio-s: "
+            f"{cores[name]:5.1f} cores"
+        )
         at48 = rates.get(stage.split(":")[0] + ", 48 kHz FLAC")
         if at48:
             line += f" ({args.rtfx * (1e6 / at48 + put(sent) + host_us) / 1e6:.1f} for 48 kHz FLAC)"
         print(line)
     stage_rate = rates["device path: DecodeAudio"]
-    print(f"\n  targets: device path CPU stage {stage_rate:,.0f} >= {TARGET_CPU_STAGE:,} audio-s per CPU-s: "
-          f"{'met' if stage_rate >= TARGET_CPU_STAGE else 'NOT met'}; GPU actor host work {device_host:.2f} <= "
-          f"{TARGET_HOST_US:g} us per audio-s: {'met' if device_host <= TARGET_HOST_US else 'NOT met'}")
+    print(
+        f"\n  targets: device path CPU stage {stage_rate:,.0f} >= {TARGET_CPU_STAGE:,} audio-s per CPU-s: "
+        f"{'met' if stage_rate >= TARGET_CPU_STAGE else 'NOT met'}; GPU actor host work {device_host:.2f} <= "
+        f"{TARGET_HOST_US:g} us per audio-s: {'met' if device_host <= TARGET_HOST_US else 'NOT met'}"
+    )
     today, device = cores.values()
-    print(f"feed: {stage_rate:.0f} audio-s per CPU-s per core; cores per GPU for {args.rtfx:.0f} RTFx: "
-          f"{today:.1f} -> {device:.1f}")
+    print(
+        f"feed: {stage_rate:.0f} audio-s per CPU-s per core; cores per GPU for {args.rtfx:.0f} RTFx: "
+        f"{today:.1f} -> {device:.1f}"
+    )

@@ -88,7 +88,8 @@ class LatencyProxy(BaseHTTPRequestHandler):
         for name, value in response.getheaders():
             # HEAD's Content-Length is the object's size: kept; otherwise the body's, set below.
             if name.lower() not in ("transfer-encoding", "connection", "content-length", "server", "date") or (
-                    name.lower() == "content-length" and self.command == "HEAD"):
+                name.lower() == "content-length" and self.command == "HEAD"
+            ):
                 self.send_header(name, value)
         if self.command != "HEAD":
             self.send_header("Content-Length", str(len(data)))
@@ -150,8 +151,11 @@ def upload(fs, clips: list[dict], shards: int, folder: str) -> dict[str, str]:
         write_hf_parquet(part, os.path.join(folder, "part.parquet"))
         fs.put_file(os.path.join(folder, "part.parquet"), f"{BUCKET}/hf/data/test-{i:05d}-of-{shards:05d}.parquet")
         fs.pipe_file(f"{BUCKET}/wds/shard-{i:06d}.tar", webdataset_tar(part))
-    return {"files": f"s3://{BUCKET}/files/manifest.jsonl", "hf": f"s3://{BUCKET}/hf/data/test-*.parquet",
-            "wds": f"s3://{BUCKET}/wds/shard-{{000000..{shards - 1:06d}}}.tar"}
+    return {
+        "files": f"s3://{BUCKET}/files/manifest.jsonl",
+        "hf": f"s3://{BUCKET}/hf/data/test-*.parquet",
+        "wds": f"s3://{BUCKET}/wds/shard-{{000000..{shards - 1:06d}}}.tar",
+    }
 
 
 def local_files(clips: list[dict], folder: str) -> str:
@@ -166,25 +170,36 @@ def local_files(clips: list[dict], folder: str) -> str:
 
 
 def manifest_line(clip: dict) -> str:
-    return json.dumps({"id": clip["key"], "audio_filepath": f"audio/{clip['key']}.flac", "duration": clip["duration"],
-                       "text": clip["text"]})
+    return json.dumps(
+        {
+            "id": clip["key"],
+            "audio_filepath": f"audio/{clip['key']}.flac",
+            "duration": clip["duration"],
+            "text": clip["text"],
+        }
+    )
 
 
 def split(clips: list[dict], parts: int) -> list[list[dict]]:
     size = -(-len(clips) // parts)
-    return [clips[i:i + size] for i in range(0, len(clips), size)]
+    return [clips[i : i + size] for i in range(0, len(clips), size)]
 
 
 def write_hf_parquet(clips: list[dict], path: str) -> None:
     """A Parquet file as Hugging Face datasets writes one (the Audio feature's struct and schema metadata)."""
     import pyarrow.parquet as pq
 
-    audio = pa.array([{"bytes": c["data"], "path": f"{c['key']}.flac"} for c in clips],
-                     pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
-    features = {"audio": {"sampling_rate": 16000, "decode": True, "_type": "Audio"},
-                "sentence": {"dtype": "string", "_type": "Value"}}
+    audio = pa.array(
+        [{"bytes": c["data"], "path": f"{c['key']}.flac"} for c in clips],
+        pa.struct([("bytes", pa.binary()), ("path", pa.string())]),
+    )
+    features = {
+        "audio": {"sampling_rate": 16000, "decode": True, "_type": "Audio"},
+        "sentence": {"dtype": "string", "_type": "Value"},
+    }
     table = pa.table({"audio": audio, "sentence": [c["text"] for c in clips]}).replace_schema_metadata(
-        {"huggingface": json.dumps({"info": {"features": features}})})
+        {"huggingface": json.dumps({"info": {"features": features}})}
+    )
     pq.write_table(table, path, row_group_size=100)
 
 
@@ -216,17 +231,25 @@ def manifest_rows(uri: str, options: dict, rows_per_block: int):
                 yield from read_blocks(f, manifest.url(path), rows_per_block, manifest.base(path))
 
 
-def rows_per_second(uri: str, options: dict, io_concurrency: int, batch_size: int, vad: str, read_only: bool
-                    ) -> tuple[float, int]:
+def rows_per_second(
+    uri: str, options: dict, io_concurrency: int, batch_size: int, vad: str, read_only: bool
+) -> tuple[float, int]:
     """(rows per second, rows without error) of one ComputeFeatures from `uri` to every row's features, or with
     `read_only` to every row's samples (its reads and decoding, the part io_concurrency changes). The actor takes
     CALLS_PER_ACTOR batches at once, as the job's actor pool calls it; its first batch is read once untimed (a
     long job's connections and models are warm)."""
     from pipeline.stages import CALLS_PER_ACTOR, ComputeFeatures, FeatureOptions
 
-    actor = ComputeFeatures(FeatureOptions(FeatureExtractor.from_pretrained(DEMO_MODEL).to_dict(), min_duration_s=0.1,
-                                           max_duration_s=60.0, storage_options=options, vad=vad,
-                                           io_concurrency=io_concurrency))
+    actor = ComputeFeatures(
+        FeatureOptions(
+            FeatureExtractor.from_pretrained(DEMO_MODEL).to_dict(),
+            min_duration_s=0.1,
+            max_duration_s=60.0,
+            storage_options=options,
+            vad=vad,
+            io_concurrency=io_concurrency,
+        )
+    )
 
     def work(block: pa.Table) -> tuple[int, int]:
         """-> (rows, rows without error)"""
@@ -301,27 +324,45 @@ def main(args) -> None:
             sources = upload(direct, clips, args.shards, folder)
             # Reads through the proxy (a filesystem instance of their own: fsspec caches instances by their options).
             options = {**CREDENTIALS, "client_kwargs": {"endpoint_url": proxy_url}}
-            runs = [("per-file rows", "files", 1), ("per-file rows", "files", default),
-                    ("HF Parquet (bytes in rows)", "hf", default)]
+            runs = [
+                ("per-file rows", "files", 1),
+                ("per-file rows", "files", default),
+                ("HF Parquet (bytes in rows)", "hf", default),
+            ]
             runs += [("WebDataset shards", "wds", default)] if webdataset_reader() else []
             sources["local"] = local_files(clips, folder)
             runs += [("per-file rows on local disk (no store: the actor's ceiling here)", "local", default)]
-            print(f"{args.clips} demo clips, latency {args.latency_ms:.0f} ms per request (proxy in front of moto, both "
-                  f"in a process of their own), batches of {args.batch_size}, VAD {args.vad}, {os.cpu_count()} cores, "
-                  f"load average {os.getloadavg()[0]:.1f}")
-            print("| layout | io_concurrency | actor rows/s | vs per-file at 1 | reads alone, rows/s | vs per-file at 1 "
-                  "| rows ok |\n| --- | --- | --- | --- | --- | --- | --- |")
+            print(
+                f"{args.clips} demo clips, latency {args.latency_ms:.0f} ms per request (proxy in front of moto, both "
+                f"in a process of their own), batches of {args.batch_size}, VAD {args.vad}, {os.cpu_count()} cores, "
+                f"load average {os.getloadavg()[0]:.1f}"
+            )
+            print(
+                "| layout | io_concurrency | actor rows/s | vs per-file at 1 | reads alone, rows/s | vs per-file at 1 "
+                "| rows ok |\n| --- | --- | --- | --- | --- | --- | --- |"
+            )
             base = {}
             for name, layout, concurrency in runs:
                 speeds = {}
                 for read_only in (False, True):
-                    speeds[read_only], ok = rows_per_second(sources[layout], None if layout == "local" else options,
-                                                            concurrency, args.batch_size, args.vad, read_only)
+                    speeds[read_only], ok = rows_per_second(
+                        sources[layout],
+                        None if layout == "local" else options,
+                        concurrency,
+                        args.batch_size,
+                        args.vad,
+                        read_only,
+                    )
                     base.setdefault(read_only, speeds[read_only])
-                print(f"| {name} | {concurrency} | {speeds[False]:.1f} | {speeds[False] / base[False]:.1f}x | "
-                      f"{speeds[True]:.1f} | {speeds[True] / base[True]:.1f}x | {ok}/{args.clips} |", flush=True)
+                print(
+                    f"| {name} | {concurrency} | {speeds[False]:.1f} | {speeds[False] / base[False]:.1f}x | "
+                    f"{speeds[True]:.1f} | {speeds[True] / base[True]:.1f}x | {ok}/{args.clips} |",
+                    flush=True,
+                )
         if not webdataset_reader():
-            print("| WebDataset shards | - | missing: pipeline/shards.py (webdataset_rows) is not in this tree | | | | |")
+            print(
+                "| WebDataset shards | - | missing: pipeline/shards.py (webdataset_rows) is not in this tree | | | | |"
+            )
         print(f"load average at the end {os.getloadavg()[0]:.1f}")
     finally:
         store.terminate()

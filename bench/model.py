@@ -19,8 +19,15 @@ from torch import Tensor
 from s2t_model import FeatureExtractor, Speech2Text, Speech2TextConfig
 
 S2T_SMALL = dict(
-    vocab_size=10000, d_model=256, encoder_layers=12, decoder_layers=6, encoder_attention_heads=4,
-    decoder_attention_heads=4, encoder_ffn_dim=2048, decoder_ffn_dim=2048, conv_channels=1024,
+    vocab_size=10000,
+    d_model=256,
+    encoder_layers=12,
+    decoder_layers=6,
+    encoder_attention_heads=4,
+    decoder_attention_heads=4,
+    encoder_ffn_dim=2048,
+    decoder_ffn_dim=2048,
+    conv_channels=1024,
 )
 
 
@@ -38,6 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def best_times(fns: list, repeats: int, device: str) -> list[float]:
     """Best wall time of each function; runs alternate (a, b, c, a, b, c, ...) so background load hits all alike."""
+
     def timed(fn) -> float:
         if device.startswith("cuda"):
             torch.cuda.synchronize()
@@ -118,7 +126,8 @@ def random_checkpoint(folder: str, tokenizer_from: str | None = None) -> None:
     The head is untied (as in the MuST-C checkpoints): tied to the embeddings, a random model's start token </s>
     tends to predict </s> again at once, and there would be nothing to time. tokenizer_from: a checkpoint whose
     tokenizer the model takes (and its vocabulary size), so that the job and Serve can time it on text; e.g.
-    `python -c 'from bench.model import random_checkpoint as r; from s2t_model import DEMO_MODEL; r("/tmp/small", DEMO_MODEL)'`
+    `python -c 'from bench.model import random_checkpoint as r; from s2t_model import DEMO_MODEL;
+    r("/tmp/small", DEMO_MODEL)'`
     """
     torch.manual_seed(0)
     dimensions = dict(S2T_SMALL)
@@ -142,8 +151,11 @@ def decoder_weights_read_per_step(model: Speech2Text) -> list[Tensor]:
     """The weight matrices one decoder step multiplies by: every decoder layer's projections except the
     cross-attention keys and values (computed once per utterance), and the output head."""
     names = ("self_attn.", "encoder_attn.q_proj", "encoder_attn.out_proj", "fc1", "fc2")
-    weights = [p for n, p in model.model.decoder.layers.named_parameters()
-               if n.endswith("weight") and p.dim() == 2 and any(k in n for k in names)]
+    weights = [
+        p
+        for n, p in model.model.decoder.layers.named_parameters()
+        if n.endswith("weight") and p.dim() == 2 and any(k in n for k in names)
+    ]
     return weights + [model.lm_head.weight]
 
 
@@ -181,11 +193,14 @@ def bench_decoder_step(args, model: Speech2Text, peer=None) -> None:
         encoder_states, _ = model.encode(features, lengths)
     c = model.config
     cross_bytes = encoder_states.numel() * encoder_states.element_size() * 2 * c.decoder_layers
-    print(f"\nDecoder step: s2t-small dimensions, {args.step_batch} utterances x {args.seconds:g} s, mean of {steps} "
-          f"steps; a step reads {weight_bytes / 1e6:.1f} MB of weights and {cross_bytes / 1e6:.1f} MB of "
-          f"cross-attention keys and values")
+    print(
+        f"\nDecoder step: s2t-small dimensions, {args.step_batch} utterances x {args.seconds:g} s, mean of {steps} "
+        f"steps; a step reads {weight_bytes / 1e6:.1f} MB of weights and {cross_bytes / 1e6:.1f} MB of "
+        f"cross-attention keys and values"
+    )
     greedy_step = None
     for beams in (1, 5):
+
         @torch.inference_mode()
         def decode():
             state = decoder_state(model, features, lengths, beams, steps)
@@ -205,10 +220,12 @@ def bench_decoder_step(args, model: Speech2Text, peer=None) -> None:
         step = (t_total - t_encode) / steps
         greedy_step = greedy_step or step
         floor_with_cross = floor + cross_bytes / bandwidth
-        print(f"  rows {args.step_batch * beams:4d} ({'greedy' if beams == 1 else f'beam {beams}'}): step "
-              f"{step * 1e3:7.3f} ms, floor {floor * 1e3:7.3f} ms (weights at {bandwidth / 1e9:6.1f} GB/s): "
-              f"{step / floor:5.2f}x the floor; {step / floor_with_cross:5.2f}x the floor with the cross-attention "
-              f"keys and values ({floor_with_cross * 1e3:.3f} ms)")
+        print(
+            f"  rows {args.step_batch * beams:4d} ({'greedy' if beams == 1 else f'beam {beams}'}): step "
+            f"{step * 1e3:7.3f} ms, floor {floor * 1e3:7.3f} ms (weights at {bandwidth / 1e9:6.1f} GB/s): "
+            f"{step / floor:5.2f}x the floor; {step / floor_with_cross:5.2f}x the floor with the cross-attention "
+            f"keys and values ({floor_with_cross * 1e3:.3f} ms)"
+        )
     if peer is not None:
         mask = torch.ones(features.shape[:2], dtype=torch.long, device=args.device)
 
@@ -221,8 +238,10 @@ def bench_decoder_step(args, model: Speech2Text, peer=None) -> None:
             peer.get_encoder()(input_features=features.to(peer.dtype), attention_mask=mask)
 
         t_ours, t_peer = best_times([ours_encoder, peer_encoder], args.repeats, args.device)
-        print(f"  encoder, same utterances: ours {t_ours * 1e3:.1f} ms, transformers {t_peer * 1e3:.1f} ms "
-              f"(= {t_ours / (steps * greedy_step):.2f}x the time of {steps} greedy steps)")
+        print(
+            f"  encoder, same utterances: ours {t_ours * 1e3:.1f} ms, transformers {t_peer * 1e3:.1f} ms "
+            f"(= {t_ours / (steps * greedy_step):.2f}x the time of {steps} greedy steps)"
+        )
 
 
 def bench_generation(args) -> None:
@@ -261,12 +280,20 @@ def bench_generation(args) -> None:
 
         def run_peer():
             with torch.inference_mode():
-                out = peer.generate(input_features=features.to(dtype), attention_mask=mask, do_sample=False, early_stopping=True, **options)
+                out = peer.generate(
+                    input_features=features.to(dtype),
+                    attention_mask=mask,
+                    do_sample=False,
+                    early_stopping=True,
+                    **options,
+                )
             results["peer"] = [row[1:][: row[1:].index(2) + 1] if 2 in row[1:] else row[1:] for row in out.tolist()]
 
         graphs = " + CUDA graphs" if on_cuda else ""
-        sides = [(f"s2t_model generate ({args.device}, {args.dtype}{graphs})", run_ours, "ours"),
-                 ("  the same, features from waveforms included", run_ours_with_features, "with features")]
+        sides = [
+            (f"s2t_model generate ({args.device}, {args.dtype}{graphs})", run_ours, "ours"),
+            ("  the same, features from waveforms included", run_ours_with_features, "with features"),
+        ]
         if on_cuda:
             sides.append(("  the same without CUDA graphs", run_ours_eager, "eager"))
         sides.append(("transformers generate", run_peer, "peer"))
@@ -279,15 +306,19 @@ def bench_generation(args) -> None:
             rows.append((name, seconds, note, audio_seconds / seconds))
         name = "greedy" if num_beams == 1 else f"beam {num_beams}"
         print_table(
-            f"Generation, {name}: s2t-small dimensions, {args.utterances} x {args.seconds:g} s, max {args.max_new_tokens} new tokens",
-            rows, "RTFx",
+            f"Generation, {name}: s2t-small dimensions, {args.utterances} x {args.seconds:g} s, "
+            f"max {args.max_new_tokens} new tokens",
+            rows,
+            "RTFx",
         )
 
 
 def main(args) -> None:
     torch.manual_seed(0)
     gpu = f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else ""
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}{gpu}, dtype {args.dtype}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}{gpu}, dtype {args.dtype}"
+    )
     if not args.skip_features:
         bench_features(args)
     if not args.skip_generation:

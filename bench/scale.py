@@ -64,11 +64,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--real", type=int, default=40, help="rows that name a real demo clip")
     parser.add_argument("--model", default=DEMO_MODEL)
     parser.add_argument("--ray-cpus", type=int, default=None, help="logical CPUs of the local Ray (default: cores+2)")
-    parser.add_argument("--resume", choices=["digests", "join"], default="digests",
-                        help="how reruns find the rows done: the job's sorted id digests, or Ray Data's anti-join "
-                             "(the alternative it was measured against)")
-    parser.add_argument("--progress-s", type=float, default=30.0, help="seconds between the runs' progress lines, "
-                                                                       "printed after the table")
+    parser.add_argument(
+        "--resume",
+        choices=["digests", "join"],
+        default="digests",
+        help="how reruns find the rows done: the job's sorted id digests, or Ray Data's anti-join "
+        "(the alternative it was measured against)",
+    )
+    parser.add_argument(
+        "--progress-s",
+        type=float,
+        default=30.0,
+        help="seconds between the runs' progress lines, printed after the table",
+    )
     parser.add_argument("--keep", default=None, help="folder to build in and keep (default: a temporary one)")
 
 
@@ -82,23 +90,36 @@ def build_manifest(folder: str, rows: int, shards: int, real: int) -> str:
     step = max(1, rows // max(real, 1))
     for i in range(rows):
         clip = clips[(i // step) % len(clips)]
-        audio = os.path.join(DEMO_CORPUS, clip["audio_filepath"]) if i % step == 0 and i // step < real else \
-            f"/nonexistent/corpus/{i:09d}.flac"
-        files[i % shards].write(json.dumps({"id": f"utt-{i:09d}", "audio_filepath": audio, "duration": clip["duration"],
-                                            "text": clip["text"]}) + "\n")
+        audio = (
+            os.path.join(DEMO_CORPUS, clip["audio_filepath"])
+            if i % step == 0 and i // step < real
+            else f"/nonexistent/corpus/{i:09d}.flac"
+        )
+        files[i % shards].write(
+            json.dumps(
+                {"id": f"utt-{i:09d}", "audio_filepath": audio, "duration": clip["duration"], "text": clip["text"]}
+            )
+            + "\n"
+        )
     for f in files:
         f.close()
-    return os.path.join(folder, f"manifest_{{{0:0{width}d}..{shards - 1:0{width}d}}}.jsonl") if shards > 1 else \
-        files[0].name
+    return (
+        os.path.join(folder, f"manifest_{{{0:0{width}d}..{shards - 1:0{width}d}}}.jsonl")
+        if shards > 1
+        else files[0].name
+    )
 
 
 def run_once(config: dict, address: str, mark: str, resume: str) -> dict:
     if os.path.exists(mark):
         os.remove(mark)
     started = time.time()
-    done = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(config), mark, resume], capture_output=True,
-                          text=True,
-                          env={**os.environ, "RAY_ADDRESS": address})
+    done = subprocess.run(
+        [sys.executable, "-c", DRIVER, json.dumps(config), mark, resume],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "RAY_ADDRESS": address},
+    )
     if done.returncode:
         raise SystemExit(f"the job failed:\n{done.stderr[-3000:]}")
     result = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))[7:])
@@ -110,8 +131,17 @@ def run_once(config: dict, address: str, mark: str, resume: str) -> dict:
 def append_rows(pattern_first_file: str, start: int, count: int) -> None:
     with open(pattern_first_file, "a") as f:
         for i in range(start, start + count):
-            f.write(json.dumps({"id": f"new-{i:09d}", "audio_filepath": f"/nonexistent/new/{i}.flac",
-                                "duration": 1.0, "text": "new"}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "id": f"new-{i:09d}",
+                        "audio_filepath": f"/nonexistent/new/{i}.flac",
+                        "duration": 1.0,
+                        "text": "new",
+                    }
+                )
+                + "\n"
+            )
 
 
 def main(args) -> None:
@@ -121,20 +151,32 @@ def main(args) -> None:
         folder = args.keep or tmp
         started = time.time()
         manifest = build_manifest(os.path.join(folder, "manifest"), args.rows, args.shards, args.real)
-        print(f"manifest: {args.rows} rows in {args.shards} file(s), {args.real} real clips, {manifest} "
-              f"(built in {time.time() - started:.0f} s)")
+        print(
+            f"manifest: {args.rows} rows in {args.shards} file(s), {args.real} real clips, {manifest} "
+            f"(built in {time.time() - started:.0f} s)"
+        )
         cpus = args.ray_cpus or (os.cpu_count() or 1) + 2
         ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
         address = ray.get_runtime_context().gcs_address
-        print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start; local Ray with "
-              f"{cpus} logical CPUs")
-        config = dict(manifest=manifest, output=os.path.join(folder, "out"), model=args.model, num_beams=1,
-                      feature_stage="fused", progress_s=args.progress_s)
+        print(
+            f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start; local Ray with "
+            f"{cpus} logical CPUs"
+        )
+        config = dict(
+            manifest=manifest,
+            output=os.path.join(folder, "out"),
+            model=args.model,
+            num_beams=1,
+            feature_stage="fused",
+            progress_s=args.progress_s,
+        )
         mark = os.path.join(folder, "first-generation-batch")
         first_shard = os.path.join(folder, "manifest", sorted(os.listdir(os.path.join(folder, "manifest")))[0])
         print(f"resume by {args.resume}")
-        print("| rows | shards | run | wall s | driver VmHWM MB | first generation batch s | rows this run | rows out "
-              "| missing | doubled |")
+        print(
+            "| rows | shards | run | wall s | driver VmHWM MB | first generation batch s | rows this run | rows out "
+            "| missing | doubled |"
+        )
         print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         progress = {}
         for name in ("first", "nothing to do", "10 new rows"):
@@ -143,12 +185,15 @@ def main(args) -> None:
             result = run_once(config, address, mark, args.resume)
             s = result["summary"]
             first = f"{result['first_batch_s']:.0f}" if result["first_batch_s"] is not None else "-"
-            print(f"| {args.rows + (10 if name == '10 new rows' else 0):,} | {args.shards} | {name} | "
-                  f"{result['wall_s']:.0f} | {result['vmhwm_kb'] / 1024:.0f} | {first} | {s['rows_this_run']:,} | "
-                  f"{s['rows_out']:,} | {s['rows_missing']} | {s['rows_duplicated']} |", flush=True)
+            print(
+                f"| {args.rows + (10 if name == '10 new rows' else 0):,} | {args.shards} | {name} | "
+                f"{result['wall_s']:.0f} | {result['vmhwm_kb'] / 1024:.0f} | {first} | {s['rows_this_run']:,} | "
+                f"{s['rows_out']:,} | {s['rows_missing']} | {s['rows_duplicated']} |",
+                flush=True,
+            )
             progress[name] = result["progress"]
         for name, lines in progress.items():
-            print(f"progress of the run \"{name}\" (a line every {args.progress_s:g} s and one at the end):")
+            print(f'progress of the run "{name}" (a line every {args.progress_s:g} s and one at the end):')
             print("\n".join(f"  {line}" for line in lines))
         print(f"load average at the end: {os.getloadavg()[0]:.1f}")
         ray.shutdown()

@@ -43,35 +43,64 @@ TARGET_P99_RATIO = 2.0  # batched p99 / unbatched p99, at most
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEMO_MODEL, help="checkpoint folder (default: the bundled demo model)")
-    parser.add_argument("--corpus", default=DEMO_CORPUS, help="folder with manifest.jsonl (NeMo, relative "
-                                                              "audio_filepath) whose clips are sent")
+    parser.add_argument(
+        "--corpus",
+        default=DEMO_CORPUS,
+        help="folder with manifest.jsonl (NeMo, relative audio_filepath) whose clips are sent",
+    )
     parser.add_argument("--num-beams", type=int, default=5)
     parser.add_argument("--max-batch-size", type=int, default=16, help="the batched side's max_batch_size")
-    parser.add_argument("--batch-wait-ms", type=float, default=None,
-                        help="how long a batch waits to fill (default: ServeConfig's)")
-    parser.add_argument("--max-ongoing-requests", type=int, default=None,
-                        help="requests a replica holds at once (default: ServeConfig's)")
-    parser.add_argument("--max-frames", type=int, default=None,
-                        help="padded feature frames per generation batch: a batch is sorted by length and cut so "
-                             "that size x longest stays within it (default: ServeConfig's)")
-    parser.add_argument("--cpus-per-replica", type=float, default=None,
-                        help="CPUs the replica reserves, which is also its torch thread count (OMP_NUM_THREADS; "
-                             "default: ServeConfig's)")
+    parser.add_argument(
+        "--batch-wait-ms", type=float, default=None, help="how long a batch waits to fill (default: ServeConfig's)"
+    )
+    parser.add_argument(
+        "--max-ongoing-requests",
+        type=int,
+        default=None,
+        help="requests a replica holds at once (default: ServeConfig's)",
+    )
+    parser.add_argument(
+        "--max-frames",
+        type=int,
+        default=None,
+        help="padded feature frames per generation batch: a batch is sorted by length and cut so "
+        "that size x longest stays within it (default: ServeConfig's)",
+    )
+    parser.add_argument(
+        "--cpus-per-replica",
+        type=float,
+        default=None,
+        help="CPUs the replica reserves, which is also its torch thread count (OMP_NUM_THREADS; "
+        "default: ServeConfig's)",
+    )
     parser.add_argument("--requests", type=int, default=64, help="timed requests per concurrency level")
     parser.add_argument("--concurrency", default="1,8,32", help="concurrency levels, comma-separated")
-    parser.add_argument("--rounds", type=int, default=1,
-                        help="deploy and measure each side this many times, alternating, and pool the figures "
-                             "(evens out other load on a shared machine)")
-    parser.add_argument("--warmup", type=int, default=None,
-                        help="untimed requests before each side, sent at the highest level (default: that level)")
-    parser.add_argument("--ray-cpus", type=int, default=None,
-                        help="logical CPUs of the local Ray (default: the cores, or the replica's CPUs if more)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="deploy and measure each side this many times, alternating, and pool the figures "
+        "(evens out other load on a shared machine)",
+    )
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=None,
+        help="untimed requests before each side, sent at the highest level (default: that level)",
+    )
+    parser.add_argument(
+        "--ray-cpus",
+        type=int,
+        default=None,
+        help="logical CPUs of the local Ray (default: the cores, or the replica's CPUs if more)",
+    )
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds a request may take")
 
 
 # ------------------------------------------------------------------------------------------ pure helpers (tested)
+
 
 def parse_levels(text: str) -> list[int]:
     """'1,8,32' -> [1, 8, 32]: positive, distinct, in the order given."""
@@ -102,6 +131,7 @@ def percentile(values, q: float) -> float:
 @dataclass
 class Level:
     """One concurrency level of one side."""
+
     concurrency: int
     requests: int
     ok: int
@@ -122,9 +152,16 @@ def summarize(concurrency: int, results: list[tuple[int, float, float]], wall_s:
     audio_s = sum(audio for _, audio in ok)
     failed = dict(sorted(Counter(status for status, _, _ in results if status != 200).items()))
     return Level(
-        concurrency=concurrency, requests=len(results), ok=len(ok), failed=failed, wall_s=wall_s, audio_s=audio_s,
-        rps=len(ok) / wall_s if wall_s > 0 else 0.0, audio_rate=audio_s / wall_s if wall_s > 0 else 0.0,
-        p50_ms=percentile(latencies, 50), p99_ms=percentile(latencies, 99),
+        concurrency=concurrency,
+        requests=len(results),
+        ok=len(ok),
+        failed=failed,
+        wall_s=wall_s,
+        audio_s=audio_s,
+        rps=len(ok) / wall_s if wall_s > 0 else 0.0,
+        audio_rate=audio_s / wall_s if wall_s > 0 else 0.0,
+        p50_ms=percentile(latencies, 50),
+        p99_ms=percentile(latencies, 99),
         mean_ms=sum(latencies) / len(latencies) if latencies else math.nan,
     )
 
@@ -138,6 +175,7 @@ def verdict(batched: Level, unbatched: Level) -> tuple[bool, float, float]:
 
 
 # ------------------------------------------------------------------------------------------------------ the clips
+
 
 @dataclass
 class Clip:
@@ -159,6 +197,7 @@ def load_clips(corpus: str) -> list[Clip]:
 
 # ---------------------------------------------------------------------------------------------- the client side
 
+
 async def send_all(client, plan: list[Clip], concurrency: int) -> tuple[list[tuple[int, float, float]], list, float]:
     """`concurrency` coroutines share `plan`, each sending its next request when its last one is answered.
     Returns (status, latency s, audio s) and the text (None unless 200) per request, and the wall time."""
@@ -176,8 +215,9 @@ async def send_all(client, plan: list[Clip], concurrency: int) -> tuple[list[tup
             clip = plan[i]
             started = time.perf_counter()
             try:
-                response = await client.post("/v1/audio/transcriptions",
-                                             files={"file": (clip.name, clip.data, "audio/flac")})
+                response = await client.post(
+                    "/v1/audio/transcriptions", files={"file": (clip.name, clip.data, "audio/flac")}
+                )
                 status = response.status_code
                 if status == 200:
                     texts[i] = response.json()["text"]
@@ -206,13 +246,17 @@ async def run_side(url: str, plan: list[Clip], levels: list[int], warmup: int, t
             before = process_cpu_s()
             results, texts, wall_s = await send_all(client, plan, level)
             after = process_cpu_s()
-            cpu = {name: after[name][1] - before[name][1] for name in after  # the same process only
-                   if name in before and before[name][0] == after[name][0]}
+            cpu = {
+                name: after[name][1] - before[name][1]
+                for name in after  # the same process only
+                if name in before and before[name][0] == after[name][0]
+            }
             out.append(dict(level=level, results=results, texts=texts, wall_s=wall_s, cpu=cpu))
         return out
 
 
 # ---------------------------------------------------------------------------------------------- the server side
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -231,8 +275,10 @@ def start_ray(args, replica_cpus: float) -> tuple[bool, str]:
     ray.init(num_cpus=num_cpus, log_to_driver=False, include_dashboard=False)
     note = f"local Ray started with {num_cpus} logical CPUs on {cores} cores"
     if num_cpus > cores:
-        note += (f" (more than the cores: the replica reserves {replica_cpus:g}; Serve's controller and proxy "
-                 f"reserve 0 but run on the same cores)")
+        note += (
+            f" (more than the cores: the replica reserves {replica_cpus:g}; Serve's controller and proxy "
+            f"reserve 0 but run on the same cores)"
+        )
     return True, note
 
 
@@ -259,9 +305,9 @@ def replica_threads(config) -> str:
 
 def process_cpu_s() -> dict[str, tuple[int, float]]:
     """(pid, CPU seconds (user + system) so far) of the processes a request passes through on this machine: this one
-    (the client, and Ray's driver threads), Serve's HTTP proxy, the ingress and the model's replica. Found in /proc by their titles,
-    among this process' descendants only (a local Ray started here: its raylet is our child, its workers the
-    raylet's), so that another Ray on the same machine never counts."""
+    (the client, and Ray's driver threads), Serve's HTTP proxy, the ingress and the model's replica. Found in /proc by
+    their titles, among this process' descendants only (a local Ray started here: its raylet is our child, its
+    workers the raylet's), so that another Ray on the same machine never counts."""
     tick = os.sysconf("SC_CLK_TCK")
     parents, titles = {}, {}
     for pid in filter(str.isdigit, os.listdir("/proc") if os.path.isdir("/proc") else []):
@@ -325,6 +371,7 @@ def load_average() -> str:
 
 # ------------------------------------------------------------------------------------------------------- report
 
+
 def ms(value: float, width: int = 8) -> str:
     return f"{value:{width}.0f}" if not math.isnan(value) else f"{'-':>{width}}"
 
@@ -337,8 +384,10 @@ def print_table(rows: list[tuple[Level, Level, float, float]]) -> None:
     for b, u, b_cpu, u_cpu in rows:
         speedup = b.rps / u.rps if u.rps else math.nan
         p99 = b.p99_ms / u.p99_ms if u.p99_ms else math.nan
-        cells = [f"{s.rps:7.2f} {s.audio_rate:9.2f} {ms(s.p50_ms, 7)} {ms(s.p99_ms, 7)} {ms(cpu, 6)}"
-                 for s, cpu in ((b, b_cpu), (u, u_cpu))]
+        cells = [
+            f"{s.rps:7.2f} {s.audio_rate:9.2f} {ms(s.p50_ms, 7)} {ms(s.p99_ms, 7)} {ms(cpu, 6)}"
+            for s, cpu in ((b, b_cpu), (u, u_cpu))
+        ]
         print(f"  {b.concurrency:>4} | {cells[0]} | {cells[1]} | {speedup:9.2f}x {p99:7.2f}x")
     print("  CPU ms: the replica process' CPU time per request (all its threads), from /proc")
 
@@ -347,9 +396,12 @@ def describe(level: Level, cpu: dict) -> str:
     names = {0: "transport error", -1: "200 without a transcript"}
     failed = ", ".join(f"{n} x {names.get(s, s)}" for s, n in level.failed.items())
     per_request = ", ".join(f"{k} {1000 * v / level.requests:.0f}" for k, v in cpu.items())
-    return (f"concurrency {level.concurrency:>3}: {level.ok}/{level.requests} ok in {level.wall_s:.1f} s, "
-            f"{level.rps:.2f} req/s, p50 {level.p50_ms:.0f} ms, p99 {level.p99_ms:.0f} ms"
-            + (f"; NOT 200: {failed}" if failed else "") + f"; CPU ms per request: {per_request}")
+    return (
+        f"concurrency {level.concurrency:>3}: {level.ok}/{level.requests} ok in {level.wall_s:.1f} s, "
+        f"{level.rps:.2f} req/s, p50 {level.p50_ms:.0f} ms, p99 {level.p99_ms:.0f} ms"
+        + (f"; NOT 200: {failed}" if failed else "")
+        + f"; CPU ms per request: {per_request}"
+    )
 
 
 def main(args) -> None:
@@ -368,24 +420,32 @@ def main(args) -> None:
     for option in ("batch_wait_ms", "max_ongoing_requests", "max_frames", "cpus_per_replica"):
         if getattr(args, option) is not None:
             base[option] = getattr(args, option)
-    sides = {"batched": ServeConfig(**base, max_batch_size=args.max_batch_size),
-             "unbatched": ServeConfig(**base, max_batch_size=1)}
+    sides = {
+        "batched": ServeConfig(**base, max_batch_size=args.max_batch_size),
+        "unbatched": ServeConfig(**base, max_batch_size=1),
+    }
     config = sides["batched"]
 
-    print(f"machine: {os.cpu_count()} CPUs, load average {load_average()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} torch threads in this (client) process, cuda "
-          f"{'yes' if torch.cuda.is_available() else 'no'}")
+    print(
+        f"machine: {os.cpu_count()} CPUs, load average {load_average()}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} torch threads in this (client) process, cuda "
+        f"{'yes' if torch.cuda.is_available() else 'no'}"
+    )
     started_ray, note = start_ray(args, config.cpus_per_replica * config.replicas)
     print(f"ray: {note}")
-    print(f"server: {args.model}, num_beams {config.num_beams}, {config.replicas} replica x "
-          f"{config.cpus_per_replica:g} CPU, batch_wait_ms {config.batch_wait_ms:g}, max_ongoing_requests "
-          f"{config.max_ongoing_requests}, max_frames {config.max_frames}, device {config.device}, dtype "
-          f"{config.dtype}; batched "
-          f"max_batch_size {args.max_batch_size} vs unbatched 1")
-    print(f"load: {len(plan)} timed requests per level ({sum(c.duration for c in plan):.1f} s of audio, the "
-          f"{len(clips)} clips of {args.corpus} in order, cycling), levels {levels}, {warmup} warm-up requests "
-          f"per side at concurrency {max(levels)}; closed loop, one async httpx client"
-          + (f"; {args.rounds} rounds, sides alternating, figures pooled over rounds" if args.rounds > 1 else ""))
+    print(
+        f"server: {args.model}, num_beams {config.num_beams}, {config.replicas} replica x "
+        f"{config.cpus_per_replica:g} CPU, batch_wait_ms {config.batch_wait_ms:g}, max_ongoing_requests "
+        f"{config.max_ongoing_requests}, max_frames {config.max_frames}, device {config.device}, dtype "
+        f"{config.dtype}; batched "
+        f"max_batch_size {args.max_batch_size} vs unbatched 1"
+    )
+    print(
+        f"load: {len(plan)} timed requests per level ({sum(c.duration for c in plan):.1f} s of audio, the "
+        f"{len(clips)} clips of {args.corpus} in order, cycling), levels {levels}, {warmup} warm-up requests "
+        f"per side at concurrency {max(levels)}; closed loop, one async httpx client"
+        + (f"; {args.rounds} rounds, sides alternating, figures pooled over rounds" if args.rounds > 1 else "")
+    )
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -399,8 +459,11 @@ def main(args) -> None:
                 threads = replica_threads(side)
                 t0 = time.perf_counter()
                 deploy(side.model_dump())
-                print(f"  ready in {time.perf_counter() - t0:.1f} s; replica torch threads {threads}; "
-                      f"load average {load_average()}", flush=True)
+                print(
+                    f"  ready in {time.perf_counter() - t0:.1f} s; replica torch threads {threads}; "
+                    f"load average {load_average()}",
+                    flush=True,
+                )
                 measured[name].append(asyncio.run(run_side(url, plan, levels, warmup, args.timeout)))
                 for run in measured[name][-1]:
                     level = summarize(run["level"], run["results"], run["wall_s"])
@@ -417,8 +480,9 @@ def main(args) -> None:
 
     def pooled(name: str, index: int) -> tuple[Level, float]:
         runs = [rounds[index] for rounds in measured[name]]
-        level = summarize(levels[index], [r for run in runs for r in run["results"]],
-                          sum(run["wall_s"] for run in runs))
+        level = summarize(
+            levels[index], [r for run in runs for r in run["results"]], sum(run["wall_s"] for run in runs)
+        )
         replica_s = sum(run["cpu"].get("replica", math.nan) for run in runs)
         return level, 1000 * replica_s / level.requests
 
@@ -437,15 +501,21 @@ def main(args) -> None:
     same = sum(len(texts) == 1 and None not in texts for texts in by_clip.values())
     print(f"  clips whose every response, batched or not, is the same 200 text: {same} of {len(by_clip)}")
     samples = len(plan) * args.rounds
-    print(f"  p50/p99: of the {samples} latencies of a level" + (", so p99 lies between its two slowest"
-                                                                  if 2 <= samples <= 100 else ""))
+    print(
+        f"  p50/p99: of the {samples} latencies of a level"
+        + (", so p99 lies between its two slowest" if 2 <= samples <= 100 else "")
+    )
 
-    print(f"\n  target: at concurrency {TARGET_CONCURRENCY}, batched throughput >= {TARGET_SPEEDUP:g}x unbatched, "
-          f"batched p99 <= {TARGET_P99_RATIO:g}x unbatched p99, every response 200")
+    print(
+        f"\n  target: at concurrency {TARGET_CONCURRENCY}, batched throughput >= {TARGET_SPEEDUP:g}x unbatched, "
+        f"batched p99 <= {TARGET_P99_RATIO:g}x unbatched p99, every response 200"
+    )
     at_target = [(b, u) for b, u, _, _ in rows if b.concurrency == TARGET_CONCURRENCY]
     if not at_target:
         print(f"  NOT EVALUATED: concurrency {TARGET_CONCURRENCY} was not among the levels run")
         return
     met, speedup, p99_ratio = verdict(*at_target[0])
-    print(f"  {'MET' if met else 'NOT MET'}: throughput {speedup:.2f}x, p99 {p99_ratio:.2f}x "
-          f"(on {os.cpu_count()} CPUs, replica {config.cpus_per_replica:g} CPU, load average now {load_average()})")
+    print(
+        f"  {'MET' if met else 'NOT MET'}: throughput {speedup:.2f}x, p99 {p99_ratio:.2f}x "
+        f"(on {os.cpu_count()} CPUs, replica {config.cpus_per_replica:g} CPU, load average now {load_average()})"
+    )

@@ -44,8 +44,10 @@ def main(args: argparse.Namespace) -> None:
     serve.run(build_app({"model": args.model, "num_beams": args.num_beams}), name=APP_NAME, route_prefix="/")
     client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", timeout=600)
     print(f"machine: {os.cpu_count()} CPUs, load average {load_average()}; ray: {note}")
-    print(f"upload: {recording['id']}, {recording['duration']:.0f} s, {len(recording['segments'])} utterances; "
-          f"{args.model}, num_beams {args.num_beams}")
+    print(
+        f"upload: {recording['id']}, {recording['duration']:.0f} s, {len(recording['segments'])} utterances; "
+        f"{args.model}, num_beams {args.num_beams}"
+    )
     first, done, whole, deltas = [], [], [], []
     try:
         client.audio.transcriptions.create(model="s2t", file=("warm.flac", audio))  # warm-up
@@ -66,6 +68,8 @@ def main(args: argparse.Namespace) -> None:
     finally:
         serve.delete(APP_NAME)
     median = statistics.median
-    print(f"stream: first delta {median(first):.1f} s, done {median(done):.1f} s ({median(deltas):.0f} deltas); "
-          f"not streamed: {median(whole):.1f} s; first delta / whole answer {median(first) / median(whole):.2f}, "
-          f"streamed / not streamed {median(done) / median(whole):.2f} (medians of {args.rounds} rounds)")
+    print(
+        f"stream: first delta {median(first):.1f} s, done {median(done):.1f} s ({median(deltas):.0f} deltas); "
+        f"not streamed: {median(whole):.1f} s; first delta / whole answer {median(first) / median(whole):.2f}, "
+        f"streamed / not streamed {median(done) / median(whole):.2f} (medians of {args.rounds} rounds)"
+    )

@@ -63,17 +63,28 @@ def package_forms(waves: list[np.ndarray], plain: list[np.ndarray]) -> list[tupl
         jit.reset_states()
         batch = torch.from_numpy(streams)
         for start in range(0, streams.shape[1], WINDOW):
-            jit(batch[:, start: start + WINDOW], 16000)
+            jit(batch[:, start : start + WINDOW], 16000)
 
     seconds = sum(map(len, waves)) / 16000
-    forms = [("silero-vad JIT, one window a call", run_plain, f"{len(plain)} clips, get_speech_timestamps",
-              sum(map(len, plain)) / 16000),
-             ("silero-vad JIT, rows as streams", run_streams, f"({len(waves)}, 512) a call, padded to the longest",
-              seconds)]
+    forms = [
+        (
+            "silero-vad JIT, one window a call",
+            run_plain,
+            f"{len(plain)} clips, get_speech_timestamps",
+            sum(map(len, plain)) / 16000,
+        ),
+        ("silero-vad JIT, rows as streams", run_streams, f"({len(waves)}, 512) a call, padded to the longest", seconds),
+    ]
     try:
         sequence = load_silero_vad(sequence=True)
-        forms.append(("silero-vad sequence ONNX", lambda: [sequence.audio_forward(w) for w in waves],
-                      "one call per 512 windows of a row", seconds))
+        forms.append(
+            (
+                "silero-vad sequence ONNX",
+                lambda: [sequence.audio_forward(w) for w in waves],
+                "one call per 512 windows of a row",
+                seconds,
+            )
+        )
     except ImportError:
         print("(onnxruntime is not installed: the ONNX forms are not measured)")
     return forms
@@ -109,5 +120,7 @@ def main(args) -> None:
         random_checkpoint(folder)
         for name, path in (("demo model", DEMO_MODEL), ("s2t-small dimensions (random weights)", folder)):
             model_s = transcription_time(path, waves, max(1, args.repeats - 2))
-            print(f"  {name:<40} model {model_s:8.2f} s, VAD {vad_s:6.3f} s: "
-                  f"VAD is {100 * vad_s / (vad_s + model_s):5.1f} % of the total")
+            print(
+                f"  {name:<40} model {model_s:8.2f} s, VAD {vad_s:6.3f} s: "
+                f"VAD is {100 * vad_s / (vad_s + model_s):5.1f} % of the total"
+            )

@@ -27,8 +27,12 @@ from s2t_model.alignment import MEDIAN_FILTER_WIDTH, rank_heads
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEMO_MODEL, help="checkpoint to measure (default: the demo model)")
-    parser.add_argument("--random-small", action="store_true", help="measure a random-weight model of "
-                        "s2t-small-librispeech-asr's dimensions (with the demo tokenizer) instead")
+    parser.add_argument(
+        "--random-small",
+        action="store_true",
+        help="measure a random-weight model of "
+        "s2t-small-librispeech-asr's dimensions (with the demo tokenizer) instead",
+    )
     parser.add_argument("--utterances", type=int, default=30, help="utterances in the measured set")
     parser.add_argument("--rank-utterances", type=int, default=12, help="utterances in the set heads are ranked on")
     parser.add_argument("--top", type=int, default=3, help="best-ranked heads to use")
@@ -47,10 +51,16 @@ class Espeak:
         import ctypes
 
         class Event(ctypes.Structure):  # espeak_EVENT of speak_lib.h
-            _fields_ = [("type", ctypes.c_int), ("unique_identifier", ctypes.c_uint),
-                        ("text_position", ctypes.c_int), ("length", ctypes.c_int),
-                        ("audio_position", ctypes.c_int), ("sample", ctypes.c_int),
-                        ("user_data", ctypes.c_void_p), ("id", ctypes.c_char * 8)]
+            _fields_ = [
+                ("type", ctypes.c_int),
+                ("unique_identifier", ctypes.c_uint),
+                ("text_position", ctypes.c_int),
+                ("length", ctypes.c_int),
+                ("audio_position", ctypes.c_int),
+                ("sample", ctypes.c_int),
+                ("user_data", ctypes.c_void_p),
+                ("id", ctypes.c_char * 8),
+            ]
 
         self.lib = ctypes.CDLL("libespeak-ng.so.1")
         self.rate = self.lib.espeak_Initialize(self.SYNCHRONOUS, 0, None, 0)
@@ -110,11 +120,12 @@ def known_words(seed: int, index: int) -> tuple[np.ndarray, list[tuple[float, fl
         voiced = np.flatnonzero(np.abs(speech[a:b]) > 1e-3)
         ends.append(a + (voiced[-1] + 1 if len(voiced) else 0))
     speech = soxr.resample(speech, rate, SAMPLE_RATE, quality="HQ").astype(np.float64)
-    speech *= 10 ** (utt.level_db / 20) / max(float(np.sqrt(np.mean(speech ** 2))), 1e-12)
+    speech *= 10 ** (utt.level_db / 20) / max(float(np.sqrt(np.mean(speech**2))), 1e-12)
     lead = round(utt.lead_s * SAMPLE_RATE)
     audio = np.concatenate([np.zeros(lead), speech, np.zeros(round(utt.trail_s * SAMPLE_RATE))])
-    audio += colored_noise(np.random.default_rng(utt.noise_seed), len(audio), utt.noise) * \
-        10 ** ((utt.level_db - utt.snr_db) / 20)
+    audio += colored_noise(np.random.default_rng(utt.noise_seed), len(audio), utt.noise) * 10 ** (
+        (utt.level_db - utt.snr_db) / 20
+    )
     audio *= min(1.0, 0.99 / float(np.max(np.abs(audio))))
     truth = [(utt.lead_s + a / rate, utt.lead_s + e / rate, word) for a, e, word in zip(starts, ends, words)]
     return audio.astype(np.float32), truth, reference
@@ -185,24 +196,34 @@ def main(args: argparse.Namespace) -> None:
         heads = [tuple(int(x) for x in pair.split(":")) for pair in args.heads.split(",")]
     else:
         features = model.features([wave for wave, _, _ in ranking_set], SAMPLE_RATE)
-        examples = [(f, model.tokenizer.encode(reference), [t[0] for t in truth])
-                    for f, (_, truth, reference) in zip(features, ranking_set)]
+        examples = [
+            (f, model.tokenizer.encode(reference), [t[0] for t in truth])
+            for f, (_, truth, reference) in zip(features, ranking_set)
+        ]
         ranked = rank_heads(model, examples, args.filter_width)
-        print("heads by median |start error| on the ranking set (layer:head ms):",
-              " ".join(f"{layer}:{head} {err * 1000:.0f}" for (layer, head), err in ranked))
+        print(
+            "heads by median |start error| on the ranking set (layer:head ms):",
+            " ".join(f"{layer}:{head} {err * 1000:.0f}" for (layer, head), err in ranked),
+        )
         heads = [head for head, _ in ranked[: args.top]]
     model.config.extra["alignment_heads"] = [list(h) for h in heads]
     model.config.extra["alignment_filter_width"] = args.filter_width
     model.config.extra["alignment_method"] = args.method
-    print(f"model {'random s2t-small' if args.random_small else uri}; heads {heads}; filter {args.filter_width}; "
-          f"method {args.method}")
+    print(
+        f"model {'random s2t-small' if args.random_small else uri}; heads {heads}; filter {args.filter_width}; "
+        f"method {args.method}"
+    )
     features = model.features([wave for wave, _, _ in measured], SAMPLE_RATE)
     plain = best_time(lambda: model.transcribe_features(features))
     timed = best_time(lambda: model.transcribe_features(features, word_timestamps=True, logprobs=True))
-    print(f"cost: beam-{model.config.num_beams} decoding {plain:.2f} s, with words and logprobs {timed:.2f} s "
-          f"({timed / plain:.2f}x; best of 2, same run)")
+    print(
+        f"cost: beam-{model.config.num_beams} decoding {plain:.2f} s, with words and logprobs {timed:.2f} s "
+        f"({timed / plain:.2f}x; best of 2, same run)"
+    )
     for forced in (False, True):
         starts, ends, skipped = errors_ms(model, measured, forced)
         name = "reference tokens (forced)" if forced else "decoded words          "
-        print(f"{name}: {len(starts):4d} words ({skipped} utterances left out): start {figures(starts)};"
-              f" end {figures(ends)}")
+        print(
+            f"{name}: {len(starts):4d} words ({skipped} utterances left out): start {figures(starts)};"
+            f" end {figures(ends)}"
+        )

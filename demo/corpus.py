@@ -53,19 +53,94 @@ VOICES = ("en", "en-us", "en-gb-scotland", "en-gb-x-gbclan", "en-gb-x-rp", "en-g
 # Voice variants (`espeak-ng --voices=variant`, by file name), "" for none; left out: robots, whispers, heavy echo,
 # "Demonic", "announcer" and "fast" (same as none).
 VARIANTS = (
-    "", "m1", "m2", "m3", "m4", "m5", "m6", "m7", "m8", "f1", "f2", "f3", "f4", "f5", "croak",
-    "klatt", "klatt2", "klatt3", "klatt4", "klatt5", "klatt6",
-    "adam", "Alex", "Alicia", "Andrea", "Andy", "Annie", "antonio", "aunty", "belinda", "benjamin", "boris", "caleb",
-    "david", "Denis", "Diogo", "ed", "edward", "edward2", "Gene", "Gene2", "grandma", "grandpa", "gustave", "Henrique",
-    "Hugo", "iven", "iven2", "iven3", "iven4", "Jacky", "john", "kaukovalta", "Lee", "linda", "marcelo", "Marco",
-    "Mario", "max", "Michael", "michel", "miguel", "Mike", "norbert", "Nguyen", "pablo", "paul", "pedro", "quincy",
-    "rob", "robert", "sandro", "shelby", "steph", "steph2", "steph3", "Storm", "travis", "victor", "zac", "anika",
+    "",
+    "m1",
+    "m2",
+    "m3",
+    "m4",
+    "m5",
+    "m6",
+    "m7",
+    "m8",
+    "f1",
+    "f2",
+    "f3",
+    "f4",
+    "f5",
+    "croak",
+    "klatt",
+    "klatt2",
+    "klatt3",
+    "klatt4",
+    "klatt5",
+    "klatt6",
+    "adam",
+    "Alex",
+    "Alicia",
+    "Andrea",
+    "Andy",
+    "Annie",
+    "antonio",
+    "aunty",
+    "belinda",
+    "benjamin",
+    "boris",
+    "caleb",
+    "david",
+    "Denis",
+    "Diogo",
+    "ed",
+    "edward",
+    "edward2",
+    "Gene",
+    "Gene2",
+    "grandma",
+    "grandpa",
+    "gustave",
+    "Henrique",
+    "Hugo",
+    "iven",
+    "iven2",
+    "iven3",
+    "iven4",
+    "Jacky",
+    "john",
+    "kaukovalta",
+    "Lee",
+    "linda",
+    "marcelo",
+    "Marco",
+    "Mario",
+    "max",
+    "Michael",
+    "michel",
+    "miguel",
+    "Mike",
+    "norbert",
+    "Nguyen",
+    "pablo",
+    "paul",
+    "pedro",
+    "quincy",
+    "rob",
+    "robert",
+    "sandro",
+    "shelby",
+    "steph",
+    "steph2",
+    "steph3",
+    "Storm",
+    "travis",
+    "victor",
+    "zac",
+    "anika",
     "AnxiousAndy",
 )
 NOISES = ("white", "pink", "brown")
 
 
 # ----------------------------------------------------------------------------------------------------------- text
+
 
 def fix_num2words(text: str, lang: str) -> str:
     """num2words 0.5.14 mistakes, put right (no-ops where num2words is right):
@@ -106,13 +181,14 @@ def spoken(numbers: list[int]) -> str:
 
 # --------------------------------------------------------------------------------------------------- utterances
 
+
 def draw_number(rng: np.random.Generator, exclude: frozenset[int] = frozenset()) -> int:
     """Number of digits uniform in 1..6, then a number with that many digits (0..9 for one digit); rejection
     sampling leaves out `exclude`."""
     for _ in range(100_000):
         digits = int(rng.integers(1, 7))
         low = 0 if digits == 1 else 10 ** (digits - 1)
-        n = int(rng.integers(low, 10 ** digits))
+        n = int(rng.integers(low, 10**digits))
         if n not in exclude:
             return n
     raise ValueError(f"could not draw a number outside the {len(exclude)} excluded ones")
@@ -143,22 +219,44 @@ class Utterance:
         count = 1 if rng.random() >= MULTI_PROBABILITY else int(rng.integers(2, 4))
         numbers = [draw_number(rng, exclude) for _ in range(count)]
         return cls(
-            index=index, numbers=numbers,
-            voice=VOICES[rng.integers(len(VOICES))], variant=VARIANTS[rng.integers(len(VARIANTS))],
-            speed=int(rng.integers(130, 201)), pitch=int(rng.integers(30, 71)), amplitude=int(rng.integers(70, 141)),
-            word_gap=int(rng.integers(0, 4)), level_db=float(rng.uniform(-35.0, -15.0)),
-            noise=NOISES[rng.integers(len(NOISES))], snr_db=float(rng.uniform(10.0, 40.0)),
-            lead_s=float(rng.uniform(0.05, 0.5)), trail_s=float(rng.uniform(0.05, 0.5)),
+            index=index,
+            numbers=numbers,
+            voice=VOICES[rng.integers(len(VOICES))],
+            variant=VARIANTS[rng.integers(len(VARIANTS))],
+            speed=int(rng.integers(130, 201)),
+            pitch=int(rng.integers(30, 71)),
+            amplitude=int(rng.integers(70, 141)),
+            word_gap=int(rng.integers(0, 4)),
+            level_db=float(rng.uniform(-35.0, -15.0)),
+            noise=NOISES[rng.integers(len(NOISES))],
+            snr_db=float(rng.uniform(10.0, 40.0)),
+            lead_s=float(rng.uniform(0.05, 0.5)),
+            trail_s=float(rng.uniform(0.05, 0.5)),
             noise_seed=int(rng.integers(2**63)),
         )
 
     def espeak_args(self) -> list[str]:
         voice = self.voice + (f"+{self.variant}" if self.variant else "")
-        return ["espeak-ng", "--stdout", "-v", voice, "-s", str(self.speed), "-p", str(self.pitch),
-                "-a", str(self.amplitude), "-g", str(self.word_gap), "--", spoken(self.numbers)]
+        return [
+            "espeak-ng",
+            "--stdout",
+            "-v",
+            voice,
+            "-s",
+            str(self.speed),
+            "-p",
+            str(self.pitch),
+            "-a",
+            str(self.amplitude),
+            "-g",
+            str(self.word_gap),
+            "--",
+            spoken(self.numbers),
+        ]
 
 
 # ------------------------------------------------------------------------------------------------------- audio
+
 
 def synthesize(args: list[str]) -> tuple[np.ndarray, int]:
     result = subprocess.run(args, capture_output=True, check=False)
@@ -179,7 +277,7 @@ def colored_noise(rng: np.random.Generator, length: int, color: str) -> np.ndarr
         spectrum[0] = 0.0
         white = np.fft.irfft(spectrum, n=length)
     white -= white.mean()
-    return white / max(float(np.sqrt(np.mean(white ** 2))), 1e-12)
+    return white / max(float(np.sqrt(np.mean(white**2))), 1e-12)
 
 
 def render(utt: Utterance) -> np.ndarray:
@@ -187,9 +285,9 @@ def render(utt: Utterance) -> np.ndarray:
     speech, rate = synthesize(utt.espeak_args())
     voiced = np.flatnonzero(np.abs(speech) > 1e-3)  # espeak-ng's own leading and trailing silence goes
     if len(voiced):
-        speech = speech[voiced[0]:voiced[-1] + 1]
+        speech = speech[voiced[0] : voiced[-1] + 1]
     speech = soxr.resample(speech.astype(np.float32), rate, SAMPLE_RATE, quality="HQ").astype(np.float64)
-    speech *= 10 ** (utt.level_db / 20) / max(float(np.sqrt(np.mean(speech ** 2))), 1e-12)
+    speech *= 10 ** (utt.level_db / 20) / max(float(np.sqrt(np.mean(speech**2))), 1e-12)
     lead, trail = round(utt.lead_s * SAMPLE_RATE), round(utt.trail_s * SAMPLE_RATE)
     audio = np.concatenate([np.zeros(lead), speech, np.zeros(trail)])
     noise = colored_noise(np.random.default_rng(utt.noise_seed), len(audio), utt.noise)
@@ -216,11 +314,17 @@ def make(job: tuple[str, int, int]) -> dict:
     uid = f"spoken-numbers-{seed}-{index:06d}"
     relative = f"audio/{uid}.flac"
     soundfile.write(os.path.join(out_dir, relative), audio, SAMPLE_RATE, format="FLAC", subtype="PCM_16")
-    return {"id": uid, "audio_filepath": relative, "duration": round(len(audio) / SAMPLE_RATE, 3),
-            **texts(utt.numbers), "numbers": utt.numbers}
+    return {
+        "id": uid,
+        "audio_filepath": relative,
+        "duration": round(len(audio) / SAMPLE_RATE, 3),
+        **texts(utt.numbers),
+        "numbers": utt.numbers,
+    }
 
 
 # ------------------------------------------------------------------------------------------------------ corpus
+
 
 def read_numbers(path: str) -> frozenset[int]:
     """Numbers to leave out: a corpus folder, a manifest (each line's `numbers`), or a text file of integers."""
@@ -239,8 +343,14 @@ def read_numbers(path: str) -> frozenset[int]:
     return frozenset(numbers)
 
 
-def generate(out_dir: str, count: int, seed: int, workers: int | None = None,
-             exclude: frozenset[int] = frozenset(), progress: bool = True) -> list[dict]:
+def generate(
+    out_dir: str,
+    count: int,
+    seed: int,
+    workers: int | None = None,
+    exclude: frozenset[int] = frozenset(),
+    progress: bool = True,
+) -> list[dict]:
     """Writes `out_dir/audio/*.flac` and `out_dir/manifest.jsonl`; returns the manifest rows in index order."""
     if shutil.which("espeak-ng") is None:
         raise RuntimeError("espeak-ng is not installed (Debian/Ubuntu: apt-get install espeak-ng)")
@@ -279,8 +389,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--count", type=int, required=True, help="number of utterances")
     parser.add_argument("--seed", type=int, required=True)
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="processes (default: CPU count)")
-    parser.add_argument("--exclude-numbers", metavar="FILE_OR_MANIFEST",
-                        help="a manifest (or its folder, or a file of integers) whose numbers this corpus leaves out")
+    parser.add_argument(
+        "--exclude-numbers",
+        metavar="FILE_OR_MANIFEST",
+        help="a manifest (or its folder, or a file of integers) whose numbers this corpus leaves out",
+    )
 
 
 def main(args) -> None:
@@ -288,11 +401,15 @@ def main(args) -> None:
     start = time.monotonic()
     rows = generate(args.out, args.count, args.seed, args.workers, exclude)
     hours = sum(r["duration"] for r in rows) / 3600
-    print(f"corpus: {len(rows)} utterances ({hours:.2f} h of audio) in {args.out} "
-          f"in {time.monotonic() - start:.0f} s", file=sys.stdout, flush=True)
+    print(
+        f"corpus: {len(rows)} utterances ({hours:.2f} h of audio) in {args.out} in {time.monotonic() - start:.0f} s",
+        file=sys.stdout,
+        flush=True,
+    )
 
 
 # ------------------------------------------------------------------------------------------------------ subset
+
 
 def read_manifest(folder: str) -> list[dict]:
     with open(os.path.join(folder, "manifest.jsonl")) as f:
@@ -315,7 +432,7 @@ def select(sizes: list[int], counts: list[int], count: int, max_bytes: int, mult
         raise ValueError(f"--multi {multi} is not within 0..{count}")
     best: list[int] | None = None
     for cap in sorted({size / n for size, n in zip(sizes, counts)}):
-        single = [i for i, (size, n) in enumerate(zip(sizes, counts)) if n == 1 and size <= cap][:count - multi]
+        single = [i for i, (size, n) in enumerate(zip(sizes, counts)) if n == 1 and size <= cap][: count - multi]
         several = [i for i, (size, n) in enumerate(zip(sizes, counts)) if n > 1 and size <= cap * n][:multi]
         if len(single) + len(several) == count and sum(sizes[i] for i in single + several) <= max_bytes:
             best = sorted(single + several)
@@ -348,8 +465,11 @@ def add_subset_arguments(parser: argparse.ArgumentParser) -> None:
 def subset_main(args) -> None:
     rows = subset(args.src, args.out, args.count, round(args.max_mb * 1e6), args.multi)
     size = sum(os.path.getsize(os.path.join(args.out, r["audio_filepath"])) for r in rows)
-    print(f"corpus: {len(rows)} utterances of {args.src} ({sum(r['duration'] for r in rows):.0f} s of audio, "
-          f"{size / 1e6:.2f} MB) in {args.out}", flush=True)
+    print(
+        f"corpus: {len(rows)} utterances of {args.src} ({sum(r['duration'] for r in rows):.0f} s of audio, "
+        f"{size / 1e6:.2f} MB) in {args.out}",
+        flush=True,
+    )
 
 
 # --------------------------------------------------------------------------------------------------- long form
@@ -363,8 +483,10 @@ def read_pcm16(path: str) -> np.ndarray:
     """A corpus utterance's samples, exactly as stored (16 kHz mono PCM_16)."""
     info = soundfile.info(path)
     if (info.samplerate, info.channels, info.subtype) != (SAMPLE_RATE, 1, "PCM_16"):
-        raise ValueError(f"{path}: {info.samplerate} Hz, {info.channels} channels, {info.subtype}; "
-                         f"long-form wants {SAMPLE_RATE} Hz mono PCM_16")
+        raise ValueError(
+            f"{path}: {info.samplerate} Hz, {info.channels} channels, {info.subtype}; "
+            f"long-form wants {SAMPLE_RATE} Hz mono PCM_16"
+        )
     return soundfile.read(path, dtype="int16")[0]
 
 
@@ -375,8 +497,9 @@ def pause(rng: np.random.Generator, color: str, level_db: float) -> np.ndarray:
     return np.clip(np.round(noise), -32768, 32767).astype(np.int16)
 
 
-def long_form(src_dir: str, out_dir: str, count: int, min_seconds: float, max_seconds: float, seed: int,
-              progress: bool = True) -> list[dict]:
+def long_form(
+    src_dir: str, out_dir: str, count: int, min_seconds: float, max_seconds: float, seed: int, progress: bool = True
+) -> list[dict]:
     """Writes `count` recordings `out_dir/audio/long-form-SEED-NNN.flac` and `out_dir/manifest.jsonl`.
 
     One `numpy.random.default_rng(seed)` draws an order of the utterances of `src_dir` and, for each recording in
@@ -405,20 +528,38 @@ def long_form(src_dir: str, out_dir: str, count: int, min_seconds: float, max_se
             if total + len(audio) + len(gap) > max_seconds * SAMPLE_RATE:
                 break
             order.pop(0)
-            segments.append({"start_s": total / SAMPLE_RATE, "end_s": (total + len(audio)) / SAMPLE_RATE,
-                             **{k: row[k] for k in fields}, "numbers": row.get("numbers", []), "source_id": row["id"]})
+            segments.append(
+                {
+                    "start_s": total / SAMPLE_RATE,
+                    "end_s": (total + len(audio)) / SAMPLE_RATE,
+                    **{k: row[k] for k in fields},
+                    "numbers": row.get("numbers", []),
+                    "source_id": row["id"],
+                }
+            )
             pieces += [audio, gap]
             total += len(audio) + len(gap)
         if total < min_seconds * SAMPLE_RATE:
-            raise ValueError(f"long-form recording {number} is {total / SAMPLE_RATE:.1f} s, shorter than "
-                             f"{min_seconds} s: {src_dir} has too few utterances left or too long ones")
+            raise ValueError(
+                f"long-form recording {number} is {total / SAMPLE_RATE:.1f} s, shorter than "
+                f"{min_seconds} s: {src_dir} has too few utterances left or too long ones"
+            )
         uid = f"long-form-{seed}-{number:03d}"
         relative = f"audio/{uid}.flac"
-        soundfile.write(os.path.join(out_dir, relative), np.concatenate(pieces), SAMPLE_RATE, format="FLAC",
-                        subtype="PCM_16")
+        soundfile.write(
+            os.path.join(out_dir, relative), np.concatenate(pieces), SAMPLE_RATE, format="FLAC", subtype="PCM_16"
+        )
         texts_ = {k: (" " if k == "text" else ", ").join(s[k] for s in segments) for k in fields}
-        out.append({"id": uid, "audio_filepath": relative, "duration": round(total / SAMPLE_RATE, 3), **texts_,
-                    "numbers": [n for s in segments for n in s["numbers"]], "segments": segments})
+        out.append(
+            {
+                "id": uid,
+                "audio_filepath": relative,
+                "duration": round(total / SAMPLE_RATE, 3),
+                **texts_,
+                "numbers": [n for s in segments for n in s["numbers"]],
+                "segments": segments,
+            }
+        )
         if progress:
             print(f"long-form: {uid}: {total / SAMPLE_RATE:.1f} s, {len(segments)} utterances", flush=True)
     write_manifest(out_dir, out)
@@ -438,5 +579,8 @@ def long_form_main(args) -> None:
     if not 0 < args.min_seconds <= args.max_seconds:
         raise SystemExit("s2t corpus long-form: want 0 < --min-seconds <= --max-seconds")
     rows = long_form(args.src, args.out, args.count, args.min_seconds, args.max_seconds, args.seed)
-    print(f"long-form: {len(rows)} recordings ({sum(r['duration'] for r in rows):.0f} s of audio, "
-          f"{sum(len(r['segments']) for r in rows)} utterances of {args.src}) in {args.out}", flush=True)
+    print(
+        f"long-form: {len(rows)} recordings ({sum(r['duration'] for r in rows):.0f} s of audio, "
+        f"{sum(len(r['segments']) for r in rows)} utterances of {args.src}) in {args.out}",
+        flush=True,
+    )

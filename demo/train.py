@@ -22,15 +22,17 @@ import sentencepiece
 import soundfile
 import torch
 
+from demo.evaluate import read_manifest, score
 from s2t_model import FeatureExtractor, Speech2Text, Speech2TextConfig, Tokenizer
 from s2t_model.batching import frame_budget_batches
 from s2t_model.model import shift_right
 from s2t_model.tokenizer import LANGUAGES
 
-from demo.evaluate import read_manifest, score
-
 LANG_CODES = "mustc"
-START_ID, PAD_ID = Speech2TextConfig.decoder_start_token_id, Speech2TextConfig.pad_token_id  # pt fr ru nl ro it es de: transformers' tokenizer knows this list by name
+START_ID, PAD_ID = (
+    Speech2TextConfig.decoder_start_token_id,
+    Speech2TextConfig.pad_token_id,
+)  # pt fr ru nl ro it es de: transformers' tokenizer knows this list by name
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,7 +49,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--conv-channels", type=int, default=512)
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--max-minutes", type=float, default=55.0, help="stop after this much training time")
-    parser.add_argument("--batch-frames", type=int, default=8000, help="padded feature frames per batch (each utterance has 1 + len(langs) targets)")
+    parser.add_argument(
+        "--batch-frames",
+        type=int,
+        default=8000,
+        help="padded feature frames per batch (each utterance has 1 + len(langs) targets)",
+    )
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--warmup-steps", type=int, default=500)
     parser.add_argument("--label-smoothing", type=float, default=0.1)
@@ -55,8 +62,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-every", type=int, default=100, help="steps between progress lines")
     parser.add_argument("--eval-every", type=int, default=500, help="steps between held-out evaluations")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--save-dtype", default="float16", choices=["float16", "float32"],
-                        help="dtype of the saved weights (float16 halves the checkpoint; loading casts back)")
+    parser.add_argument(
+        "--save-dtype",
+        default="float16",
+        choices=["float16", "float32"],
+        help="dtype of the saved weights (float16 halves the checkpoint; loading casts back)",
+    )
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -66,7 +77,9 @@ def compute_features(rows: list[dict], extractor: FeatureExtractor, device: str)
     for start in range(0, len(rows), 64):
         chunk = rows[start : start + 64]
         waves = [soundfile.read(row["audio_filepath"], dtype="float32")[0] for row in chunk]
-        batch, lengths = extractor(waves, sampling_rate=soundfile.info(chunk[0]["audio_filepath"]).samplerate, device=device)
+        batch, lengths = extractor(
+            waves, sampling_rate=soundfile.info(chunk[0]["audio_filepath"]).samplerate, device=device
+        )
         features += [f[:n].half().cpu() for f, n in zip(batch, lengths.tolist())]
     return features
 
@@ -81,8 +94,17 @@ def train_tokenizer(rows: list[dict], langs: list[str], vocab_size: int, folder:
                 f.write(row[f"text_{lang}"] + "\n")
     prefix = os.path.join(folder, "sentencepiece.bpe")
     sentencepiece.SentencePieceTrainer.train(
-        input=text_path, model_prefix=prefix, model_type="unigram", vocab_size=vocab_size, hard_vocab_limit=False,
-        character_coverage=1.0, bos_id=0, pad_id=1, eos_id=2, unk_id=3, minloglevel=2,
+        input=text_path,
+        model_prefix=prefix,
+        model_type="unigram",
+        vocab_size=vocab_size,
+        hard_vocab_limit=False,
+        character_coverage=1.0,
+        bos_id=0,
+        pad_id=1,
+        eos_id=2,
+        unk_id=3,
+        minloglevel=2,
         user_defined_symbols=[f"<lang:{lang}>" for lang in LANGUAGES[LANG_CODES]],
     )
     processor = sentencepiece.SentencePieceProcessor(model_file=prefix + ".model")
@@ -92,6 +114,7 @@ def train_tokenizer(rows: list[dict], langs: list[str], vocab_size: int, folder:
 
 def targets(rows: list[dict], tokenizer: Tokenizer, langs: list[str]) -> list[list[list[int]]]:
     """Per utterance: the ids of its English transcript (no language tag) and of each translation (tagged)."""
+
     def untagged(text: str) -> list[int]:
         # A tokenizer with languages prefixes every text with one (its default tgt_lang): not the transcript.
         ids = tokenizer.encode(text)
@@ -164,14 +187,26 @@ def main(args) -> None:
     tokenizer = Tokenizer.from_pretrained(args.out)
     started = time.time()
     features = compute_features(rows, extractor, args.device)
-    print(f"{len(rows)} utterances, {sum(len(f) for f in features) / 100 / 3600:.2f} h, features in {time.time() - started:.0f} s")
+    print(
+        f"{len(rows)} utterances, {sum(len(f) for f in features) / 100 / 3600:.2f} h, "
+        f"features in {time.time() - started:.0f} s"
+    )
     held_out = read_manifest(args.held_out)[:200] if args.held_out else []  # greedy on 200: quick, indicative
 
     config = Speech2TextConfig(
-        vocab_size=len(tokenizer), d_model=args.d_model, encoder_layers=args.encoder_layers,
-        decoder_layers=args.decoder_layers, encoder_attention_heads=args.heads, decoder_attention_heads=args.heads,
-        encoder_ffn_dim=args.ffn_dim, decoder_ffn_dim=args.ffn_dim, conv_channels=args.conv_channels,
-        dropout=0.1, max_source_positions=3000, max_target_positions=256, max_length=200,
+        vocab_size=len(tokenizer),
+        d_model=args.d_model,
+        encoder_layers=args.encoder_layers,
+        decoder_layers=args.decoder_layers,
+        encoder_attention_heads=args.heads,
+        decoder_attention_heads=args.heads,
+        encoder_ffn_dim=args.ffn_dim,
+        decoder_ffn_dim=args.ffn_dim,
+        conv_channels=args.conv_channels,
+        dropout=0.1,
+        max_source_positions=3000,
+        max_target_positions=256,
+        max_length=200,
     )
     model = Speech2Text(config, extractor, tokenizer)
     init_embeddings(model)
@@ -195,8 +230,11 @@ def main(args) -> None:
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(step, args.lr, args.warmup_steps)
             _, loss = model(
-                padded.to(args.device), lengths.to(args.device), decoder_input_ids.to(args.device),
-                labels=labels.to(args.device), label_smoothing=args.label_smoothing,
+                padded.to(args.device),
+                lengths.to(args.device),
+                decoder_input_ids.to(args.device),
+                labels=labels.to(args.device),
+                label_smoothing=args.label_smoothing,
                 encoder_rows=encoder_rows.to(args.device),
             )
             optimizer.zero_grad(set_to_none=True)
@@ -205,11 +243,17 @@ def main(args) -> None:
             optimizer.step()
             total, count, step = total + loss.item(), count + 1, step + 1
             if step % args.log_every == 0:
-                print(f"epoch {epoch} step {step} loss {total / count:.3f} lr {learning_rate(step, args.lr, args.warmup_steps):.2e} "
-                      f"{(time.time() - train_started) / 60:.1f} min", flush=True)
+                print(
+                    f"epoch {epoch} step {step} loss {total / count:.3f} "
+                    f"lr {learning_rate(step, args.lr, args.warmup_steps):.2e} "
+                    f"{(time.time() - train_started) / 60:.1f} min",
+                    flush=True,
+                )
             if held_out and step % args.eval_every == 0:
                 model.eval()
-                print(f"  held-out (greedy): {score(model, held_out, langs, num_beams=1, max_new_tokens=60)}", flush=True)
+                print(
+                    f"  held-out (greedy): {score(model, held_out, langs, num_beams=1, max_new_tokens=60)}", flush=True
+                )
                 model.train()
             if time.time() - train_started > args.max_minutes * 60:
                 break

@@ -37,8 +37,11 @@ def main(args: argparse.Namespace) -> dict:
     print(json.dumps({k: v for k, v in summary.items() if k != "bleu_signature"}))
     if summary["pairs_retryable"]:
         # Not done: a scheduler that reruns failed jobs gets them done (the rerun does those pairs again).
-        print(f"s2t backfill: {summary['pairs_retryable']} pairs failed for the store's or our sake; run the same "
-              f"command again to do them", file=sys.stderr)
+        print(
+            f"s2t backfill: {summary['pairs_retryable']} pairs failed for the store's or our sake; run the same "
+            f"command again to do them",
+            file=sys.stderr,
+        )
         sys.exit(EXIT_RETRYABLE)
     return summary
 

@@ -1,4 +1,5 @@
-"""Writes docs/configuration.md from the jobs' typed configs (`make docs/configuration.md`; a test checks they agree)."""
+"""Writes docs/configuration.md from the jobs' typed configs (`make docs/configuration.md`; a test checks they
+agree)."""
 
 from pipeline.backfill import BackfillConfig
 from pipeline.export import ExportConfig
@@ -15,14 +16,20 @@ config in Python (`TranscribeConfig(manifest=..., output=..., model=...)`); the 
 
 
 def page() -> str:
-    return "\n".join([
-        HEAD,
-        "## `s2t transcribe MANIFEST OUTPUT`\n", TranscribeConfig.options_table(skip=("manifest", "output")),
-        "## `s2t backfill`\n", "Every option of `s2t transcribe` (as `--manifest` and `--output`), except "
-        "`--tgt-lang`, and:\n", BackfillConfig.options_table(skip=tuple(TranscribeConfig.model_fields)),
-        "## `s2t serve`\n", ServeConfig.options_table(),
-        "## `s2t export OUTPUT`\n", ExportConfig.options_table(skip=("output",)),
-    ])
+    return "\n".join(
+        [
+            HEAD,
+            "## `s2t transcribe MANIFEST OUTPUT`\n",
+            TranscribeConfig.options_table(skip=("manifest", "output")),
+            "## `s2t backfill`\n",
+            "Every option of `s2t transcribe` (as `--manifest` and `--output`), except `--tgt-lang`, and:\n",
+            BackfillConfig.options_table(skip=tuple(TranscribeConfig.model_fields)),
+            "## `s2t serve`\n",
+            ServeConfig.options_table(),
+            "## `s2t export OUTPUT`\n",
+            ExportConfig.options_table(skip=("output",)),
+        ]
+    )
 
 
 if __name__ == "__main__":

@@ -11,8 +11,10 @@ from pipeline.report import report
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("output", help="the job's output folder, any fsspec URL")
     parser.add_argument("--html", help="where the page goes (default: OUTPUT/_report.html)")
-    parser.add_argument("--manifest", help="the manifest, for WER by manifest file (default: the one the last run "
-                                           "read, from OUTPUT/_summary.json)")
+    parser.add_argument(
+        "--manifest",
+        help="the manifest, for WER by manifest file (default: the one the last run read, from OUTPUT/_summary.json)",
+    )
     parser.add_argument("--storage-options", type=json.loads, default=None, help="fsspec options (JSON)")
     parser.add_argument("--verbose", action="store_true", help="Ray's own output too")
 

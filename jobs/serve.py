@@ -26,8 +26,9 @@ def serve_config(config: ServeConfig) -> dict:
     return {
         "proxy_location": "EveryNode",
         "http_options": {"host": "0.0.0.0" if config.host == "127.0.0.1" else config.host, "port": config.port},
-        "applications": [{"name": APP_NAME, "route_prefix": "/", "import_path": "pipeline.serve:build_app",
-                          "args": args}],
+        "applications": [
+            {"name": APP_NAME, "route_prefix": "/", "import_path": "pipeline.serve:build_app", "args": args}
+        ],
     }
 
 

@@ -11,8 +11,8 @@ import logging
 import sys
 
 from pipeline.lease import LeaseHeld
-from pipeline.rows import ManifestError
 from pipeline.output import SUMMARY, OutputError
+from pipeline.rows import ManifestError
 from pipeline.transcribe import TranscribeConfig, check_inputs, run, summary_line
 
 EXIT_RETRYABLE = 75  # EX_TEMPFAIL (sysexits.h): rows remain that another run may do
@@ -50,16 +50,18 @@ def main(args: argparse.Namespace) -> dict:
     print(f"summary: {config.output.rstrip('/')}/{SUMMARY}")
     if summary["rows_retryable"] or summary["rows_missing"]:
         # Not done: a scheduler that reruns failed jobs gets them done (the rerun does those rows again).
-        print(f"s2t transcribe: {summary['rows_retryable']} rows failed for the store's or our sake and "
-              f"{summary['rows_missing']} have no row; run the same command again to do them", file=sys.stderr)
+        print(
+            f"s2t transcribe: {summary['rows_retryable']} rows failed for the store's or our sake and "
+            f"{summary['rows_missing']} have no row; run the same command again to do them",
+            file=sys.stderr,
+        )
         sys.exit(EXIT_RETRYABLE)
     return summary
 
 
 def show(config: TranscribeConfig, count: int) -> None:
     """A few transcripts next to their references, the first rows of the output in id order."""
-    from pipeline.output import output_filesystem
-    from pipeline.output import read_output
+    from pipeline.output import output_filesystem, read_output
 
     fs, root = output_filesystem(config.output, config.options_for(config.output))
     rows = read_output(fs, root, lambda name: name in ("id", "text", "reference", "error")).to_pylist()

@@ -131,8 +131,14 @@ def prefers_pyav(sound: soundfile.SoundFile) -> bool:
     return sound.format in PYAV_FORMATS or sound.subtype in PYAV_SUBTYPES
 
 
-def read_libsndfile(sound: soundfile.SoundFile, name: str, offset_s: float, duration_s: float | None,
-                    min_duration_s: float, max_duration_s: float) -> tuple[np.ndarray, int]:
+def read_libsndfile(
+    sound: soundfile.SoundFile,
+    name: str,
+    offset_s: float,
+    duration_s: float | None,
+    min_duration_s: float,
+    max_duration_s: float,
+) -> tuple[np.ndarray, int]:
     """(samples (N, channels) float32, rate) of the slice; the length is checked from the header first."""
     start, frames = slice_frames(sound, name, offset_s, duration_s)
     if frames is not None:
@@ -174,8 +180,9 @@ class PyAVAudio:
             self.container = av.open(f, "r", metadata_errors="ignore")
         except (av.error.FFmpegError, ValueError, OSError) as error:
             also = f"; libsndfile: {libsndfile_says}" if libsndfile_says else ""
-            raise AudioError("unreadable", f"{name}: not audio that libsndfile or FFmpeg can read "
-                                           f"({error}{also})") from None
+            raise AudioError(
+                "unreadable", f"{name}: not audio that libsndfile or FFmpeg can read ({error}{also})"
+            ) from None
         if not self.container.streams.audio:
             self.container.close()
             raise AudioError("unreadable", f"{name}: no audio stream in this {self.container.format.name} file")
@@ -204,8 +211,13 @@ class PyAVAudio:
         blocks = list(self.blocks(offset_s, duration_s, max_s=max_s))
         return np.concatenate(blocks) if blocks else np.zeros(0, np.float32)
 
-    def blocks(self, offset_s: float = 0.0, duration_s: float | None = None, block_samples: int = 0,
-               max_s: float = float("inf")) -> Iterator[np.ndarray]:
+    def blocks(
+        self,
+        offset_s: float = 0.0,
+        duration_s: float | None = None,
+        block_samples: int = 0,
+        max_s: float = float("inf"),
+    ) -> Iterator[np.ndarray]:
         """The slice's samples in blocks of at least `block_samples` (0: as decoded), the last one shorter. Raises
         truncated when the stream ends more than ROUNDING_S before the slice, bad_manifest_line when it ends before
         `offset_s`, too_long when more than `max_s` seconds are decoded (memory stays bounded)."""
@@ -214,7 +226,7 @@ class PyAVAudio:
         wanted = None if duration_s is None else round(duration_s * rate)
         pending, held, got = [], 0, 0
         for position, mono in self._decoded_from(offset_s):
-            mono = mono[max(0, start - position):]  # samples before the slice's first
+            mono = mono[max(0, start - position) :]  # samples before the slice's first
             if wanted is not None:
                 mono = mono[: wanted - got]
             if not len(mono):
@@ -234,12 +246,16 @@ class PyAVAudio:
         if not got and start > 0:
             raise AudioError("bad_manifest_line", f"{name}: offset {offset_s:.6g} s is past the end of the file")
         if wanted is not None and wanted - got > ROUNDING_S * rate:
-            raise AudioError("truncated", f"{name}: the manifest asks for {wanted / rate:.2f} s from {offset_s:.6g} s, "
-                                          f"the file has {got / rate:.2f} s there")
+            raise AudioError(
+                "truncated",
+                f"{name}: the manifest asks for {wanted / rate:.2f} s from {offset_s:.6g} s, "
+                f"the file has {got / rate:.2f} s there",
+            )
         promised = self.indexed_length_s
         if not offset_s and duration_s is None and promised and promised - got / rate > ROUNDING_S:
-            raise AudioError("truncated", f"{name}: the index promises {promised:.2f} s, the file holds "
-                                          f"{got / rate:.2f} s")
+            raise AudioError(
+                "truncated", f"{name}: the index promises {promised:.2f} s, the file holds {got / rate:.2f} s"
+            )
 
     def _decoded_from(self, offset_s: float) -> Iterator[tuple[int, np.ndarray]]:
         """(the first sample's position in the stream, mono samples) per decoded frame, from at or before offset_s."""
@@ -253,8 +269,13 @@ class PyAVAudio:
         self.rate = first.sample_rate or self.rate
         # The time of sample 0 from the second frame: a decoder that drops the first frame's leading samples (Opus
         # pre-skip, AAC priming) leaves that frame's timestamp where the dropped samples began.
-        self.first_s = (None if first.time is None else float(first.time) if second is None or second.time is None
-                        else float(second.time) - first.samples / self.rate)
+        self.first_s = (
+            None
+            if first.time is None
+            else float(first.time)
+            if second is None or second.time is None
+            else float(second.time) - first.samples / self.rate
+        )
         # From the start: positions are counted samples.
         position, frames = 0, itertools.chain([first], [second] if second is not None else [], frames)
         if offset_s > 0 and self.first_s is not None and SEEKS_EXACTLY & set(self.container.format.name.split(",")):
@@ -289,8 +310,9 @@ class PyAVAudio:
             for packet in self.container.demux(self.stream):
                 yield from packet.decode()
         except av.error.FFmpegError as error:
-            raise AudioError("corrupt", f"{self.name}: decoding stopped ({error}): the file is damaged or cut short"
-                             ) from None
+            raise AudioError(
+                "corrupt", f"{self.name}: decoding stopped ({error}): the file is damaged or cut short"
+            ) from None
 
     def _mono(self, frame) -> np.ndarray:
         """One decoded frame -> (samples,) float32 at self.rate."""
@@ -311,11 +333,12 @@ class PyAVAudio:
         return np.ascontiguousarray(mono)
 
 
-INTEGER_SCALE = {"i2": 2.0 ** 15, "i4": 2.0 ** 31, "i8": 2.0 ** 63}
+INTEGER_SCALE = {"i2": 2.0**15, "i4": 2.0**31, "i8": 2.0**63}
 
 
-def slice_frames(sound: soundfile.SoundFile, name: str, offset_s: float, duration_s: float | None
-                 ) -> tuple[int, int | None]:
+def slice_frames(
+    sound: soundfile.SoundFile, name: str, offset_s: float, duration_s: float | None
+) -> tuple[int, int | None]:
     """(first frame, frame count) of [offset_s, offset_s + duration_s) of an open file, the count None when neither
     the manifest nor the file knows it. The one rule for audio that is not there: an offset at or past the end is
     the manifest's mistake (bad_manifest_line); a slice reaching more than ROUNDING_S past the end is truncated."""
@@ -326,15 +349,22 @@ def slice_frames(sound: soundfile.SoundFile, name: str, offset_s: float, duratio
         return start, frames
     promised = header_frames(sound)
     if promised - sound.frames > ROUNDING_S * rate:
-        raise AudioError("truncated", f"{name}: the header promises {promised / rate:.2f} s, the file holds "
-                                      f"{sound.frames / rate:.2f} s")
+        raise AudioError(
+            "truncated",
+            f"{name}: the header promises {promised / rate:.2f} s, the file holds {sound.frames / rate:.2f} s",
+        )
     if start > 0 and start >= sound.frames:
-        raise AudioError("bad_manifest_line", f"{name}: offset {offset_s:.6g} s is past the end of the file "
-                                              f"({sound.frames / rate:.2f} s)")
+        raise AudioError(
+            "bad_manifest_line",
+            f"{name}: offset {offset_s:.6g} s is past the end of the file ({sound.frames / rate:.2f} s)",
+        )
     available = sound.frames - start
     if frames is not None and frames - available > ROUNDING_S * rate:
-        raise AudioError("truncated", f"{name}: the manifest asks for {frames / rate:.2f} s from {offset_s:.6g} s, "
-                                      f"the file has {available / rate:.2f} s there")
+        raise AudioError(
+            "truncated",
+            f"{name}: the manifest asks for {frames / rate:.2f} s from {offset_s:.6g} s, "
+            f"the file has {available / rate:.2f} s there",
+        )
     # Manifests round durations: a slice that overshoots the end by a little is read to the end.
     return start, available if frames is None else min(frames, available)
 
@@ -361,8 +391,9 @@ def is_remote(uri: str | None) -> bool:
     return uri is not None and "://" in uri and not uri.startswith("file://")
 
 
-def open_audio(uri: str, storage_options: dict | None, data: bytes | None = None, connections: int = 1,
-               one_get: bool = False) -> io.BufferedIOBase:
+def open_audio(
+    uri: str, storage_options: dict | None, data: bytes | None = None, connections: int = 1, one_get: bool = False
+) -> io.BufferedIOBase:
     """A seekable binary file for the audio: `data` when given, else `uri`'s file streamed, zip members read as
     their byte range. one_get: the file is most likely small (an utterance of its own): on an object store, ask for
     it with one ranged GET before anything else."""
@@ -412,8 +443,9 @@ def storage_error(path: str, error: Exception) -> "AudioError":
     if isinstance(error, FileNotFoundError):
         return AudioError("missing", f"{path}: no such file")
     if is_transient(error):
-        return AudioError("unavailable", f"{path}: the store failed after its retries ({type(error).__name__}: "
-                                         f"{error})")
+        return AudioError(
+            "unavailable", f"{path}: the store failed after its retries ({type(error).__name__}: {error})"
+        )
     return AudioError("unreadable", f"{path}: cannot be read ({type(error).__name__}: {error})")
 
 
@@ -434,9 +466,9 @@ def store_failed(error: Exception) -> bool:
 
 def first_bytes(fs, path: str) -> bytes | None:
     """The whole file in one ranged GET (no HEAD first: on an object store each request is a round trip of 30-100
-    ms), or None when it is larger than WHOLE_FILE_BYTES or the store refused the range (an empty object can: the
-    HEAD that follows then says what is wrong). FileNotFoundError and the store's failures pass: a missing file is
-missing either way, and the client has spent its retries."""
+        ms), or None when it is larger than WHOLE_FILE_BYTES or the store refused the range (an empty object can: the
+        HEAD that follows then says what is wrong). FileNotFoundError and the store's failures pass: a missing file is
+    missing either way, and the client has spent its retries."""
     try:
         head = fs.cat_file(path, start=0, end=WHOLE_FILE_BYTES)
     except FileNotFoundError:

@@ -24,10 +24,10 @@ from .ids import digest_set, drop_listed
 from .lease import Lease
 from .longform import join_segments, write_output
 from .manifest import Manifest
-from .output import (META, RUNS, arrow_filesystem, drop_errors, footers, mark_output, rows_dataset, each_language)
+from .output import META, RUNS, arrow_filesystem, drop_errors, each_language, footers, mark_output, rows_dataset
+from .progress import Progress, counted, quiet_ray
 from .reasons import RETRYABLE, Reason
 from .storage import retry_store_errors
-from .progress import Progress, counted, quiet_ray
 from .summary import run_summary
 from .transcribe import TranscribeConfig, check_inputs, transcription_dataset
 
@@ -37,8 +37,11 @@ PAIR = ("id", "tgt_lang")  # what a backfill's row is: one manifest row in one l
 class BackfillConfig(TranscribeConfig):
     hidden_options = ("tgt_lang",)  # each pair carries its own
     tgt_langs: str = Field("fr,de,es", description="comma-separated target languages to fill in")
-    retry_errors: bool = Field(False, description="translate again the pairs whose earlier attempt failed for any "
-                                                  "reason (those of retryable reasons are always done again)")
+    retry_errors: bool = Field(
+        False,
+        description="translate again the pairs whose earlier attempt failed for any "
+        "reason (those of retryable reasons are always done again)",
+    )
 
     def languages(self) -> list[str]:
         return [lang.strip() for lang in self.tgt_langs.split(",") if lang.strip()]
@@ -92,19 +95,20 @@ def run(config: BackfillConfig) -> dict:
     return summary
 
 
-def missing_pairs(manifest: Manifest, rows_per_block: int, langs: list[str], run_id: str, fs, root: str,
-                  shared=None):
+def missing_pairs(manifest: Manifest, rows_per_block: int, langs: list[str], run_id: str, fs, root: str, shared=None):
     """Every (manifest row, language) pair the output holds no row for (done or errored), as a Dataset: the
     manifest's rows once per language, less the output's (id, tgt_lang) pairs (pipeline/ids.py: their sorted
     digests in the object store, and a filter). shared: `Manifest.ids_as_listed`' ids more than one file holds, which
     get their file's label, as `s2t transcribe` gives them."""
     pairs = manifest.dataset(rows_per_block, arrow_filesystem(manifest.fs), shared=shared).map_batches(
-        each_language, fn_kwargs=dict(langs=langs, run_id=run_id), batch_format="pyarrow", batch_size=None)
+        each_language, fn_kwargs=dict(langs=langs, run_id=run_id), batch_format="pyarrow", batch_size=None
+    )
     files = list(footers(fs, root))
     if files:
         held = digest_set(rows_dataset(fs, root, files, ["id", "tgt_lang"]), on=PAIR)
-        pairs = pairs.map_batches(drop_listed, fn_kwargs=dict(listed=held, on=PAIR), batch_format="pyarrow",
-                                  batch_size=None)
+        pairs = pairs.map_batches(
+            drop_listed, fn_kwargs=dict(listed=held, on=PAIR), batch_format="pyarrow", batch_size=None
+        )
     return pairs.repartition(target_num_rows_per_block=rows_per_block)
 
 
@@ -113,8 +117,11 @@ def held_pairs(fs, root: str, langs: list[str]) -> int:
     files = list(footers(fs, root))
     if not files:
         return 0
-    return rows_dataset(fs, root, files, ["tgt_lang"]).map_batches(
-        in_languages, fn_kwargs=dict(langs=langs), batch_format="pyarrow", batch_size=None).count()
+    return (
+        rows_dataset(fs, root, files, ["tgt_lang"])
+        .map_batches(in_languages, fn_kwargs=dict(langs=langs), batch_format="pyarrow", batch_size=None)
+        .count()
+    )
 
 
 def in_languages(batch, langs: list[str]):
@@ -132,13 +139,25 @@ def summarize(fs, root: str, run_id: str, langs: list[str], wall_s: float) -> di
     run (an error row when it fails), so the rows this run wrote are the pairs it found missing."""
     written = footers(fs, root)
     columns = {"id", "error", "text", "reference", "run_id", "tgt_lang", "duration_s"}
-    names = set.intersection(*(set(m.schema.to_arrow_schema().names) | {"tgt_lang"} for m in written.values())) \
-        if written else set()
-    rows = rows_dataset(fs, root, list(written), sorted(n for n in names if n in columns or n.startswith("text_"))) \
-        if written else None
+    names = (
+        set.intersection(*(set(m.schema.to_arrow_schema().names) | {"tgt_lang"} for m in written.values()))
+        if written
+        else set()
+    )
+    rows = (
+        rows_dataset(fs, root, list(written), sorted(n for n in names if n in columns or n.startswith("text_")))
+        if written
+        else None
+    )
     figures = run_summary(rows, run_id)
-    return {"run_id": run_id, "tgt_langs": langs, "pairs_written": figures["rows"],
-            "pairs_errored": sum(figures["errors_by_reason"].values()), "pairs_retryable": figures["rows_retryable"],
-            "errors_by_reason": figures["errors_by_reason"],
-            "wall_s": wall_s, "bleu": figures["bleu"],
-            **({"bleu_signature": figures["bleu_signature"]} if "bleu_signature" in figures else {})}
+    return {
+        "run_id": run_id,
+        "tgt_langs": langs,
+        "pairs_written": figures["rows"],
+        "pairs_errored": sum(figures["errors_by_reason"].values()),
+        "pairs_retryable": figures["rows_retryable"],
+        "errors_by_reason": figures["errors_by_reason"],
+        "wall_s": wall_s,
+        "bleu": figures["bleu"],
+        **({"bleu_signature": figures["bleu_signature"]} if "bleu_signature" in figures else {}),
+    }

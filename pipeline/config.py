@@ -87,32 +87,48 @@ class ModelConfig(JobConfig):
 
     model: str = Field(description="Speech2Text checkpoint folder, any fsspec URL")
     num_beams: int = Field(5, ge=1)
-    max_frames: int | None = Field(None, ge=1, description="padded feature frames per generation batch (fairseq "
-                                                          "max_tokens; default: 24,000 on a CPU, 192,000 on a GPU)")
+    max_frames: int | None = Field(
+        None,
+        ge=1,
+        description="padded feature frames per generation batch (fairseq "
+        "max_tokens; default: 24,000 on a CPU, 192,000 on a GPU)",
+    )
     device: typing.Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: the GPU where there is one")
     dtype: typing.Literal["float32", "float16", "bfloat16"] = "float32"
     cuda_graphs: bool = Field(True, description="on a GPU, decode with CUDA graphs (false: eagerly)")
-    vad: typing.Literal["silero", "off"] = Field("silero", description="speech detection: audio without speech "
-                                                                       "gets the text \"\" without running the model")
-    min_avg_logprob: float | None = Field(MIN_AVG_LOGPROB, description="transcripts whose mean log-probability per "
-                                                                       "token is lower are flagged low_confidence")
+    vad: typing.Literal["silero", "off"] = Field(
+        "silero", description='speech detection: audio without speech gets the text "" without running the model'
+    )
+    min_avg_logprob: float | None = Field(
+        MIN_AVG_LOGPROB,
+        description="transcripts whose mean log-probability per token is lower are flagged low_confidence",
+    )
     min_duration_s: float = Field(0.1, ge=0)
-    max_segment_s: float = Field(MAX_SEGMENT_S, gt=0, description="longer audio is cut at pauses into segments "
-                                                                  "this long")
+    max_segment_s: float = Field(
+        MAX_SEGMENT_S, gt=0, description="longer audio is cut at pauses into segments this long"
+    )
     storage_options: dict = Field(default_factory=dict, description="fsspec options for every URL")
     s3_endpoint_url: str | None = Field(None, description="S3 endpoint (MinIO, Ceph, ...); AWS_* variables work too")
     s3_retry_mode: typing.Literal["standard", "adaptive", "legacy"] = Field(
-        ClientRetry.mode, description="botocore's retry mode for S3 requests (docs/faults.md)")
-    s3_attempts: int = Field(ClientRetry.attempts, ge=1, description="botocore's attempts of one S3 request, the "
-                                                                     "first included")
+        ClientRetry.mode, description="botocore's retry mode for S3 requests (docs/faults.md)"
+    )
+    s3_attempts: int = Field(
+        ClientRetry.attempts, ge=1, description="botocore's attempts of one S3 request, the first included"
+    )
     s3_connect_timeout_s: float = Field(ClientRetry.connect_timeout_s, gt=0)
-    s3_read_timeout_s: float = Field(ClientRetry.read_timeout_s, gt=0, description="longest wait for the next bytes "
-                                                                                   "of an S3 answer before a retry")
-    read_attempts: int = Field(RowRetry.attempts, ge=1, description="reads of a file (a row's audio, the model) while "
-                                                                   "the store fails (after the client's own retries), "
-                                                                   "the first included; then it is unavailable")
-    read_backoff_s: float = Field(RowRetry.backoff_s, ge=0, description="a file's k-th read again waits a random "
-                                                                        "time up to this x 2^k")
+    s3_read_timeout_s: float = Field(
+        ClientRetry.read_timeout_s, gt=0, description="longest wait for the next bytes of an S3 answer before a retry"
+    )
+    read_attempts: int = Field(
+        RowRetry.attempts,
+        ge=1,
+        description="reads of a file (a row's audio, the model) while "
+        "the store fails (after the client's own retries), "
+        "the first included; then it is unavailable",
+    )
+    read_backoff_s: float = Field(
+        RowRetry.backoff_s, ge=0, description="a file's k-th read again waits a random time up to this x 2^k"
+    )
 
     def storage(self, uri: str | None = None) -> dict:
         """fsspec options for `uri` (None: any URL): the given ones, the endpoint, and for S3 the client's retry
@@ -121,8 +137,10 @@ class ModelConfig(JobConfig):
         if self.s3_endpoint_url:
             options.setdefault("client_kwargs", {})["endpoint_url"] = self.s3_endpoint_url
         if uri is None or fsspec.core.split_protocol(uri)[0] in ("s3", "s3a"):
-            options = with_client_retry(options, ClientRetry(self.s3_retry_mode, self.s3_attempts,
-                                                             self.s3_connect_timeout_s, self.s3_read_timeout_s))
+            options = with_client_retry(
+                options,
+                ClientRetry(self.s3_retry_mode, self.s3_attempts, self.s3_connect_timeout_s, self.s3_read_timeout_s),
+            )
         return options
 
     def options_for(self, uri: str) -> dict | None:
@@ -139,8 +157,9 @@ class ModelConfig(JobConfig):
 
     def decoding(self, **fields) -> DecodingOptions:
         """The `DecodingOptions` these options give (`fields`: the caller's own, e.g. word_timestamps)."""
-        return DecodingOptions(num_beams=self.num_beams, max_frames=self.max_frames,
-                               min_avg_logprob=self.min_avg_logprob, **fields)
+        return DecodingOptions(
+            num_beams=self.num_beams, max_frames=self.max_frames, min_avg_logprob=self.min_avg_logprob, **fields
+        )
 
 
 def _plain_type(annotation) -> type:

@@ -35,8 +35,9 @@ class ExportConfig(JobConfig):
     output: str = Field(description="a transcription job's output folder, any fsspec URL")
     format: Literal["srt", "vtt", "txt", "json"] = Field(description="file format")
     to: str = Field(description="folder for the files, any fsspec URL")
-    cues: Literal["segments", "words"] = Field("segments", description="srt/vtt cues: a long recording's segments, "
-                                                                      "or its words (needs --word-timestamps)")
+    cues: Literal["segments", "words"] = Field(
+        "segments", description="srt/vtt cues: a long recording's segments, or its words (needs --word-timestamps)"
+    )
     storage_options: dict = Field(default_factory=dict, description="fsspec options for both URLs")
 
 
@@ -59,8 +60,13 @@ def render(row: dict, file_format: str, by: str) -> str:
     if file_format == "txt":
         return row["text"] + "\n" if row["text"] else ""
     if file_format == "json":
-        return json.dumps({k: row.get(k) for k in ("id", "text", "duration_s", "tgt_lang", "segments", "words")},
-                          ensure_ascii=False) + "\n"
+        return (
+            json.dumps(
+                {k: row.get(k) for k in ("id", "text", "duration_s", "tgt_lang", "segments", "words")},
+                ensure_ascii=False,
+            )
+            + "\n"
+        )
     return subtitles(cues(row, by), file_format)
 
 
@@ -69,8 +75,9 @@ def write_files(batch: pa.Table, to: str, file_format: str, by: str, storage_opt
     import fsspec
 
     fs, root = fsspec.core.url_to_fs(to, **(storage_options or {}))
-    unjoined = pc.is_valid(batch["segment_of"]) if "segment_of" in batch.column_names else \
-        pa.array([False] * batch.num_rows)
+    unjoined = (
+        pc.is_valid(batch["segment_of"]) if "segment_of" in batch.column_names else pa.array([False] * batch.num_rows)
+    )
     written = errors = 0
     for row in batch.filter(pc.invert(unjoined)).to_pylist():
         if row.get("error") or row.get("text") is None:
@@ -79,8 +86,9 @@ def write_files(batch: pa.Table, to: str, file_format: str, by: str, storage_opt
         with fs.open(posixpath.join(root, file_name(row, file_format)), "w", encoding="utf-8") as f:
             f.write(render(row, file_format, by))
         written += 1
-    return pa.table({"written": [written], "errors": [errors], "unjoined": [pc.sum(unjoined).as_py() or 0]},
-                    schema=COUNTS)
+    return pa.table(
+        {"written": [written], "errors": [errors], "unjoined": [pc.sum(unjoined).as_py() or 0]}, schema=COUNTS
+    )
 
 
 def run(config: ExportConfig) -> dict:
@@ -97,8 +105,13 @@ def run(config: ExportConfig) -> dict:
     out_fs, out_root = fsspec.core.url_to_fs(config.to, **(config.storage_options or {}))
     out_fs.makedirs(out_root, exist_ok=True)
     rows = rows_dataset(fs, root, list(found), [c for c in COLUMNS if c in present])
-    counts = rows.map_batches(write_files, batch_format="pyarrow", batch_size=None,
-                              fn_kwargs=dict(to=config.to, file_format=config.format, by=config.cues,
-                                             storage_options=config.storage_options or None))
+    counts = rows.map_batches(
+        write_files,
+        batch_format="pyarrow",
+        batch_size=None,
+        fn_kwargs=dict(
+            to=config.to, file_format=config.format, by=config.cues, storage_options=config.storage_options or None
+        ),
+    )
     totals = counts.sum(["written", "errors", "unjoined"]) if counts.count() else {}
     return {name: int(totals.get(f"sum({name})", 0) or 0) for name in COUNTS.names}

@@ -107,8 +107,9 @@ class GenerateFromAudio(GenerateText):
         waves = pcm_rows(batch.column(PCM), self.model.device)
         speech = batch.column("speech_s").to_pylist()
         good = [i for i, wave in enumerate(waves) if wave is not None]
-        computed, seconds = speech_features(extractor, [waves[i] for i in good], extractor.sampling_rate,
-                                            None, self.vad, device=self.model.device)
+        computed, seconds = speech_features(
+            extractor, [waves[i] for i in good], extractor.sampling_rate, None, self.vad, device=self.model.device
+        )
         features: list[torch.Tensor | None] = [None] * len(waves)
         for i, row, row_speech in zip(good, computed, seconds):
             features[i], speech[i] = row, row_speech

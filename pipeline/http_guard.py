@@ -88,15 +88,22 @@ class RequestGuard:
         scheme, _, token = header(scope, b"authorization").partition(" ")
         digest = hashlib.sha256(token.strip().encode()).hexdigest()
         if scheme.lower() != "bearer" or not hmac.compare_digest(digest, limits.api_key_sha256):
-            raise Rejected(401, "a valid API key is required (Authorization: Bearer <key>)", "invalid_api_key",
-                           {"www-authenticate": "Bearer"})
+            raise Rejected(
+                401,
+                "a valid API key is required (Authorization: Bearer <key>)",
+                "invalid_api_key",
+                {"www-authenticate": "Bearer"},
+            )
 
     @staticmethod
     def check_declared_length(scope, limits: GuardLimits) -> None:
         declared = header(scope, b"content-length")
         if declared.isdigit() and exceeds(declared, limits.max_body_bytes):
-            raise Rejected(413, f"Content-Length {quote(declared)} is over the limit of {limits.max_body_bytes} bytes",
-                           "upload_too_large")
+            raise Rejected(
+                413,
+                f"Content-Length {quote(declared)} is over the limit of {limits.max_body_bytes} bytes",
+                "upload_too_large",
+            )
 
     @staticmethod
     async def read_body(receive, limits: GuardLimits) -> bytes | None:
@@ -105,14 +112,18 @@ class RequestGuard:
             try:
                 message = await asyncio.wait_for(receive(), limits.body_timeout_s)
             except asyncio.TimeoutError:
-                raise Rejected(408, f"the request body stopped arriving: nothing for {limits.body_timeout_s} s "
-                                    f"after {size} bytes", "body_timeout") from None
+                raise Rejected(
+                    408,
+                    f"the request body stopped arriving: nothing for {limits.body_timeout_s} s after {size} bytes",
+                    "body_timeout",
+                ) from None
             if message["type"] != "http.request":  # http.disconnect
                 return None
             size += len(message.get("body", b""))
             if size > limits.max_body_bytes:
-                raise Rejected(413, f"the request body is more than the limit of {limits.max_body_bytes} bytes",
-                               "upload_too_large")
+                raise Rejected(
+                    413, f"the request body is more than the limit of {limits.max_body_bytes} bytes", "upload_too_large"
+                )
             chunks.append(message.get("body", b""))
             more = message.get("more_body", False)
         return b"".join(chunks)
@@ -123,10 +134,19 @@ class RequestGuard:
 
         inc("s2t_serve_responses_total", status=str(rejection.status), code=rejection.code)
         body = json.dumps(error_body(rejection.status, rejection.message, rejection.code)).encode()
-        headers = {"content-type": "application/json", "content-length": str(len(body)), "connection": "close",
-                   **rejection.headers}
-        await send({"type": "http.response.start", "status": rejection.status,
-                    "headers": [(k.encode(), v.encode()) for k, v in headers.items()]})
+        headers = {
+            "content-type": "application/json",
+            "content-length": str(len(body)),
+            "connection": "close",
+            **rejection.headers,
+        }
+        await send(
+            {
+                "type": "http.response.start",
+                "status": rejection.status,
+                "headers": [(k.encode(), v.encode()) for k, v in headers.items()],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
 
@@ -137,12 +157,22 @@ def check_multipart_end(scope, body: bytes) -> None:
     kind, _, params = header(scope, b"content-type").partition(";")
     if kind.strip().lower() != "multipart/form-data":
         return
-    boundary = next((value.strip().strip('"') for key, _, value in (p.partition("=") for p in params.split(";"))
-                     if key.strip().lower() == "boundary"), "")
+    boundary = next(
+        (
+            value.strip().strip('"')
+            for key, _, value in (p.partition("=") for p in params.split(";"))
+            if key.strip().lower() == "boundary"
+        ),
+        "",
+    )
     closing = b"--" + boundary.encode("latin-1") + b"--"
-    if boundary and closing not in body[-(len(closing) + EPILOGUE_BYTES):]:
-        raise Rejected(400, f"the multipart body ends before its closing boundary after {len(body)} bytes: the upload "
-                            f"was cut short; send it again", "truncated_upload")
+    if boundary and closing not in body[-(len(closing) + EPILOGUE_BYTES) :]:
+        raise Rejected(
+            400,
+            f"the multipart body ends before its closing boundary after {len(body)} bytes: the upload "
+            f"was cut short; send it again",
+            "truncated_upload",
+        )
 
 
 def exceeds(digits: str, limit: int) -> bool:

@@ -47,8 +47,11 @@ def digest_set(rows, on: tuple[str, ...] = ("id",)):
     """A dataset -> the ObjectRef of its keys' (`on`'s) sorted digests (computed on the cluster)."""
     import ray
 
-    parts = rows.select_columns(list(on)).map_batches(block_digests, fn_kwargs=dict(on=on),
-                                                      batch_format="pyarrow").to_numpy_refs()
+    parts = (
+        rows.select_columns(list(on))
+        .map_batches(block_digests, fn_kwargs=dict(on=on), batch_format="pyarrow")
+        .to_numpy_refs()
+    )
     return ray.remote(num_cpus=1)(sorted_digests).remote(*parts)  # the task holds them all, not the driver
 
 
@@ -86,7 +89,7 @@ def lookup(wanted: np.ndarray, listed: np.ndarray) -> np.ndarray:
     hit = (right - left == 1) & (listed["lo"][np.minimum(left, len(listed) - 1)] == wanted["lo"])
     index[hit] = left[hit]
     for i in np.flatnonzero(right - left > 1):  # repeated ids, or ids sharing their first 64 bits
-        match = np.flatnonzero(listed["lo"][left[i]:right[i]] == wanted["lo"][i])
+        match = np.flatnonzero(listed["lo"][left[i] : right[i]] == wanted["lo"][i])
         if match.size:
             index[i] = left[i] + match[0]
     return index
@@ -146,10 +149,13 @@ def compare(manifest: np.ndarray, output: np.ndarray) -> tuple[dict[str, int], n
     in_for_out = np.append(times_in, 0)[lookup(ids_out, ids_in)]
     out_for_in = np.append(times_out, 0)[lookup(ids_in, ids_out)]
     listed = in_for_out > 0
-    counts = {"n_in": int(times_in.sum()), "n_out": int(times_out[listed].sum()),
-              "missing": int(np.maximum(times_in - out_for_in, 0).sum()),
-              "duplicated": int(np.maximum(times_out - in_for_out, 0)[listed].sum()),
-              "unlisted": int(times_out[~listed].sum())}
+    counts = {
+        "n_in": int(times_in.sum()),
+        "n_out": int(times_out[listed].sum()),
+        "missing": int(np.maximum(times_in - out_for_in, 0).sum()),
+        "duplicated": int(np.maximum(times_out - in_for_out, 0)[listed].sum()),
+        "unlisted": int(times_out[~listed].sum()),
+    }
     return counts, ids_out[~listed]
 
 

@@ -47,8 +47,10 @@ class Lease:
                     f"{held['started']}) is filling in this output; try again when it is done, or delete the lease if "
                     f"that run is dead"
                 )
-            elif not self.create(f"{self.root}/_lease.takeover-{held['run_id']}", self.record()) and \
-                    (self.read(f"{self.root}/_lease.takeover-{held['run_id']}") or {}).get("run_id") != self.run_id:
+            elif (
+                not self.create(f"{self.root}/_lease.takeover-{held['run_id']}", self.record())
+                and (self.read(f"{self.root}/_lease.takeover-{held['run_id']}") or {}).get("run_id") != self.run_id
+            ):
                 raise LeaseHeld(f"{self.path}: another run is taking over the stale lease of run {held['run_id']}")
             else:
                 self.write()
@@ -82,8 +84,13 @@ class Lease:
             return None
 
     def record(self) -> dict:
-        return {"run_id": self.run_id, "host": socket.gethostname(), "pid": os.getpid(),
-                "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "expires": time.time() + self.ttl_s}
+        return {
+            "run_id": self.run_id,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "expires": time.time() + self.ttl_s,
+        }
 
     def write(self) -> None:
         with self.fs.open(self.path, "w") as f:

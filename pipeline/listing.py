@@ -34,8 +34,13 @@ def expand(fs, path: str, uri: str) -> list[str]:
 
     # NeMo writes `{` and `}` as _OP_ and _CL_ in its shard lists.
     pattern = path.replace("_OP_", "{").replace("_CL_", "}")
-    files = sorted({f for each in braceexpand.braceexpand(pattern)
-                    for f in (fs.glob(each) if any(c in each for c in "*?[") else [each] if fs.exists(each) else [])})
+    files = sorted(
+        {
+            f
+            for each in braceexpand.braceexpand(pattern)
+            for f in (fs.glob(each) if any(c in each for c in "*?[") else [each] if fs.exists(each) else [])
+        }
+    )
     if not files:
         raise ManifestError(f"{uri}: the pattern matches no files")
     return files

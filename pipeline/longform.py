@@ -24,19 +24,47 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import soundfile
 
-from .audio import (INLINE_AUDIO, IO_CONCURRENCY, AudioError, PyAVAudio, _check_duration, as_audio_error, open_audio,
-                    open_libsndfile, prefers_pyav, slice_frames, store_failed)
+from .audio import (
+    INLINE_AUDIO,
+    IO_CONCURRENCY,
+    AudioError,
+    PyAVAudio,
+    _check_duration,
+    as_audio_error,
+    open_audio,
+    open_libsndfile,
+    prefers_pyav,
+    slice_frames,
+    store_failed,
+)
+from .output import (
+    SEGMENT_COLUMNS,
+    SEGMENT_FIELDS,
+    SEGMENTS,
+    SEGMENTS_TYPE,
+    OutputFiles,
+    OutputNames,
+    arrow_filesystem,
+    final_rows,
+    footers,
+    holds_segments,
+    own_name,
+    plain_strings,
+    shuffle_partitions,
+)
 from .storage import RowRetry
-from .output import (SEGMENT_COLUMNS, SEGMENT_FIELDS, SEGMENTS, SEGMENTS_TYPE, OutputFiles, OutputNames,
-                     arrow_filesystem, final_rows, footers, holds_segments, own_name, plain_strings,
-                     shuffle_partitions)
 
 BLOCK_S = 60.0  # seconds of audio read at a time while looking for pauses
 
 
-def split_long_audio(batch: pa.Table, max_segment_s: float, max_duration_s: float, storage_options: dict | None,
-                     io_concurrency: int = IO_CONCURRENCY,
-                     row_retry: RowRetry = RowRetry()) -> pa.Table:
+def split_long_audio(
+    batch: pa.Table,
+    max_segment_s: float,
+    max_duration_s: float,
+    storage_options: dict | None,
+    io_concurrency: int = IO_CONCURRENCY,
+    row_retry: RowRetry = RowRetry(),
+) -> pa.Table:
     """Rows -> the same rows, each long one replaced by its segments (the job drops those already written after).
 
     Rows are read `io_concurrency` at a time (each read is mostly waiting on storage); a row whose manifest duration
@@ -45,37 +73,57 @@ def split_long_audio(batch: pa.Table, max_segment_s: float, max_duration_s: floa
     for name, kind in SEGMENT_FIELDS + [("speech_s", pa.float64())]:
         schema = schema.append(pa.field(name, kind))
     # Rows that cannot be long pass as they are, without a Python object per row (most rows of most corpora).
-    short = pc.fill_null(pc.or_kleene(pc.is_valid(batch["error"]), pc.less_equal(batch["duration_s"], max_segment_s)),
-                         False)
+    short = pc.fill_null(
+        pc.or_kleene(pc.is_valid(batch["error"]), pc.less_equal(batch["duration_s"], max_segment_s)), False
+    )
     kept = batch.filter(short)
-    kept = pa.Table.from_arrays([*kept.columns, *(pa.nulls(kept.num_rows, schema.field(name).type)
-                                                  for name in schema.names[len(kept.columns):])], schema=schema)
+    kept = pa.Table.from_arrays(
+        [
+            *kept.columns,
+            *(pa.nulls(kept.num_rows, schema.field(name).type) for name in schema.names[len(kept.columns) :]),
+        ],
+        schema=schema,
+    )
     long = batch.filter(pc.invert(short))
     if not long.num_rows:
         return kept
     with ThreadPoolExecutor(min(io_concurrency, long.num_rows), thread_name_prefix="split-read") as reads:
-        results = list(reads.map(lambda row: split_or_error(row, max_segment_s, max_duration_s, storage_options,
-                                                            io_concurrency, row_retry), long.to_pylist()))
+        results = list(
+            reads.map(
+                lambda row: split_or_error(
+                    row, max_segment_s, max_duration_s, storage_options, io_concurrency, row_retry
+                ),
+                long.to_pylist(),
+            )
+        )
     return pa.concat_tables([kept, pa.Table.from_pylist([row for rows in results for row in rows], schema=schema)])
 
 
-def split_or_error(row: dict, max_segment_s: float, max_duration_s: float, storage_options,
-                   connections: int = 1, row_retry: RowRetry = RowRetry()) -> list[dict]:
+def split_or_error(
+    row: dict,
+    max_segment_s: float,
+    max_duration_s: float,
+    storage_options,
+    connections: int = 1,
+    row_retry: RowRetry = RowRetry(),
+) -> list[dict]:
     """One row -> its segments, or itself (short, or with the error that kept it from being read, read again while
     the store fails)."""
     row.update(dict.fromkeys(SEGMENT_COLUMNS + ["speech_s"]))
     if row["error"] is not None or (row["duration_s"] is not None and row["duration_s"] <= max_segment_s):
         return [row]
     try:
-        return row_retry.call(lambda: split_row(row, max_segment_s, max_duration_s, storage_options,
-                                                connections), store_failed)
+        return row_retry.call(
+            lambda: split_row(row, max_segment_s, max_duration_s, storage_options, connections), store_failed
+        )
     except Exception as error:  # this row's file system or codec failure only
         row["error"] = str(as_audio_error(row["audio"], error))
     return [row]
 
 
-def split_row(row: dict, max_segment_s: float, max_duration_s: float, storage_options,
-              connections: int = 1) -> list[dict]:
+def split_row(
+    row: dict, max_segment_s: float, max_duration_s: float, storage_options, connections: int = 1
+) -> list[dict]:
     # A length the manifest does not give, from the start: most likely an utterance of its own (one GET, no HEAD).
     one_get = not row["offset_s"] and row["duration_s"] is None
     with open_audio(row["audio"], storage_options, row.get(INLINE_AUDIO), connections, one_get) as f:
@@ -95,13 +143,18 @@ def split_row(row: dict, max_segment_s: float, max_duration_s: float, storage_op
                 return [row]
             _check_duration(row["audio"], seconds, 0.0, max_duration_s)
             sound.seek(start)
-            blocks = sound.blocks(blocksize=round(BLOCK_S * sound.samplerate), frames=frames,
-                                  dtype="float32", always_2d=True)
+            blocks = sound.blocks(
+                blocksize=round(BLOCK_S * sound.samplerate), frames=frames, dtype="float32", always_2d=True
+            )
             from s2t_model.segment import segment_stream  # here: torch only in processes that split a recording
 
             segments = list(segment_stream(blocks, sound.samplerate, max_segment_s))
-            return segment_rows_of(row, segments, seconds,
-                                   lambda segment: encode_slice(sound, start + segment.start, segment.end - segment.start))
+            return segment_rows_of(
+                row,
+                segments,
+                seconds,
+                lambda segment: encode_slice(sound, start + segment.start, segment.end - segment.start),
+            )
 
 
 def split_decoded(row: dict, f, max_segment_s: float, max_duration_s: float) -> list[dict]:
@@ -147,10 +200,18 @@ def segment_rows_of(row: dict, segments: list, seconds: float, own_slice) -> lis
     offset = row["offset_s"] or 0.0
     pieces = []
     for index, segment in enumerate(segments):
-        piece = {**row, "id": f"{row['id']}~{index:05d}", "offset_s": offset + segment.start_s,
-                 "duration_s": segment.duration_s, "segment_of": row["id"], "segment_index": index,
-                 "segment_count": len(segments), "segment_start_s": segment.start_s,
-                 "recording_duration_s": seconds, "recording_offset_s": offset}
+        piece = {
+            **row,
+            "id": f"{row['id']}~{index:05d}",
+            "offset_s": offset + segment.start_s,
+            "duration_s": segment.duration_s,
+            "segment_of": row["id"],
+            "segment_index": index,
+            "segment_count": len(segments),
+            "segment_start_s": segment.start_s,
+            "recording_duration_s": seconds,
+            "recording_offset_s": offset,
+        }
         if row.get(INLINE_AUDIO) is not None:  # its own slice, not the recording's bytes once per segment
             piece.update({INLINE_AUDIO: own_slice(segment), "offset_s": 0.0})
         pieces.append(piece)
@@ -189,10 +250,12 @@ def write_output(dataset, fs: fsspec.AbstractFileSystem, root: str, rows_per_fil
     """The job's rows written to `root` (`OutputNames`), their segment rows set aside for `join_segments`."""
     fs.makedirs(f"{root.rstrip('/')}/{SEGMENTS}", exist_ok=True)
     filesystem = arrow_filesystem(fs)
-    dataset.map_batches(set_aside_segments, fn_kwargs=dict(folder=f"{root.rstrip('/')}/{SEGMENTS}",
-                                                           filesystem=filesystem),
-                        batch_format="pyarrow", batch_size=None).write_parquet(
-        root, filesystem=filesystem, min_rows_per_file=rows_per_file, filename_provider=OutputNames())
+    dataset.map_batches(
+        set_aside_segments,
+        fn_kwargs=dict(folder=f"{root.rstrip('/')}/{SEGMENTS}", filesystem=filesystem),
+        batch_format="pyarrow",
+        batch_size=None,
+    ).write_parquet(root, filesystem=filesystem, min_rows_per_file=rows_per_file, filename_provider=OutputNames())
 
 
 def join_segments(fs: fsspec.AbstractFileSystem, root: str) -> int:
@@ -207,19 +270,31 @@ def join_segments(fs: fsspec.AbstractFileSystem, root: str) -> int:
     if not holders:
         return 0
     parts = with_lang_key(read_parquet_files(fs, holders)).map_batches(segment_rows, batch_format="pyarrow")
-    complete = parts.groupby([LANG_KEY, "segment_of"], num_partitions=shuffle_partitions()).map_groups(
-        join_recording, batch_format="pyarrow").materialize()  # held by the object store, used twice below
+    complete = (
+        parts.groupby([LANG_KEY, "segment_of"], num_partitions=shuffle_partitions())
+        .map_groups(join_recording, batch_format="pyarrow")
+        .materialize()
+    )  # held by the object store, used twice below
     if not complete.count():
         return 0
     others = [path for path in written if path not in holders]
-    new = complete if not others else complete.join(
-        with_lang_key(read_parquet_files(fs, others)).select_columns([LANG_KEY, "id"]), join_type="left_anti",
-        num_partitions=shuffle_partitions(), on=(LANG_KEY, "id")  # else joined by a run killed before the removal
-    ).map_batches(plain_strings, batch_format="pyarrow", batch_size=None)
+    new = (
+        complete
+        if not others
+        else complete.join(
+            with_lang_key(read_parquet_files(fs, others)).select_columns([LANG_KEY, "id"]),
+            join_type="left_anti",
+            num_partitions=shuffle_partitions(),
+            on=(LANG_KEY, "id"),  # else joined by a run killed before the removal
+        ).map_batches(plain_strings, batch_format="pyarrow", batch_size=None)
+    )
     new.map_batches(joined_output, batch_format="pyarrow", batch_size=None).write_parquet(
-        root, filesystem=arrow_filesystem(fs), filename_provider=OutputNames())
+        root, filesystem=arrow_filesystem(fs), filename_provider=OutputNames()
+    )
     # Only then do the parts go: a run killed in between finds the recording joined and removes them next time.
-    joined = {(row[LANG_KEY], row["segment_of"]) for row in complete.select_columns([LANG_KEY, "segment_of"]).take_all()}
+    joined = {
+        (row[LANG_KEY], row["segment_of"]) for row in complete.select_columns([LANG_KEY, "segment_of"]).take_all()
+    }
     remove_segments(fs, holders, joined)
     return complete.count()
 
@@ -232,8 +307,11 @@ def joined_output(batch: pa.Table) -> pa.Table:
 
 
 def lang_key(batch: pa.Table) -> pa.Table:
-    lang = batch["tgt_lang"].cast(pa.string()) if "tgt_lang" in batch.column_names else \
-        pa.nulls(batch.num_rows, pa.string())
+    lang = (
+        batch["tgt_lang"].cast(pa.string())
+        if "tgt_lang" in batch.column_names
+        else pa.nulls(batch.num_rows, pa.string())
+    )
     return plain_strings(batch).append_column(LANG_KEY, pc.fill_null(lang, ""))
 
 
@@ -248,8 +326,9 @@ def segment_rows(batch: pa.Table) -> pa.Table:
 def read_parquet_files(fs, files: list[str]):
     import ray
 
-    return ray.data.read_datasource(OutputFiles(files, columns=None, filesystem=arrow_filesystem(fs)),
-                                    override_num_blocks=len(files))
+    return ray.data.read_datasource(
+        OutputFiles(files, columns=None, filesystem=arrow_filesystem(fs)), override_num_blocks=len(files)
+    )
 
 
 def join_recording(group: pa.Table) -> pa.Table:
@@ -258,7 +337,10 @@ def join_recording(group: pa.Table) -> pa.Table:
     # One row per segment index (a segment redone after a crash may be there twice).
     rows = sorted({r["segment_index"]: r for r in group.to_pylist()}.values(), key=lambda r: r["segment_index"])
     fields = [f for f in group.schema if f.name not in SEGMENT_COLUMNS + [LANG_KEY]] + [
-        pa.field("segments", SEGMENTS_TYPE), pa.field(LANG_KEY, pa.string()), pa.field("segment_of", pa.string())]
+        pa.field("segments", SEGMENTS_TYPE),
+        pa.field(LANG_KEY, pa.string()),
+        pa.field("segment_of", pa.string()),
+    ]
     if len(rows) != rows[0]["segment_count"]:
         return pa.Table.from_pylist([], schema=pa.schema(fields))
     return pa.Table.from_pylist([{**joined_row(rows), "segment_of": rows[0]["segment_of"]}], schema=pa.schema(fields))
@@ -272,24 +354,37 @@ def joined_row(parts: list[dict]) -> dict:
     failed = next((p for p in parts if p["error"]), None)
     row.update(
         id=first["segment_of"],
-        offset_s=first["recording_offset_s"] if first.get("recording_offset_s") is not None else
-        first["offset_s"] - first["segment_start_s"],  # (segments written before recording_offset_s existed)
+        offset_s=first["recording_offset_s"]
+        if first.get("recording_offset_s") is not None
+        else first["offset_s"] - first["segment_start_s"],  # (segments written before recording_offset_s existed)
         duration_s=first["recording_duration_s"],
         text=None if failed else " ".join(texts),
         num_tokens=None if failed else tokens,
-        avg_logprob=None if failed or not tokens else
-        sum((p["avg_logprob"] or 0.0) * (p["num_tokens"] or 0) for p in parts) / tokens,
+        avg_logprob=None
+        if failed or not tokens
+        else sum((p["avg_logprob"] or 0.0) * (p["num_tokens"] or 0) for p in parts) / tokens,
         speech_s=None if any(p.get("speech_s") is None for p in parts) else sum(p["speech_s"] for p in parts),
         low_confidence=None if failed else any(p.get("low_confidence") for p in parts),
-        error=None if not failed else failed["error"].replace(":", f": segment {failed['segment_index']} at "
-                                                                   f"{failed['segment_start_s']:.1f} s:", 1),
-        segments=[{"start_s": p["segment_start_s"], "end_s": p["segment_start_s"] + p["duration_s"],
-                   "text": p["text"]} for p in parts],
+        error=None
+        if not failed
+        else failed["error"].replace(
+            ":", f": segment {failed['segment_index']} at {failed['segment_start_s']:.1f} s:", 1
+        ),
+        segments=[
+            {"start_s": p["segment_start_s"], "end_s": p["segment_start_s"] + p["duration_s"], "text": p["text"]}
+            for p in parts
+        ],
     )
     if "words" in first:  # --word-timestamps: each segment's words moved into the recording's time
-        row["words"] = None if failed else [
-            {**w, "start_s": p["segment_start_s"] + w["start_s"], "end_s": p["segment_start_s"] + w["end_s"]}
-            for p in parts for w in p["words"] or []]
+        row["words"] = (
+            None
+            if failed
+            else [
+                {**w, "start_s": p["segment_start_s"] + w["start_s"], "end_s": p["segment_start_s"] + w["end_s"]}
+                for p in parts
+                for w in p["words"] or []
+            ]
+        )
     return row
 
 
@@ -301,8 +396,12 @@ def remove_segments(fs, holders: list[str], joined: set[tuple[str, str]]) -> Non
         with fs.open(path, "rb") as f:
             table = pq.read_table(f)
         keys = lang_key(table)
-        keep = pa.array([(lang, p) not in joined for lang, p in zip(keys[LANG_KEY].to_pylist(),
-                                                                   table.column("segment_of").to_pylist())])
+        keep = pa.array(
+            [
+                (lang, p) not in joined
+                for lang, p in zip(keys[LANG_KEY].to_pylist(), table.column("segment_of").to_pylist())
+            ]
+        )
         kept = table.filter(keep)
         if kept.num_rows == table.num_rows:
             continue

@@ -42,16 +42,23 @@ class Manifest:
         self.files = expand(self.fs, path, uri) if is_glob(uri) else self._single(path)
         kinds = {kind_of(f) for f in self.files}
         if len(kinds) > 1:
-            names = {"manifest": f"manifests ({', '.join(MANIFEST_SUFFIXES)})", "webdataset": "tar shards (.tar)",
-                     "audio": "other files"}
-            raise ManifestError(f"{uri}: the pattern matches both {' and '.join(names[k] for k in names if k in kinds)}"
-                                f"; name files of one kind: manifest shards, tar shards or audio files")
+            names = {
+                "manifest": f"manifests ({', '.join(MANIFEST_SUFFIXES)})",
+                "webdataset": "tar shards (.tar)",
+                "audio": "other files",
+            }
+            raise ManifestError(
+                f"{uri}: the pattern matches both {' and '.join(names[k] for k in names if k in kinds)}"
+                f"; name files of one kind: manifest shards, tar shards or audio files"
+            )
         self.kind = kinds.pop()
         self.tarred_audio = tarred_audio if tarred_audio is not None or self.kind != "manifest" else self._shar()
         self.carries_audio = self.kind == "webdataset" or self.tarred_audio is not None  # rows with their audio's bytes
         if tarred_audio is not None and self.kind != "manifest":
-            raise ManifestError(f"{uri}: tarred audio ({tarred_audio.pattern}) goes with a NeMo manifest of its "
-                                f"members, not with {self.kind} files")
+            raise ManifestError(
+                f"{uri}: tarred audio ({tarred_audio.pattern}) goes with a NeMo manifest of its "
+                f"members, not with {self.kind} files"
+            )
         if self.kind == "manifest":
             self.check_columns()
 
@@ -62,8 +69,10 @@ class Manifest:
             shar = sorted(self.fs.glob(f"{path.rstrip('/')}/cuts.*.jsonl*"))
             return shar if shar else self._saved_dataset(path)
         if kind_of(path) == "audio":
-            raise ManifestError(f"{self.uri}: unknown manifest type .{suffix_of(path)} "
-                                f"(use .jsonl, .json, .tsv, .csv, .parquet, or .tar for WebDataset)")
+            raise ManifestError(
+                f"{self.uri}: unknown manifest type .{suffix_of(path)} "
+                f"(use .jsonl, .json, .tsv, .csv, .parquet, or .tar for WebDataset)"
+            )
         return [path]
 
     def _shar(self):
@@ -79,8 +88,10 @@ class Manifest:
         """A folder `datasets`' save_to_disk wrote: its Arrow files, as its state.json lists them."""
         state = f"{path.rstrip('/')}/state.json"
         if not self.fs.exists(state):
-            raise ManifestError(f"{self.uri}: a folder, and neither a Lhotse Shar (cuts.*.jsonl.gz) nor one `datasets`' "
-                                f"save_to_disk wrote (state.json); name its manifest file, or a glob of its audio files")
+            raise ManifestError(
+                f"{self.uri}: a folder, and neither a Lhotse Shar (cuts.*.jsonl.gz) nor one `datasets`' "
+                f"save_to_disk wrote (state.json); name its manifest file, or a glob of its audio files"
+            )
         with self.fs.open(state) as f:
             files = [f"{path.rstrip('/')}/{entry['filename']}" for entry in json.load(f).get("_data_files", [])]
         if not files:
@@ -96,11 +107,15 @@ class Manifest:
         with self.fs.open(self.files[0], "rb", compression="infer") as f:
             records = list(itertools.islice(file_records(f, uri, with_audio=False), PEEK_ROWS))
         if records and all("_bad_line" in record for record in records):  # not a manifest of this kind at all
-            raise ManifestError(f"{uri}: no line of the first {len(records)} is a manifest row "
-                                f"(line {records[0]['_line']}: {records[0]['_bad_line']})")
+            raise ManifestError(
+                f"{uri}: no line of the first {len(records)} is a manifest row "
+                f"(line {records[0]['_line']}: {records[0]['_bad_line']})"
+            )
         if self.tarred_audio is not None and not any("shard_id" in record for record in records):
-            raise ManifestError(f"{uri}: no shard_id in the first {len(records)} lines: not a NeMo tarred audio "
-                                f"manifest (each line names a member of tar shard_id)")
+            raise ManifestError(
+                f"{uri}: no shard_id in the first {len(records)} lines: not a NeMo tarred audio "
+                f"manifest (each line names a member of tar shard_id)"
+            )
         normalise(records, uri, self.base(self.files[0]))
         self.carries_audio = self.carries_audio or any("_audio" in record for record in records)
 
@@ -142,8 +157,8 @@ class Manifest:
     def dataset(self, rows_per_block: int, filesystem, audio: bool = True, drop_done=None, shared=None):
         """The rows as a Ray Dataset: one read task per file, each streaming its file in blocks. Rows from tar shards
         and from Parquet files holding audio carry its bytes (`audio_bytes`) unless `audio` is False (ids and the rest
-        only: the summary's). drop_done: Dataset -> the rows still to do (a resume's filter), applied before tars are read
-        where the rows are known without them (NeMo: a shard whose rows are all done is not read). shared: the
+        only: the summary's). drop_done: Dataset -> the rows still to do (a resume's filter), applied before tars are
+        read where the rows are known without them (NeMo: a shard whose rows are all done is not read). shared: the
         ObjectRef of the digests of ids more than one file holds (`ids.shared_ids`): those get their file's label."""
         import ray
 
@@ -153,19 +168,38 @@ class Manifest:
         if self.kind == "audio":
             rows = [{"audio": self.url(f), "_line": i + 1} for i, f in enumerate(self.files)]
             table = normalise(rows, self.uri, base=None)
-            return drop_done(ray.data.from_arrow([table.slice(i, rows_per_block)
-                                             for i in range(0, len(table), rows_per_block)]))
+            return drop_done(
+                ray.data.from_arrow([table.slice(i, rows_per_block) for i in range(0, len(table), rows_per_block)])
+            )
         urls = {f: self.url(f) for f in self.files}
         if self.kind == "webdataset":
-            return drop_done(ray.data.read_datasource(
-                WebDatasetDatasource(self.files, filesystem=filesystem, rows_per_block=rows_per_block, urls=urls,
-                                     with_audio=audio, shared=shared), override_num_blocks=len(self.files)))
-        rows = drop_done(ray.data.read_datasource(
-            ManifestDatasource(self.files, filesystem=filesystem, rows_per_block=rows_per_block,
-                               bases={f: self.base(f) for f in self.files}, urls=urls, with_audio=audio,
-                               shared=shared),
-            override_num_blocks=len(self.files),
-        ))
+            return drop_done(
+                ray.data.read_datasource(
+                    WebDatasetDatasource(
+                        self.files,
+                        filesystem=filesystem,
+                        rows_per_block=rows_per_block,
+                        urls=urls,
+                        with_audio=audio,
+                        shared=shared,
+                    ),
+                    override_num_blocks=len(self.files),
+                )
+            )
+        rows = drop_done(
+            ray.data.read_datasource(
+                ManifestDatasource(
+                    self.files,
+                    filesystem=filesystem,
+                    rows_per_block=rows_per_block,
+                    bases={f: self.base(f) for f in self.files},
+                    urls=urls,
+                    with_audio=audio,
+                    shared=shared,
+                ),
+                override_num_blocks=len(self.files),
+            )
+        )
         return self.tarred_audio.attach(rows, rows_per_block) if self.tarred_audio is not None and audio else rows
 
 
@@ -173,8 +207,9 @@ def read_manifest(uri: str, storage_options: dict | None = None) -> pa.Table:
     """The whole manifest as one table, read here: for small manifests, tests and tools (the job streams instead)."""
     manifest = Manifest(uri, storage_options)
     if manifest.kind == "audio":
-        return normalise([{"audio": manifest.url(f), "_line": i + 1} for i, f in enumerate(manifest.files)],
-                         uri, base=None)
+        return normalise(
+            [{"audio": manifest.url(f), "_line": i + 1} for i, f in enumerate(manifest.files)], uri, base=None
+        )
     tables = []
     for path in manifest.files:
         with manifest.fs.open(path, "rb", compression="infer") as f:

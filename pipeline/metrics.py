@@ -22,27 +22,48 @@ WAIT_S = [0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10]
 RTFX = [0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000]
 
 JOB = {
-    "s2t_job_rows_total": ("Counter", "output rows written, by outcome (ok, no_speech, error) and error reason",
-                           ("outcome", "reason")),
+    "s2t_job_rows_total": (
+        "Counter",
+        "output rows written, by outcome (ok, no_speech, error) and error reason",
+        ("outcome", "reason"),
+    ),
     "s2t_job_audio_seconds_total": ("Counter", "seconds of audio in rows written without error", ()),
-    "s2t_job_rows_no_speech_total": ("Counter", "rows written with the text \"\": speech detection found none", ()),
+    "s2t_job_rows_no_speech_total": ("Counter", 'rows written with the text "": speech detection found none', ()),
     "s2t_job_rows_low_confidence_total": ("Counter", "rows written flagged low_confidence (min_avg_logprob)", ()),
 }
 GENERATION = {
-    "s2t_generation_batch_rows": ("Histogram", "utterances per generation batch (length-sorted, frame-budgeted)",
-                                  ("component",), BATCH_ROWS),
-    "s2t_generation_frames_total": ("Counter", "feature frames through generation: kind=speech (the utterances') "
-                                               "or padding (up to each batch's longest)", ("component", "kind")),
+    "s2t_generation_batch_rows": (
+        "Histogram",
+        "utterances per generation batch (length-sorted, frame-budgeted)",
+        ("component",),
+        BATCH_ROWS,
+    ),
+    "s2t_generation_frames_total": (
+        "Counter",
+        "feature frames through generation: kind=speech (the utterances') or padding (up to each batch's longest)",
+        ("component", "kind"),
+    ),
 }
 SERVE = {
     "s2t_serve_audio_seconds_total": ("Counter", "seconds of audio in requests answered 200", ()),
     "s2t_serve_request_rtfx": ("Histogram", "audio seconds / seconds to answer, per request answered 200", (), RTFX),
-    "s2t_serve_batch_requests": ("Histogram", "requests (or long uploads' segments) decoded in one @serve.batch",
-                                 (), BATCH_ROWS),
-    "s2t_serve_queue_wait_seconds": ("Histogram", "seconds a request's audio waited for its batch to start", (),
-                                     WAIT_S),
-    "s2t_serve_responses_total": ("Counter", "responses by HTTP status and error code (\"\" when 200)",
-                                  ("status", "code")),
+    "s2t_serve_batch_requests": (
+        "Histogram",
+        "requests (or long uploads' segments) decoded in one @serve.batch",
+        (),
+        BATCH_ROWS,
+    ),
+    "s2t_serve_queue_wait_seconds": (
+        "Histogram",
+        "seconds a request's audio waited for its batch to start",
+        (),
+        WAIT_S,
+    ),
+    "s2t_serve_responses_total": (
+        "Counter",
+        'responses by HTTP status and error code ("" when 200)',
+        ("status", "code"),
+    ),
 }
 NAMES = {**JOB, **GENERATION, **SERVE}
 
@@ -77,8 +98,12 @@ class GenerationMetrics:
         observe("s2t_generation_batch_rows", len(lengths), component=self.component)
         frames = sum(lengths)
         inc("s2t_generation_frames_total", frames, component=self.component, kind="speech")
-        inc("s2t_generation_frames_total", max(lengths) * len(lengths) - frames, component=self.component,
-            kind="padding")
+        inc(
+            "s2t_generation_frames_total",
+            max(lengths) * len(lengths) - frames,
+            component=self.component,
+            kind="padding",
+        )
 
 
 def answered_metrics(audio_s: float, wall_s: float) -> None:

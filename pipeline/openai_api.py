@@ -58,10 +58,14 @@ def parse_options(form, response_format: str) -> ApiOptions:
     granularities = form.getlist("timestamp_granularities[]") + form.getlist("timestamp_granularities")
     unknown = [g for g in granularities if g not in GRANULARITIES]
     if unknown:
-        raise OptionError(f"timestamp_granularities {unknown}: supported are {', '.join(GRANULARITIES)}",
-                          "invalid_timestamp_granularities")
+        raise OptionError(
+            f"timestamp_granularities {unknown}: supported are {', '.join(GRANULARITIES)}",
+            "invalid_timestamp_granularities",
+        )
     if granularities and response_format != "verbose_json":
-        raise OptionError("timestamp_granularities needs response_format verbose_json", "invalid_timestamp_granularities")
+        raise OptionError(
+            "timestamp_granularities needs response_format verbose_json", "invalid_timestamp_granularities"
+        )
     includes = form.getlist("include[]") + form.getlist("include")
     unknown = [i for i in includes if i not in INCLUDES]
     if unknown:
@@ -69,18 +73,27 @@ def parse_options(form, response_format: str) -> ApiOptions:
     if includes and response_format != "json":
         raise OptionError("include logprobs needs response_format json", "invalid_include")
     if stream_on and response_format not in STREAM_FORMATS:
-        raise OptionError(f"stream needs response_format {' or '.join(STREAM_FORMATS)}, not {response_format}",
-                          "invalid_stream")
+        raise OptionError(
+            f"stream needs response_format {' or '.join(STREAM_FORMATS)}, not {response_format}", "invalid_stream"
+        )
     chunking = form.get("chunking_strategy")
     settings = [key for key in form.keys() if key.startswith("chunking_strategy[")]
     if settings or (chunking is not None and chunking != "auto"):
-        raise OptionError("chunking_strategy: only \"auto\" is supported (long audio is cut at the speech detector's "
-                          "pauses into segments of at most max_segment_s)", "invalid_chunking_strategy")
+        raise OptionError(
+            'chunking_strategy: only "auto" is supported (long audio is cut at the speech detector\'s '
+            "pauses into segments of at most max_segment_s)",
+            "invalid_chunking_strategy",
+        )
     if form.get("prompt"):
-        raise OptionError("prompt is not supported: Speech2Text decodes without a text prompt (send none)",
-                          "unsupported_prompt")
-    return ApiOptions(stream=stream_on, words="word" in granularities,
-                      segments=not granularities or "segment" in granularities, logprobs=bool(includes))
+        raise OptionError(
+            "prompt is not supported: Speech2Text decodes without a text prompt (send none)", "unsupported_prompt"
+        )
+    return ApiOptions(
+        stream=stream_on,
+        words="word" in granularities,
+        segments=not granularities or "segment" in granularities,
+        logprobs=bool(includes),
+    )
 
 
 def token_logprobs(model, result: Transcript) -> list[dict]:
@@ -99,16 +112,23 @@ def token_logprobs(model, result: Transcript) -> list[dict]:
 
 def timed_words(results: list[tuple[float, Transcript]]) -> list[dict]:
     """(segment start s, transcript) pairs -> verbose_json's words, in the upload's time."""
-    return [{"word": w.word, "start": round(start + w.start_s, 3), "end": round(start + w.end_s, 3)}
-            for start, result in results for w in result.words or []]
+    return [
+        {"word": w.word, "start": round(start + w.start_s, 3), "end": round(start + w.end_s, 3)}
+        for start, result in results
+        for w in result.words or []
+    ]
 
 
 def usage(duration_s: float, results: list[Transcript]) -> dict:
     audio_tokens = round(duration_s * AUDIO_TOKENS_PER_S)
     output = sum(len(r.ids) for r in results)
-    return {"type": "tokens", "input_tokens": audio_tokens, "output_tokens": output,
-            "total_tokens": audio_tokens + output, "input_token_details": {"audio_tokens": audio_tokens,
-                                                                           "text_tokens": 0}}
+    return {
+        "type": "tokens",
+        "input_tokens": audio_tokens,
+        "output_tokens": output,
+        "total_tokens": audio_tokens + output,
+        "input_token_details": {"audio_tokens": audio_tokens, "text_tokens": 0},
+    }
 
 
 def event(payload: dict) -> str:

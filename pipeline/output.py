@@ -41,12 +41,16 @@ RUNS = f"{META}/runs"  # `s2t backfill`'s summary of each run, <run id>.json
 SEGMENTS = f"{META}/segments"  # segment rows of long recordings, until joined (pipeline/longform.py)
 LEASE_FILES = re.compile(rf"^{META}/_lease\.json$|^{META}/_lease\.takeover-[^/]+$")
 # What the jobs write: the marker, summaries, and Parquet files of their own naming.
-OWN_FILES = re.compile(rf"^{re.escape(MARKER)}$|^{re.escape(SUMMARY)}$|^{RUNS}/[0-9A-Za-z-]+\.json$"
-                       rf"|^({SEGMENTS}/)?s2t-[0-9A-Za-z]+_\d+-\d+\.parquet$")
+OWN_FILES = re.compile(
+    rf"^{re.escape(MARKER)}$|^{re.escape(SUMMARY)}$|^{RUNS}/[0-9A-Za-z-]+\.json$"
+    rf"|^({SEGMENTS}/)?s2t-[0-9A-Za-z]+_\d+-\d+\.parquet$"
+)
 # What versions before `_s2t/` wrote (adopted with --adopt-output): the marker, summaries and lease at the top,
 # backfill's files in tgt_lang=xx/ folders without a tgt_lang column.
-OLDER_FILES = re.compile(r"^_s2t_output\.json$|^_summary\.json$|^_runs/[0-9A-Za-z-]+\.json$"
-                         r"|^_lease\.json$|^_lease\.takeover-[^/]+$")
+OLDER_FILES = re.compile(
+    r"^_s2t_output\.json$|^_summary\.json$|^_runs/[0-9A-Za-z-]+\.json$"
+    r"|^_lease\.json$|^_lease\.takeover-[^/]+$"
+)
 OLDER_MOVES = {"_summary.json": SUMMARY, "_runs/": f"{RUNS}/"}
 # The columns every version of the jobs wrote in each file, from the first on (backfill's tgt_lang was in its
 # folder's name): Parquet files with all of them, in a folder without the marker, are an older version's output and
@@ -54,16 +58,31 @@ OLDER_MOVES = {"_summary.json": SUMMARY, "_runs/": f"{RUNS}/"}
 S2T_COLUMNS = {"id", "audio", "text", "num_tokens", "avg_logprob", "error", "model"}
 JOBS = "s2t transcribe or s2t backfill"
 # The bookkeeping of a long recording's segment rows (pipeline/longform.py), in no file of the output's own.
-SEGMENT_FIELDS = [("segment_of", pa.string()), ("segment_index", pa.int32()), ("segment_count", pa.int32()),
-                  ("segment_start_s", pa.float64()), ("recording_duration_s", pa.float64()),
-                  ("recording_offset_s", pa.float64())]
+SEGMENT_FIELDS = [
+    ("segment_of", pa.string()),
+    ("segment_index", pa.int32()),
+    ("segment_count", pa.int32()),
+    ("segment_start_s", pa.float64()),
+    ("recording_duration_s", pa.float64()),
+    ("recording_offset_s", pa.float64()),
+]
 SEGMENT_COLUMNS = [name for name, _ in SEGMENT_FIELDS]
 SEGMENTS_TYPE = pa.list_(pa.struct([("start_s", pa.float64()), ("end_s", pa.float64()), ("text", pa.string())]))
 # The types of the columns the jobs add, the same in every file (a block of errors only would give some `null`).
-OUTPUT_TYPES = {"offset_s": pa.float64(), "duration_s": pa.float64(), "error": pa.string(), "run_id": pa.string(),
-                "tgt_lang": pa.string(), "speech_s": pa.float64(), "text": pa.string(), "num_tokens": pa.int32(),
-                "avg_logprob": pa.float32(), "low_confidence": pa.bool_(), "model": pa.string(),
-                "segments": SEGMENTS_TYPE}
+OUTPUT_TYPES = {
+    "offset_s": pa.float64(),
+    "duration_s": pa.float64(),
+    "error": pa.string(),
+    "run_id": pa.string(),
+    "tgt_lang": pa.string(),
+    "speech_s": pa.float64(),
+    "text": pa.string(),
+    "num_tokens": pa.int32(),
+    "avg_logprob": pa.float32(),
+    "low_confidence": pa.bool_(),
+    "model": pa.string(),
+    "segments": SEGMENTS_TYPE,
+}
 
 
 class OutputError(ValueError):
@@ -105,18 +124,23 @@ def check_output(fs: fsspec.AbstractFileSystem, root: str, uri: str, adopt: bool
     foreign = [name for name in names if not LEASE_FILES.match(name) and not (marked and OWN_FILES.match(name))]
     if not foreign:
         return
-    older = not marked and all(is_s2t_parquet(fs, f"{root.rstrip('/')}/{name}") if name.endswith(".parquet")
-                               else OLDER_FILES.match(name) for name in foreign)
+    older = not marked and all(
+        is_s2t_parquet(fs, f"{root.rstrip('/')}/{name}") if name.endswith(".parquet") else OLDER_FILES.match(name)
+        for name in foreign
+    )
     if older and adopt:
         return
     shown = ", ".join(f"{uri.rstrip('/')}/{name}" for name in foreign[:5])
     more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
     if older:
-        raise OutputError(f"{uri}: holds the output of an older version of s2t (no {MARKER}): {shown}{more}; pass "
-                          f"--adopt-output to take it as this job's output (its files are rewritten in this "
-                          f"version's layout and the folder marked)")
-    raise OutputError(f"{uri}: holds files not written by {JOBS}: {shown}{more}; use an empty or new folder, or "
-                      f"move them")
+        raise OutputError(
+            f"{uri}: holds the output of an older version of s2t (no {MARKER}): {shown}{more}; pass "
+            f"--adopt-output to take it as this job's output (its files are rewritten in this "
+            f"version's layout and the folder marked)"
+        )
+    raise OutputError(
+        f"{uri}: holds files not written by {JOBS}: {shown}{more}; use an empty or new folder, or move them"
+    )
 
 
 def is_s2t_parquet(fs: fsspec.AbstractFileSystem, path: str) -> bool:
@@ -143,7 +167,7 @@ def mark_output(fs: fsspec.AbstractFileSystem, root: str, job: str) -> None:
             fs.makedirs(posixpath.dirname(f"{root}/{moved}"), exist_ok=True)
             fs.mv(path, f"{root}/{moved}")
         elif name == "_s2t_output.json" or name.startswith("_lease"):  # (an older run's lease: adopt no output
-            fs.rm(path)                                                 # one of them is filling in)
+            fs.rm(path)  # one of them is filling in)
     for folder in fs.ls(root, detail=False) if fs.exists(root) else []:  # emptied: tgt_lang=xx/, _runs/
         name = posixpath.basename(folder.rstrip("/"))
         if (name.startswith("tgt_lang=") or name == "_runs") and fs.isdir(folder) and not fs.find(folder):
@@ -186,8 +210,14 @@ def final_rows(batch: pa.Table) -> pa.Table:
     if "segments" not in batch.column_names:
         batch = batch.append_column("segments", pa.nulls(batch.num_rows, SEGMENTS_TYPE))
     batch = batch.select([c for c in batch.column_names if c != "segments"] + ["segments"])  # last, in every file
-    return batch.cast(pa.schema([pa.field(f.name, OUTPUT_TYPES.get(f.name, pa.string() if pa.types.is_null(f.type)
-                                                                   else f.type)) for f in batch.schema]))
+    return batch.cast(
+        pa.schema(
+            [
+                pa.field(f.name, OUTPUT_TYPES.get(f.name, pa.string() if pa.types.is_null(f.type) else f.type))
+                for f in batch.schema
+            ]
+        )
+    )
 
 
 def output_files(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
@@ -256,13 +286,21 @@ def holds_values(metadata: pq.FileMetaData, name: str) -> bool:
     column = names.index(name)
     for i in range(metadata.num_row_groups):
         statistics = metadata.row_group(i).column(column).statistics
-        if statistics is None or not statistics.has_null_count or statistics.null_count < metadata.row_group(i).num_rows:
+        if (
+            statistics is None
+            or not statistics.has_null_count
+            or statistics.null_count < metadata.row_group(i).num_rows
+        ):
             return True
     return False
     column = names.index("segment_of")
     for i in range(metadata.num_row_groups):
         statistics = metadata.row_group(i).column(column).statistics
-        if statistics is None or not statistics.has_null_count or statistics.null_count < metadata.row_group(i).num_rows:
+        if (
+            statistics is None
+            or not statistics.has_null_count
+            or statistics.null_count < metadata.row_group(i).num_rows
+        ):
             return True
     return False
 
@@ -271,10 +309,12 @@ def rows_dataset(fs: fsspec.AbstractFileSystem, root: str, files: list[str], col
     """The output's `columns` (None: all) as a Ray Dataset, a read task per file."""
     import ray
 
-    files_read = ray.data.read_datasource(OutputFiles(files, columns=columns, filesystem=arrow_filesystem(fs)),
-                                          override_num_blocks=len(files))
+    files_read = ray.data.read_datasource(
+        OutputFiles(files, columns=columns, filesystem=arrow_filesystem(fs)), override_num_blocks=len(files)
+    )
     return (files_read.select_columns(columns) if columns else files_read).map_batches(
-        plain_strings, batch_format="pyarrow", batch_size=None)
+        plain_strings, batch_format="pyarrow", batch_size=None
+    )
 
 
 class OutputFiles(FileBasedDatasource):
@@ -301,8 +341,17 @@ class OutputFiles(FileBasedDatasource):
 def plain_strings(batch: pa.Table) -> pa.Table:
     """large_string (as Ray's Parquet reader may give them) and dictionary-encoded string columns as string: the
     manifest's rows have string ids, and joins and group-bys need one type on both sides."""
-    return batch.cast(pa.schema([pa.field(f.name, pa.string()) if f.type == pa.large_string() or (
-        pa.types.is_dictionary(f.type) and pa.types.is_string(f.type.value_type)) else f for f in batch.schema]))
+    return batch.cast(
+        pa.schema(
+            [
+                pa.field(f.name, pa.string())
+                if f.type == pa.large_string()
+                or (pa.types.is_dictionary(f.type) and pa.types.is_string(f.type.value_type))
+                else f
+                for f in batch.schema
+            ]
+        )
+    )
 
 
 def scan_output(fs: fsspec.AbstractFileSystem, root: str, wanted) -> list[tuple[str, pa.Table]]:
@@ -319,7 +368,9 @@ def scan_output(fs: fsspec.AbstractFileSystem, root: str, wanted) -> list[tuple[
 def read_output(fs: fsspec.AbstractFileSystem, root: str, wanted) -> pa.Table:
     """The output's columns that `wanted` names (a list or a predicate), from every file, read here (tools only)."""
     tables = [table for _, table in scan_output(fs, root, wanted)]
-    return pa.concat_tables(tables, promote_options="default") if tables else pa.table({"id": pa.array([], pa.string())})
+    return (
+        pa.concat_tables(tables, promote_options="default") if tables else pa.table({"id": pa.array([], pa.string())})
+    )
 
 
 def shuffle_partitions() -> int:

@@ -37,7 +37,9 @@ def row_counts(batch: pa.Table) -> dict:
         weight = pc.divide(1.0, pc.fill_null(pc.cast(batch["segment_count"], pa.float64()), 1.0))
     error = batch["error"] if "error" in batch.column_names else pa.chunked_array([pa.nulls(n, pa.string())])
     ok = pc.fill_null(pc.equal(error, ""), True)
-    seconds = pc.if_else(ok, pc.fill_null(batch["duration_s"], 0.0), 0.0) if "duration_s" in batch.column_names else None
+    seconds = (
+        pc.if_else(ok, pc.fill_null(batch["duration_s"], 0.0), 0.0) if "duration_s" in batch.column_names else None
+    )
     no_speech = pc.and_(ok, pc.fill_null(pc.equal(batch["text"], ""), False)) if "text" in batch.column_names else None
     if no_speech is not None and "avg_logprob" in batch.column_names:
         no_speech = pc.and_(no_speech, pc.is_null(batch["avg_logprob"]))
@@ -52,8 +54,13 @@ def row_counts(batch: pa.Table) -> dict:
     def weighted(mask) -> float:
         return 0.0 if mask is None else pc.sum(pc.if_else(mask, weight, 0.0)).as_py() or 0.0
 
-    return {"rows": pc.sum(weight).as_py() or 0.0, "audio_s": (pc.sum(seconds).as_py() or 0.0) if seconds is not None else 0.0,
-            "no_speech": weighted(no_speech), "low_confidence": weighted(low), "errors": errors}
+    return {
+        "rows": pc.sum(weight).as_py() or 0.0,
+        "audio_s": (pc.sum(seconds).as_py() or 0.0) if seconds is not None else 0.0,
+        "no_speech": weighted(no_speech),
+        "low_confidence": weighted(low),
+        "errors": errors,
+    }
 
 
 @functools.cache
@@ -110,9 +117,17 @@ class Counts:
             self.timeline = self.timeline[::2]  # every other point: evenly thinned, first one kept
 
     def snapshot(self) -> dict:
-        return {"total": self.total, "done_before": self.done_before, "rows": self.rows, "audio_s": self.audio_s,
-                "no_speech": self.no_speech, "low_confidence": self.low_confidence, "errors": dict(self.errors),
-                "elapsed_s": time.time() - self.started, "timeline": list(self.timeline)}
+        return {
+            "total": self.total,
+            "done_before": self.done_before,
+            "rows": self.rows,
+            "audio_s": self.audio_s,
+            "no_speech": self.no_speech,
+            "low_confidence": self.low_confidence,
+            "errors": dict(self.errors),
+            "elapsed_s": time.time() - self.started,
+            "timeline": list(self.timeline),
+        }
 
 
 def start_counts(manifest_ids, done_ids) -> tuple[int, int]:
@@ -135,9 +150,11 @@ def line(s: dict, label: str = "rows") -> str:
     left = max(s["total"] - done, 0)
     eta = "0:00:00" if not left else (clock(left / rate) if rate > 0 else "?")
     share = math.floor(1000 * done / total + 1e-6) / 10  # 99.99 % is not yet 100.0 %
-    return (f"{round(done):,}/{s['total']:,} {label} ({share:.1f} %), "
-            f"{(s['audio_s']) / 3600:.2f} h audio, RTFx {s['audio_s'] / elapsed:.1f}, "
-            f"{round(errors):,} errors, ETA {eta}")
+    return (
+        f"{round(done):,}/{s['total']:,} {label} ({share:.1f} %), "
+        f"{(s['audio_s']) / 3600:.2f} h audio, RTFx {s['audio_s'] / elapsed:.1f}, "
+        f"{round(errors):,} errors, ETA {eta}"
+    )
 
 
 def clock(seconds: float) -> str:

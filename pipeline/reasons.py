@@ -78,18 +78,54 @@ def parse_reasons(names: str) -> frozenset[Reason]:
 
 UNAVAILABLE_MARK = "s2t: the store is unavailable"  # in errors raised as StoreUnavailable, for the match below
 # An OSError of the store or the network, by its errno: EREMOTEIO is s3fs's for a 5xx; the rest are a connection's.
-TRANSIENT_ERRNOS = frozenset({errno.EREMOTEIO, errno.EIO, errno.EAGAIN, errno.EBUSY, errno.ETIMEDOUT,
-                              errno.ECONNRESET, errno.ECONNABORTED, errno.ECONNREFUSED, errno.EPIPE,
-                              errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ESTALE})
+TRANSIENT_ERRNOS = frozenset(
+    {
+        errno.EREMOTEIO,
+        errno.EIO,
+        errno.EAGAIN,
+        errno.EBUSY,
+        errno.ETIMEDOUT,
+        errno.ECONNRESET,
+        errno.ECONNABORTED,
+        errno.ECONNREFUSED,
+        errno.EPIPE,
+        errno.ENETUNREACH,
+        errno.EHOSTUNREACH,
+        errno.ESTALE,
+    }
+)
 # Substrings of the errors the store's clients raise once their own retries are spent (s3fs, aiohttp, botocore,
 # pyarrow's S3), also given to Ray Data's own I/O retries (`DataContext.retried_io_errors`), which match messages.
-TRANSIENT_MESSAGES = ("Internal Server Error", "InternalError", "internal error", "Service Unavailable",
-                      "ServiceUnavailable", "SlowDown", "Slow Down", "reduce your request rate", "Bad Gateway",
-                      "Gateway Timeout", "[Errno 121]", "Response payload is not completed", "ClientPayloadError",
-                      "ServerDisconnected", "Server disconnected", "Connection reset", "ConnectionReset",
-                      "Connection was closed", "ConnectionClosed", "Connection aborted", "Read timeout",
-                      "timed out", "TimeoutError", "IncompleteRead", "Could not connect", "Cannot connect",
-                      "EndpointConnectionError", UNAVAILABLE_MARK)
+TRANSIENT_MESSAGES = (
+    "Internal Server Error",
+    "InternalError",
+    "internal error",
+    "Service Unavailable",
+    "ServiceUnavailable",
+    "SlowDown",
+    "Slow Down",
+    "reduce your request rate",
+    "Bad Gateway",
+    "Gateway Timeout",
+    "[Errno 121]",
+    "Response payload is not completed",
+    "ClientPayloadError",
+    "ServerDisconnected",
+    "Server disconnected",
+    "Connection reset",
+    "ConnectionReset",
+    "Connection was closed",
+    "ConnectionClosed",
+    "Connection aborted",
+    "Read timeout",
+    "timed out",
+    "TimeoutError",
+    "IncompleteRead",
+    "Could not connect",
+    "Cannot connect",
+    "EndpointConnectionError",
+    UNAVAILABLE_MARK,
+)
 
 
 class StoreUnavailable(OSError):
@@ -112,9 +148,20 @@ def is_transient(error: BaseException) -> bool:
         return True
     names = {kind.__name__ for kind in type(error).__mro__}
     # aiohttp's and botocore's own (not imported here: this module is imported by processes that have neither).
-    if names & {"ClientPayloadError", "ServerDisconnectedError", "ClientConnectionError", "ClientOSError",
-                "ServerTimeoutError", "HTTPClientError", "ConnectionClosedError", "ReadTimeoutError",
-                "ConnectTimeoutError", "EndpointConnectionError", "FSTimeoutError", "IncompleteRead",
-                "ResponseParserError"}:
+    if names & {
+        "ClientPayloadError",
+        "ServerDisconnectedError",
+        "ClientConnectionError",
+        "ClientOSError",
+        "ServerTimeoutError",
+        "HTTPClientError",
+        "ConnectionClosedError",
+        "ReadTimeoutError",
+        "ConnectTimeoutError",
+        "EndpointConnectionError",
+        "FSTimeoutError",
+        "IncompleteRead",
+        "ResponseParserError",
+    }:
         return True
     return any(text in str(error) for text in TRANSIENT_MESSAGES)

@@ -35,8 +35,17 @@ class ManifestDatasource(FileBasedDatasource):
     """Ray Data's file datasource for manifest shards: read tasks per file (Ray's listing, retries, filesystem),
     each parsing its file line by line into blocks of `rows_per_block` rows."""
 
-    def __init__(self, paths: list[str], *, rows_per_block: int, bases: dict, urls: dict, with_audio: bool = True,
-                 shared: SharedIds | None = None, **kwargs):
+    def __init__(
+        self,
+        paths: list[str],
+        *,
+        rows_per_block: int,
+        bases: dict,
+        urls: dict,
+        with_audio: bool = True,
+        shared: SharedIds | None = None,
+        **kwargs,
+    ):
         super().__init__(paths, **kwargs)
         self.rows_per_block, self.bases, self.urls, self.with_audio = rows_per_block, bases, urls, with_audio
         self.shared = shared
@@ -51,16 +60,16 @@ class ManifestDatasource(FileBasedDatasource):
         return super()._open_input_source(filesystem, path, **open_args)
 
 
-def read_blocks(f, uri: str, rows_per_block: int, base: str | None, with_audio: bool = True
-                ) -> Iterator[pa.Table]:
+def read_blocks(f, uri: str, rows_per_block: int, base: str | None, with_audio: bool = True) -> Iterator[pa.Table]:
     """One manifest file (an open binary stream) -> tables of at most `rows_per_block` normalised rows."""
     seen = IdNumbering()
     if suffix_of(uri) in ("jsonl", "json"):
         # Each block parsed by Arrow when it can be, with no Python object per row (several times cheaper a row:
         # docs/benchmarks.md); a block it cannot take goes the row-by-row way, which gives each row its own error.
         for lines in _line_blocks(f, rows_per_block * -(-ARROW_LINES // rows_per_block)):
-            table = _json_table([line for _, line in lines], uri, base, seen) or \
-                normalise(list(_json_records(_decoded(lines), uri)), uri, base, seen, strict=False)
+            table = _json_table([line for _, line in lines], uri, base, seen) or normalise(
+                list(_json_records(_decoded(lines), uri)), uri, base, seen, strict=False
+            )
             for start in range(0, table.num_rows, rows_per_block):
                 yield table.slice(start, rows_per_block)
         return
@@ -77,10 +86,15 @@ def read_blocks(f, uri: str, rows_per_block: int, base: str | None, with_audio: 
 def file_records(f, uri: str, with_audio: bool = True) -> Iterator[dict]:
     """The records of one manifest file, each with its `_line`, and `_bad_line` when it could not be parsed."""
     kind = suffix_of(uri)
-    return (_parquet_records(f, uri, with_audio) if kind == "parquet" else
-            _arrow_records(f, uri, with_audio) if kind == "arrow" else
-            _delimited_records(_lines(f), "\t" if kind == "tsv" else ",", uri) if kind in ("tsv", "csv") else
-            _json_records(_lines(f), uri))
+    return (
+        _parquet_records(f, uri, with_audio)
+        if kind == "parquet"
+        else _arrow_records(f, uri, with_audio)
+        if kind == "arrow"
+        else _delimited_records(_lines(f), "\t" if kind == "tsv" else ",", uri)
+        if kind in ("tsv", "csv")
+        else _json_records(_lines(f), uri)
+    )
 
 
 def _raw_lines(f) -> Iterator[bytes]:
@@ -164,16 +178,16 @@ def lhotse_cut(record: dict, uri: str) -> dict:
         record.update(audio_filepath=f"{record.get('id')}.flac", shard_id=int(shard[1]))
     else:
         record["audio_filepath"] = sources[0].get("source")
-    record.update(offset=record.pop("start"), text=" ".join(texts) if texts else None,
-                  recording_id=recording.get("id"))
+    record.update(offset=record.pop("start"), text=" ".join(texts) if texts else None, recording_id=recording.get("id"))
     return record
 
 
 def _delimited_records(lines: Iterable[tuple[int, str | None]], delimiter: str, uri: str) -> Iterator[dict]:
     # fairseq writes its TSVs unquoted (csv.QUOTE_NONE); CSV files follow the usual quoting.
     quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
-    reader = csv.reader((line if line is not None else "\x00" for _, line in lines), delimiter=delimiter,
-                        quoting=quoting)
+    reader = csv.reader(
+        (line if line is not None else "\x00" for _, line in lines), delimiter=delimiter, quoting=quoting
+    )
     header = next(reader, None)
     for row in reader:
         if not row:
@@ -217,9 +231,14 @@ def audio_struct_column(schema: pa.Schema) -> str | None:
         named = [name for name, feature in features.items() if feature.get("_type") == "Audio"]
     except (ValueError, KeyError, TypeError, AttributeError):
         named = []
-    structs = [f.name for f in schema if pa.types.is_struct(f.type) and f.type.get_field_index("bytes") >= 0
-               and f.type.get_field_index("path") >= 0
-               and f.type.field("bytes").type in (pa.binary(), pa.large_binary())]
+    structs = [
+        f.name
+        for f in schema
+        if pa.types.is_struct(f.type)
+        and f.type.get_field_index("bytes") >= 0
+        and f.type.get_field_index("path") >= 0
+        and f.type.field("bytes").type in (pa.binary(), pa.large_binary())
+    ]
     return next((name for name in named if name in structs), structs[0] if structs else None)
 
 
@@ -233,13 +252,16 @@ def _inline_audio(record: dict, column: str, uri: str, index: int, with_audio: b
     record["_audio"] = f"{uri}#{index}"
     record[f"{column}_path"] = cell.get("path")
     if with_audio and not cell.get("bytes") and cell.get("path"):
-        record["_audio"] = resolve(cell["path"], posixpath.dirname(uri) if "://" in uri else
-                                   os.path.dirname(os.path.abspath(uri)))
+        record["_audio"] = resolve(
+            cell["path"], posixpath.dirname(uri) if "://" in uri else os.path.dirname(os.path.abspath(uri))
+        )
         record[INLINE_AUDIO] = None
         if "://" not in record["_audio"] and not os.path.exists(record["_audio"]):
-            record["_error"] = (f"missing: {uri}#{index}: the audio cell has no bytes and its path "
-                                f"{record['_audio']} is not there; write the Parquet with its audio in it "
-                                f"(`datasets`' embed_external_files, as push_to_hub does)")
+            record["_error"] = (
+                f"missing: {uri}#{index}: the audio cell has no bytes and its path "
+                f"{record['_audio']} is not there; write the Parquet with its audio in it "
+                f"(`datasets`' embed_external_files, as push_to_hub does)"
+            )
     elif with_audio:
         record[INLINE_AUDIO] = cell.get("bytes") or b""
     if record.get("id") in (None, ""):
@@ -253,10 +275,12 @@ def _json_table(lines: list[bytes], uri: str, base: str | None, numbering: IdNum
     oddly typed value, a number to refuse, a row naming no audio."""
     data = b"\n".join(lines)
     try:
-        table = pajson.read_json(io.BytesIO(data), read_options=pajson.ReadOptions(use_threads=False,
-                                                                                    block_size=len(data) + 1))
-        if table.num_rows != len(lines) or any(pa.types.is_nested(t) or pa.types.is_temporal(t) or
-                                               pa.types.is_binary(t) for t in table.schema.types):
+        table = pajson.read_json(
+            io.BytesIO(data), read_options=pajson.ReadOptions(use_threads=False, block_size=len(data) + 1)
+        )
+        if table.num_rows != len(lines) or any(
+            pa.types.is_nested(t) or pa.types.is_temporal(t) or pa.types.is_binary(t) for t in table.schema.types
+        ):
             raise RowByRow
         return normalise_table(table, base, numbering)
     except (RowByRow, pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):

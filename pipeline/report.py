@@ -21,9 +21,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from . import scoring
 from s2t_model.speech2text import MIN_AVG_LOGPROB
 
+from . import scoring
 from .ids import digests, lookup
 from .reasons import reason_word
 from .summary import block_sums, figures
@@ -68,8 +68,11 @@ def block_figures(batch: pa.Table, files=None) -> pa.Table:
         for label in np.unique(file_of):
             parts.append(prefixed(f"file:{label}|", block_sums(batch.filter(pa.array(file_of == label)))))
     extra: dict[str, float] = {}
-    ok = pc.fill_null(pc.equal(batch["error"], ""), True) if "error" in batch.column_names else \
-        pa.chunked_array([pa.array([True] * batch.num_rows)])
+    ok = (
+        pc.fill_null(pc.equal(batch["error"], ""), True)
+        if "error" in batch.column_names
+        else pa.chunked_array([pa.array([True] * batch.num_rows)])
+    )
     if "avg_logprob" in batch.column_names:
         scores = batch["avg_logprob"].to_numpy(zero_copy_only=False).astype(np.float64)
         scores = scores[np.isfinite(scores)]
@@ -78,8 +81,12 @@ def block_figures(batch: pa.Table, files=None) -> pa.Table:
         extra["scored"] = float(len(scores))
     if "low_confidence" in batch.column_names:
         extra["flagged"] = float(pc.sum(pc.fill_null(batch["low_confidence"], False)).as_py() or 0)
-    parts.append(pa.table({"name": list(extra), "value": list(extra.values()),
-                           "row": pa.nulls(len(extra), pa.string())}, schema=FIGURES))
+    parts.append(
+        pa.table(
+            {"name": list(extra), "value": list(extra.values()), "row": pa.nulls(len(extra), pa.string())},
+            schema=FIGURES,
+        )
+    )
     parts.append(candidates(batch, ok))
     return pa.concat_tables(parts)
 
@@ -108,8 +115,14 @@ def candidates(batch: pa.Table, ok) -> pa.Table:
             if taken.get(reason, 0) < EXAMPLES:
                 taken[reason] = taken.get(reason, 0) + 1
                 found.append((f"example:{reason}", 0.0, row))
-    return pa.table({"name": [f[0] for f in found], "value": [float(f[1]) for f in found],
-                     "row": [json.dumps(f[2], default=str) for f in found]}, schema=FIGURES)
+    return pa.table(
+        {
+            "name": [f[0] for f in found],
+            "value": [float(f[1]) for f in found],
+            "row": [json.dumps(f[2], default=str) for f in found],
+        },
+        schema=FIGURES,
+    )
 
 
 def merged(*parts: pa.Table) -> dict:
@@ -126,7 +139,7 @@ def merged(*parts: pa.Table) -> dict:
             found.sort(key=lambda f: f[0])
         elif name == "worst":
             found.sort(key=lambda f: -f[0])
-        rows[name] = [row for _, row in found[:TOP if not name.startswith("example:") else EXAMPLES]]
+        rows[name] = [row for _, row in found[: TOP if not name.startswith("example:") else EXAMPLES]]
     return {"sums": dict(zip(by_name["name"].to_pylist(), by_name["value_sum"].to_pylist())), "rows": rows}
 
 
@@ -148,12 +161,23 @@ def manifest_files(manifest_uri: str | None, storage_options: dict | None):
         return None
     labels = manifest.labels()
     order = sorted(manifest.files)
-    read = ray.data.read_datasource(ManifestDatasource(
-        manifest.files, filesystem=arrow_filesystem(manifest.fs), rows_per_block=manifest.block_rows(None),
-        bases={f: manifest.base(f) for f in manifest.files}, urls={f: manifest.url(f) for f in manifest.files},
-        with_audio=False, include_paths=True), override_num_blocks=len(manifest.files))
-    parts = read.select_columns(["id", "path"]).map_batches(
-        id_files, fn_kwargs=dict(order=order), batch_format="pyarrow").to_numpy_refs()
+    read = ray.data.read_datasource(
+        ManifestDatasource(
+            manifest.files,
+            filesystem=arrow_filesystem(manifest.fs),
+            rows_per_block=manifest.block_rows(None),
+            bases={f: manifest.base(f) for f in manifest.files},
+            urls={f: manifest.url(f) for f in manifest.files},
+            with_audio=False,
+            include_paths=True,
+        ),
+        override_num_blocks=len(manifest.files),
+    )
+    parts = (
+        read.select_columns(["id", "path"])
+        .map_batches(id_files, fn_kwargs=dict(order=order), batch_format="pyarrow")
+        .to_numpy_refs()
+    )
     listed, numbers = ray.remote(num_returns=2)(sorted_files).remote(*parts)
     return listed, numbers, [labels[path] for path in order]
 
@@ -186,8 +210,12 @@ def compute(fs, root: str, files=None) -> dict:
     written = footers(fs, root)
     if not written:
         return {"sums": {}, "rows": {}}
-    names = set.intersection(*(set(m.schema.to_arrow_schema().names) | ({"tgt_lang"} if "tgt_lang=" in p else set())
-                               for p, m in written.items()))
+    names = set.intersection(
+        *(
+            set(m.schema.to_arrow_schema().names) | ({"tgt_lang"} if "tgt_lang=" in p else set())
+            for p, m in written.items()
+        )
+    )
     columns = sorted(n for n in names if n in COLUMNS or n.startswith("text_"))
     rows = rows_dataset(fs, root, list(written), columns)
     parts = rows.map_batches(block_figures, fn_kwargs=dict(files=files), batch_format="pyarrow").to_arrow_refs()
@@ -199,13 +227,16 @@ def group_figures(sums: dict, prefix: str) -> dict[str, dict]:
     groups: dict[str, dict] = {}
     for name, value in sums.items():
         if name.startswith(prefix):
-            group, figure = name[len(prefix):].split("|", 1)
+            group, figure = name[len(prefix) :].split("|", 1)
             groups.setdefault(group, {})[figure] = value
-    return {group: {**figures(s), "rows": int(s.get("n_out", 0)), "audio_s": s.get("audio_s", 0.0)}
-            for group, s in groups.items()}
+    return {
+        group: {**figures(s), "rows": int(s.get("n_out", 0)), "audio_s": s.get("audio_s", 0.0)}
+        for group, s in groups.items()
+    }
 
 
 # ---- the page ----
+
 
 def png(fig) -> str:
     out = io.BytesIO()
@@ -228,8 +259,9 @@ def plt():
 def quality_plot(groups: dict[str, dict], order: list[str], title: str) -> str | None:
     """WER (and BLEU per language) by group, as bars; None when no group has either."""
     langs = sorted({lang for g in groups.values() for lang in g["bleu"]})
-    series = ([("WER %", [groups[k]["wer"] for k in order])] if any(groups[k]["wer"] is not None for k in order)
-              else []) + [(f"BLEU {lang}", [groups[k]["bleu"].get(lang) for k in order]) for lang in langs]
+    series = (
+        [("WER %", [groups[k]["wer"] for k in order])] if any(groups[k]["wer"] is not None for k in order) else []
+    ) + [(f"BLEU {lang}", [groups[k]["bleu"].get(lang) for k in order]) for lang in langs]
     if not series:
         return None
     fig, ax = plt().subplots(figsize=(8, 3.2))
@@ -237,8 +269,11 @@ def quality_plot(groups: dict[str, dict], order: list[str], title: str) -> str |
     for j, (label, values) in enumerate(series):
         xs = [i + j * width for i, v in enumerate(values) if v is not None]
         ax.bar(xs, [v for v in values if v is not None], width, label=label)
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(order))],
-                  [f"{k}\n{groups[k]['rows']:,} rows" for k in order], fontsize=8)
+    ax.set_xticks(
+        [i + 0.4 - width / 2 for i in range(len(order))],
+        [f"{k}\n{groups[k]['rows']:,} rows" for k in order],
+        fontsize=8,
+    )
     ax.set_title(title)
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
@@ -306,9 +341,17 @@ def image(uri: str | None, alt: str) -> str | None:
 
 def group_table(groups: dict[str, dict], order: list[str], label: str) -> str:
     langs = sorted({lang for g in groups.values() for lang in g["bleu"]})
-    rows = [{label: k, "rows": groups[k]["rows"], "audio h": groups[k]["audio_s"] / 3600, "WER %": groups[k]["wer"],
-             "errors": sum(groups[k]["errors_by_reason"].values()),
-             **{f"BLEU {lang}": groups[k]["bleu"].get(lang) for lang in langs}} for k in order]
+    rows = [
+        {
+            label: k,
+            "rows": groups[k]["rows"],
+            "audio h": groups[k]["audio_s"] / 3600,
+            "WER %": groups[k]["wer"],
+            "errors": sum(groups[k]["errors_by_reason"].values()),
+            **{f"BLEU {lang}": groups[k]["bleu"].get(lang) for lang in langs},
+        }
+        for k in order
+    ]
     return table(rows, [label, "rows", "audio h", "WER %", *[f"BLEU {lang}" for lang in langs], "errors"])
 
 
@@ -320,21 +363,40 @@ vertical-align:top;text-align:left}th{background:#f4f4f4}img{max-width:100%}.fig
 
 def render(summary: dict, found: dict, threshold: float | None) -> str:
     sums, rows = found["sums"], found["rows"]
-    overall = group_figures(sums, "all").get("", {"errors_by_reason": {}, "wer": None, "bleu": {}, "rows": 0,
-                                                  "audio_s": 0.0})
-    facts = [("output", summary.get("output")), ("manifest", summary.get("manifest")), ("model", summary.get("model")),
-             ("last run", summary.get("run_id")), ("manifest rows", summary.get("rows_in")),
-             ("output rows", overall["rows"]), ("rows ok", summary.get("rows_ok")),
-             ("rows with an error", summary.get("rows_error")), ("rows missing", summary.get("rows_missing")),
-             ("audio hours", overall["audio_s"] / 3600), ("WER %", overall["wer"]),
-             *[(f"BLEU {lang}", score) for lang, score in overall["bleu"].items()],
-             ("last run: wall s", summary.get("wall_s")), ("last run: RTFx", summary.get("rtfx"))]
-    summary_html = '<table class="figures">' + "".join(
-        f"<tr><td>{html.escape(k)}</td><td>{cell(v)}</td></tr>" for k, v in facts if v is not None) + "</table>"
+    overall = group_figures(sums, "all").get(
+        "", {"errors_by_reason": {}, "wer": None, "bleu": {}, "rows": 0, "audio_s": 0.0}
+    )
+    facts = [
+        ("output", summary.get("output")),
+        ("manifest", summary.get("manifest")),
+        ("model", summary.get("model")),
+        ("last run", summary.get("run_id")),
+        ("manifest rows", summary.get("rows_in")),
+        ("output rows", overall["rows"]),
+        ("rows ok", summary.get("rows_ok")),
+        ("rows with an error", summary.get("rows_error")),
+        ("rows missing", summary.get("rows_missing")),
+        ("audio hours", overall["audio_s"] / 3600),
+        ("WER %", overall["wer"]),
+        *[(f"BLEU {lang}", score) for lang, score in overall["bleu"].items()],
+        ("last run: wall s", summary.get("wall_s")),
+        ("last run: RTFx", summary.get("rtfx")),
+    ]
+    summary_html = (
+        '<table class="figures">'
+        + "".join(f"<tr><td>{html.escape(k)}</td><td>{cell(v)}</td></tr>" for k, v in facts if v is not None)
+        + "</table>"
+    )
 
     reasons = overall["errors_by_reason"]
-    error_rows = [{"reason": reason, "rows": n, "examples": "; ".join(
-        f"{r['id']}: {r['error']}" for r in rows.get(f"example:{reason}", []))} for reason, n in reasons.items()]
+    error_rows = [
+        {
+            "reason": reason,
+            "rows": n,
+            "examples": "; ".join(f"{r['id']}: {r['error']}" for r in rows.get(f"example:{reason}", [])),
+        }
+        for reason, n in reasons.items()
+    ]
     errors_html = table(error_rows, ["reason", "rows", "examples"]) if error_rows else "<p>No row failed.</p>"
 
     labels = bucket_labels()
@@ -344,38 +406,65 @@ def render(summary: dict, found: dict, threshold: float | None) -> str:
     file_order = sorted(files)
 
     scored, flagged = sums.get("scored", 0.0), sums.get("flagged", 0.0)
-    share = f"<p>{flagged:,.0f} of {scored:,.0f} rows with a score are flagged low_confidence " \
-            f"({100 * flagged / scored:.1f} %).</p>" if scored else None
+    share = (
+        f"<p>{flagged:,.0f} of {scored:,.0f} rows with a score are flagged low_confidence "
+        f"({100 * flagged / scored:.1f} %).</p>"
+        if scored
+        else None
+    )
     shown = ["id", "duration_s", "avg_logprob", "reference", "text"]
-    return "".join([
-        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>s2t report</title>",
-        f"<style>{STYLE}</style></head><body><h1>s2t report: {html.escape(str(summary.get('output', '')))}</h1>",
-        section("summary", "Summary", summary_html),
-        section("errors", "Errors by reason", errors_html),
-        section("by-duration", "WER and BLEU by duration", image(quality_plot(buckets, bucket_order, "By duration"),
-                                                                 "WER and BLEU by duration bucket"),
-                group_table(buckets, bucket_order, "duration") if buckets else None),
-        section("by-file", "WER and BLEU by manifest file",
+    return "".join(
+        [
+            "<!DOCTYPE html><html><head><meta charset='utf-8'><title>s2t report</title>",
+            f"<style>{STYLE}</style></head><body><h1>s2t report: {html.escape(str(summary.get('output', '')))}</h1>",
+            section("summary", "Summary", summary_html),
+            section("errors", "Errors by reason", errors_html),
+            section(
+                "by-duration",
+                "WER and BLEU by duration",
+                image(quality_plot(buckets, bucket_order, "By duration"), "WER and BLEU by duration bucket"),
+                group_table(buckets, bucket_order, "duration") if buckets else None,
+            ),
+            section(
+                "by-file",
+                "WER and BLEU by manifest file",
                 image(quality_plot(files, file_order, "By manifest file"), "WER and BLEU by manifest file")
-                if len(files) > 1 else "<p>The manifest is one file (or was not found): see the summary.</p>",
-                group_table(files, file_order, "file") if len(files) > 1 else None),
-        section("confidence", "Confidence", image(confidence_plot(sums, threshold), "confidence histogram"), share),
-        section("lowest", "Lowest-confidence rows", table(rows.get("lowest", []), shown)
-                if rows.get("lowest") else None),
-        section("worst", "Worst rows by WER", table(rows.get("worst", []), ["id", "duration_s", "wer", "reference",
-                                                                            "text"]) if rows.get("worst") else None),
-        section("throughput", "Throughput over the last run", image(throughput_plot(summary.get("throughput", [])),
-                                                                    "throughput over the run")),
-        "</body></html>"])
+                if len(files) > 1
+                else "<p>The manifest is one file (or was not found): see the summary.</p>",
+                group_table(files, file_order, "file") if len(files) > 1 else None,
+            ),
+            section("confidence", "Confidence", image(confidence_plot(sums, threshold), "confidence histogram"), share),
+            section(
+                "lowest", "Lowest-confidence rows", table(rows.get("lowest", []), shown) if rows.get("lowest") else None
+            ),
+            section(
+                "worst",
+                "Worst rows by WER",
+                table(rows.get("worst", []), ["id", "duration_s", "wer", "reference", "text"])
+                if rows.get("worst")
+                else None,
+            ),
+            section(
+                "throughput",
+                "Throughput over the last run",
+                image(throughput_plot(summary.get("throughput", [])), "throughput over the run"),
+            ),
+            "</body></html>",
+        ]
+    )
 
 
-def report(output: str, html_path: str | None = None, manifest: str | None = None,
-           storage_options: dict | None = None, threshold: float | None = MIN_AVG_LOGPROB) -> str:
+def report(
+    output: str,
+    html_path: str | None = None,
+    manifest: str | None = None,
+    storage_options: dict | None = None,
+    threshold: float | None = MIN_AVG_LOGPROB,
+) -> str:
     """Write the page for the output folder `output` (default: <output>/_report.html); returns where it went."""
     import fsspec
 
-    from .output import output_filesystem
-    from .output import SUMMARY
+    from .output import SUMMARY, output_filesystem
 
     fs, root = output_filesystem(output, storage_options)
     summary_path = f"{root.rstrip('/')}/{SUMMARY}"

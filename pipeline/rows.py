@@ -21,18 +21,43 @@ import posixpath
 import pyarrow as pa
 import pyarrow.compute as pc
 
-
 AUDIO_COLUMNS = ("audio_filepath", "audio", "path", "file")
 REFERENCE_COLUMNS = ("text", "tgt_text", "sentence", "transcription", "transcript")  # first found is the reference
 PRIVATE_KEYS = ("_bad_line", "_line", "_audio", "_error")  # what the readers add to a record, never a column
 TGT_LANG_COLUMNS = ("tgt_lang", "target_lang")
 # Columns the job writes itself; a manifest column of the same name is passed through as manifest_<name>.
-OUTPUT_COLUMNS = ("id", "audio", "offset_s", "duration_s", "reference", "text", "tgt_lang", "num_tokens",
-                  "avg_logprob", "error", "model", "segments", "segment_of", "segment_index", "segment_count",
-                  "segment_start_s", "recording_duration_s", "recording_offset_s", "run_id")
-SCHEMA = pa.schema([("id", pa.string()), ("audio", pa.string()), ("offset_s", pa.float64()),
-                    ("duration_s", pa.float64()), ("reference", pa.string()), ("tgt_lang", pa.string()),
-                    ("error", pa.string())])
+OUTPUT_COLUMNS = (
+    "id",
+    "audio",
+    "offset_s",
+    "duration_s",
+    "reference",
+    "text",
+    "tgt_lang",
+    "num_tokens",
+    "avg_logprob",
+    "error",
+    "model",
+    "segments",
+    "segment_of",
+    "segment_index",
+    "segment_count",
+    "segment_start_s",
+    "recording_duration_s",
+    "recording_offset_s",
+    "run_id",
+)
+SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("audio", pa.string()),
+        ("offset_s", pa.float64()),
+        ("duration_s", pa.float64()),
+        ("reference", pa.string()),
+        ("tgt_lang", pa.string()),
+        ("error", pa.string()),
+    ]
+)
 MAX_SECONDS = 1e7  # ~116 days: an offset or duration beyond it is a mistake, not a recording
 
 
@@ -75,8 +100,9 @@ def _first(record: dict, names: tuple[str, ...]):
     return None
 
 
-def normalise(records: list[dict], uri: str, base: str | None, numbering: IdNumbering | None = None,
-              strict: bool = True) -> pa.Table:
+def normalise(
+    records: list[dict], uri: str, base: str | None, numbering: IdNumbering | None = None, strict: bool = True
+) -> pa.Table:
     """Records as read (each with its `_line`) -> the job's table. Strict: raises ManifestError when no row could name
     its audio (the driver's look at a first file); else such rows get the error `names no audio file` (a read
     task's block of them is no reason to fail the job)."""
@@ -104,16 +130,23 @@ def normalise(records: list[dict], uri: str, base: str | None, numbering: IdNumb
     for row, numbered in zip(rows, numbering.number_all([row["id"] for row in rows])):
         row["id"] = numbered
     table = pa.Table.from_pylist(rows)
-    return table.cast(pa.schema([SCHEMA.field(n) if n in SCHEMA.names else table.schema.field(n)
-                                 for n in table.column_names]))
+    return table.cast(
+        pa.schema([SCHEMA.field(n) if n in SCHEMA.names else table.schema.field(n) for n in table.column_names])
+    )
 
 
 def _normalise_row(record: dict, uri: str, base: str | None) -> dict:
     where = f"{uri}:{record['_line']}"
     if "_bad_line" in record:
-        return {"id": f"{posixpath.basename(uri)}:{record['_line']}", "audio": None, "offset_s": None,
-                "duration_s": None, "reference": None, "tgt_lang": None,
-                "error": f"bad_manifest_line: {where}: {record['_bad_line']}"}
+        return {
+            "id": f"{posixpath.basename(uri)}:{record['_line']}",
+            "audio": None,
+            "offset_s": None,
+            "duration_s": None,
+            "reference": None,
+            "tgt_lang": None,
+            "error": f"bad_manifest_line: {where}: {record['_bad_line']}",
+        }
     audio = record.get("_audio") or _first(record, AUDIO_COLUMNS)
     error = None
     try:
@@ -128,8 +161,11 @@ def _normalise_row(record: dict, uri: str, base: str | None) -> dict:
         audio = resolve(str(audio), base)
     reference = _first(record, REFERENCE_COLUMNS)
     return {
-        "id": str(record["id"]) if record.get("id") not in (None, "") else
-        derive_id(audio, offset) if audio is not None else f"{posixpath.basename(uri)}:{record['_line']}",
+        "id": str(record["id"])
+        if record.get("id") not in (None, "")
+        else derive_id(audio, offset)
+        if audio is not None
+        else f"{posixpath.basename(uri)}:{record['_line']}",
         "audio": audio,
         "offset_s": offset,
         "duration_s": duration,
@@ -161,9 +197,15 @@ def normalise_table(table: pa.Table, base: str | None, numbering: IdNumbering) -
     if None in ids:
         audios, offsets = audio.to_pylist(), offset.to_pylist()
         ids = [i if i is not None else derive_id(audios[k], offsets[k]) for k, i in enumerate(ids)]
-    columns = {"id": None, "audio": audio, "offset_s": offset,
-               "duration_s": duration, "reference": _first_text(table, REFERENCE_COLUMNS),
-               "tgt_lang": _first_text(table, TGT_LANG_COLUMNS), "error": pa.nulls(table.num_rows, pa.string())}
+    columns = {
+        "id": None,
+        "audio": audio,
+        "offset_s": offset,
+        "duration_s": duration,
+        "reference": _first_text(table, REFERENCE_COLUMNS),
+        "tgt_lang": _first_text(table, TGT_LANG_COLUMNS),
+        "error": pa.nulls(table.num_rows, pa.string()),
+    }
     used = {audio_column, "id", "offset", "duration", *REFERENCE_COLUMNS[:2], *TGT_LANG_COLUMNS}
     for name in sorted(set(names) - used):
         key = f"manifest_{name}" if name in OUTPUT_COLUMNS else name
@@ -197,8 +239,7 @@ def _seconds_column(table: pa.Table, name: str) -> pa.ChunkedArray:
     if not (pa.types.is_integer(table[name].type) or pa.types.is_floating(table[name].type)):
         raise RowByRow
     seconds = pc.cast(table[name], pa.float64())
-    refused = pc.or_(pc.invert(pc.is_finite(seconds)), pc.or_(pc.greater(seconds, MAX_SECONDS),
-                                                              pc.less(seconds, 0.0)))
+    refused = pc.or_(pc.invert(pc.is_finite(seconds)), pc.or_(pc.greater(seconds, MAX_SECONDS), pc.less(seconds, 0.0)))
     if name == "duration":
         refused = pc.or_(refused, pc.equal(seconds, 0.0))
     if pc.any(refused).as_py():

@@ -13,7 +13,6 @@ Requests come through `serve_ingress.Speech2TextIngress`, which answers a 503 wi
 replica that died before answering.
 """
 
-
 import asyncio
 import hashlib
 import io
@@ -39,8 +38,16 @@ from .audio import AudioError, decode_audio
 from .config import ModelConfig
 from .http_guard import GuardLimits, RequestGuard, error_body, quote
 from .metrics import GenerationMetrics, answered_metrics, inc, observe
-from .openai_api import (ApiOptions, OptionError, delta_event, done_event, parse_options, timed_words,
-                         token_logprobs, usage)
+from .openai_api import (
+    ApiOptions,
+    OptionError,
+    delta_event,
+    done_event,
+    parse_options,
+    timed_words,
+    token_logprobs,
+    usage,
+)
 from .serve_ingress import Speech2TextIngress, relay_asgi
 from .stages import load_model
 from .subtitles import subtitles
@@ -61,8 +68,9 @@ class ServeConfig(ModelConfig):
     batch_wait_ms: float = Field(20.0, ge=0, description="how long a batch waits to fill")
     # Uploads still arriving count too: 512 lets a few hundred slow or stalled clients (each dropped after
     # body_timeout_s) sit beside the good requests, which only a full replica would queue.
-    max_ongoing_requests: int = Field(512, ge=1, description="requests a replica holds at once, uploads in progress "
-                                                             "included")
+    max_ongoing_requests: int = Field(
+        512, ge=1, description="requests a replica holds at once, uploads in progress included"
+    )
     max_queued_requests: int = Field(256, ge=-1, description="requests waiting for a replica; more get 503")
     retry_after_s: float = Field(1.0, ge=0, description="the Retry-After a 503 for a full queue carries")
     max_upload_mb: float = Field(25.0, gt=0)
@@ -71,8 +79,11 @@ class ServeConfig(ModelConfig):
     api_key_env: str | None = Field(None, description="environment variable holding the bearer token to require")
 
     def guard_limits(self, api_key_sha256: str | None) -> GuardLimits:
-        return GuardLimits(max_body_bytes=int(self.max_upload_mb * 1024 * 1024) + MULTIPART_OVERHEAD_BYTES,
-                           body_timeout_s=self.body_timeout_s, api_key_sha256=api_key_sha256)
+        return GuardLimits(
+            max_body_bytes=int(self.max_upload_mb * 1024 * 1024) + MULTIPART_OVERHEAD_BYTES,
+            body_timeout_s=self.body_timeout_s,
+            api_key_sha256=api_key_sha256,
+        )
 
     def deployment_options(self) -> dict:
         options = dict(
@@ -83,8 +94,11 @@ class ServeConfig(ModelConfig):
             ray_actor_options={"num_cpus": self.cpus_per_replica, "num_gpus": self.gpus_per_replica},
         )
         if self.max_replicas and self.max_replicas > self.replicas:
-            options["autoscaling_config"] = {"min_replicas": self.replicas, "max_replicas": self.max_replicas,
-                                             "target_ongoing_requests": self.max_batch_size}
+            options["autoscaling_config"] = {
+                "min_replicas": self.replicas,
+                "max_replicas": self.max_replicas,
+                "target_ongoing_requests": self.max_batch_size,
+            }
         else:
             options["num_replicas"] = self.replicas
         return options
@@ -133,9 +147,16 @@ def render(response_format: str, text: str, segments: list[dict], duration: floa
     if response_format == "text":
         return PlainTextResponse(text + "\n")
     if response_format == "verbose_json":
-        return {"task": task, "language": language, "duration": round(duration, 3), "text": text,
-                "segments": [{key: finite_or_none(value) if isinstance(value, float) else value
-                              for key, value in segment.items()} for segment in segments]}
+        return {
+            "task": task,
+            "language": language,
+            "duration": round(duration, 3),
+            "text": text,
+            "segments": [
+                {key: finite_or_none(value) if isinstance(value, float) else value for key, value in segment.items()}
+                for segment in segments
+            ],
+        }
     body = subtitles([(s["start"], s["end"], s["text"]) for s in segments], response_format)
     return PlainTextResponse(body, media_type="text/vtt" if response_format == "vtt" else None)
 
@@ -192,13 +213,19 @@ class Speech2TextServer:
         finally:
             self.decoding -= len(requests)
 
-    def transcribe(self, waveforms: list[np.ndarray], langs: list[str | None], timed: bool = False
-                   ) -> list[Transcript]:
+    def transcribe(self, waveforms: list[np.ndarray], langs: list[str | None], timed: bool = False) -> list[Transcript]:
         c, model = self.config, self.model
-        features, _ = speech_features(model.feature_extractor, waveforms, model.feature_extractor.sampling_rate,
-                                      c.max_frames, self.vad, model.device)
-        return model.transcribe_features(features, langs, c.decoding(word_timestamps=timed, logprobs=timed),
-                                         self.generation_metrics)
+        features, _ = speech_features(
+            model.feature_extractor,
+            waveforms,
+            model.feature_extractor.sampling_rate,
+            c.max_frames,
+            self.vad,
+            model.device,
+        )
+        return model.transcribe_features(
+            features, langs, c.decoding(word_timestamps=timed, logprobs=timed), self.generation_metrics
+        )
 
     async def read_audio(self, file: UploadFile | None) -> tuple[np.ndarray, float]:
         limit = int(self.config.max_upload_mb * 1024 * 1024)
@@ -212,19 +239,28 @@ class Speech2TextServer:
             raise RequestError(400, f"{name}: the file is empty", "empty_file")
         rate = self.model.feature_extractor.sampling_rate
         try:
-            audio = await asyncio.to_thread(decode_audio, io.BytesIO(data), name, rate,
-                                            min_duration_s=self.config.min_duration_s,
-                                            max_duration_s=self.config.max_duration_s)
+            audio = await asyncio.to_thread(
+                decode_audio,
+                io.BytesIO(data),
+                name,
+                rate,
+                min_duration_s=self.config.min_duration_s,
+                max_duration_s=self.config.max_duration_s,
+            )
         except AudioError as error:
             raise RequestError(AUDIO_STATUS.get(error.reason, 400), str(error), error.reason) from None
         return audio, len(audio) / rate
 
-    async def respond(self, file, response_format: str, tgt_lang: str | None, task: str,
-                      options: ApiOptions = ApiOptions()):
+    async def respond(
+        self, file, response_format: str, tgt_lang: str | None, task: str, options: ApiOptions = ApiOptions()
+    ):
         formats = ("json", "text", "verbose_json", "srt", "vtt")
         if response_format not in formats:
-            raise RequestError(400, f"response_format {quote(response_format)} is not one of {', '.join(formats)}",
-                               "invalid_response_format")
+            raise RequestError(
+                400,
+                f"response_format {quote(response_format)} is not one of {', '.join(formats)}",
+                "invalid_response_format",
+            )
         started = time.monotonic()
         audio, duration = await self.read_audio(file)
         rate = self.model.feature_extractor.sampling_rate
@@ -236,14 +272,29 @@ class Speech2TextServer:
         else:
             pieces = [(0.0, duration)]
         if options.stream:  # from here on errors are events: the status line is sent with the first one
-            return StreamingResponse(self.stream(audio, pieces, tgt_lang, options, duration, started),
-                                     media_type="text/event-stream")
-        results = await asyncio.gather(*[self.decode_batch((audio[round(a * rate): round(b * rate)], tgt_lang,
-                                                            options.timed, time.monotonic())) for a, b in pieces])
+            return StreamingResponse(
+                self.stream(audio, pieces, tgt_lang, options, duration, started), media_type="text/event-stream"
+            )
+        results = await asyncio.gather(
+            *[
+                self.decode_batch((audio[round(a * rate) : round(b * rate)], tgt_lang, options.timed, time.monotonic()))
+                for a, b in pieces
+            ]
+        )
         heard = [(piece, r) for piece, r in zip(pieces, results) if r.speech]  # no speech: no segment
-        segments = [{"id": i, "start": round(a, 3), "end": round(b, 3), "text": r.text, "tokens": r.ids,
-                     "avg_logprob": r.avg_logprob, "low_confidence": r.low_confidence, "temperature": 0.0}
-                    for i, ((a, b), r) in enumerate(heard)]
+        segments = [
+            {
+                "id": i,
+                "start": round(a, 3),
+                "end": round(b, 3),
+                "text": r.text,
+                "tokens": r.ids,
+                "avg_logprob": r.avg_logprob,
+                "low_confidence": r.low_confidence,
+                "temperature": 0.0,
+            }
+            for i, ((a, b), r) in enumerate(heard)
+        ]
         text = " ".join(r.text for r in results if r.text)
         body = render(response_format, text, segments, duration, task, tgt_lang or "en")
         if options.words:
@@ -255,8 +306,15 @@ class Speech2TextServer:
         answered_metrics(duration, time.monotonic() - started)
         return body
 
-    async def stream(self, audio: np.ndarray, pieces: list[tuple[float, float]], tgt_lang: str | None,
-                     options: ApiOptions, duration: float, started: float | None = None):
+    async def stream(
+        self,
+        audio: np.ndarray,
+        pieces: list[tuple[float, float]],
+        tgt_lang: str | None,
+        options: ApiOptions,
+        duration: float,
+        started: float | None = None,
+    ):
         """Server-Sent Events of one upload: a delta per segment with text, in order, as soon as it is decoded,
         then the whole text. The first segment is decoded on its own, so its delta does not wait for the rest; the
         rest then go in together. A client gone mid-stream cancels what is not decoded yet (Serve drops cancelled
@@ -264,8 +322,9 @@ class Speech2TextServer:
         rate = self.model.feature_extractor.sampling_rate
 
         def submit(a: float, b: float) -> asyncio.Future:
-            return asyncio.ensure_future(self.decode_batch((audio[round(a * rate): round(b * rate)], tgt_lang,
-                                                            options.timed, time.monotonic())))
+            return asyncio.ensure_future(
+                self.decode_batch((audio[round(a * rate) : round(b * rate)], tgt_lang, options.timed, time.monotonic()))
+            )
 
         tasks = [submit(*pieces[0])]
         self.open_streams += 1
@@ -328,16 +387,29 @@ class Speech2TextServer:
     ):
         if target_language not in self.languages:
             given = "no target_language" if target_language is None else f"target_language {quote(target_language)}"
-            raise RequestError(400, f"{given}: this model translates into {', '.join(self.languages) or 'nothing'}",
-                               "invalid_target_language")
+            raise RequestError(
+                400,
+                f"{given}: this model translates into {', '.join(self.languages) or 'nothing'}",
+                "invalid_target_language",
+            )
         options = parse_options(await request.form(), response_format)
         return await self.respond(file, response_format, target_language, "translate", options)
 
     @app.get("/v1/models")
     async def models(self):
-        return {"object": "list", "data": [{"id": self.config.model_name, "object": "model", "created": 0,
-                                            "owned_by": "s2t-ray", "source": self.config.model,
-                                            "languages": self.languages}]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": self.config.model_name,
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "s2t-ray",
+                    "source": self.config.model,
+                    "languages": self.languages,
+                }
+            ],
+        }
 
     @app.get("/healthz")
     async def healthz(self):
@@ -358,4 +430,5 @@ def build_app(args: dict) -> serve.Application:
     server = Speech2TextServer.options(**options).bind(config.model_dump(), api_key_sha256)
     # The ingress relays and holds no model: it reserves no CPU, so it never waits for one a model replica holds.
     return Speech2TextIngress.options(**{**options, "ray_actor_options": {"num_cpus": 0}}).bind(
-        server, config.guard_limits(api_key_sha256), config.retry_after_s)
+        server, config.guard_limits(api_key_sha256), config.retry_after_s
+    )

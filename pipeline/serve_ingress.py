@@ -36,8 +36,20 @@ from .metrics import inc
 
 logger = logging.getLogger(__name__)
 # What of a request's ASGI scope goes to the model replica (the rest, such as Serve's own state, stays here).
-FORWARDED_SCOPE = ("type", "asgi", "http_version", "method", "scheme", "path", "raw_path", "root_path",
-                   "query_string", "headers", "client", "server")
+FORWARDED_SCOPE = (
+    "type",
+    "asgi",
+    "http_version",
+    "method",
+    "scheme",
+    "path",
+    "raw_path",
+    "root_path",
+    "query_string",
+    "headers",
+    "client",
+    "server",
+)
 # The handle's errors that mean no replica is there to answer (dead, or none started yet) or none takes more now.
 REPLICA_GONE = (RayActorError, DeploymentUnavailableError, BackPressureError)
 
@@ -91,12 +103,17 @@ class Speech2TextIngress:
         if isinstance(error, BackPressureError):
             message, code = "every model replica is busy: retry after the Retry-After seconds", "overloaded"
         else:
-            message = ("the model replica holding this request stopped before it answered (Serve starts another): "
-                       "retry after the Retry-After seconds")
+            message = (
+                "the model replica holding this request stopped before it answered (Serve starts another): "
+                "retry after the Retry-After seconds"
+            )
             code = "replica_unavailable"
         inc("s2t_serve_responses_total", status="503", code=code)
-        return JSONResponse(error_body(503, message, code), status_code=503,
-                            headers={"retry-after": str(max(0, math.ceil(self.retry_after_s)))})
+        return JSONResponse(
+            error_body(503, message, code),
+            status_code=503,
+            headers={"retry-after": str(max(0, math.ceil(self.retry_after_s)))},
+        )
 
 
 async def relay_asgi(app, scope: dict, body: bytes):

@@ -37,8 +37,8 @@ from ray.data.datasource import FileBasedDatasource
 from .audio import INLINE_AUDIO, is_remote
 from .ids import SharedIds
 from .listing import expand
-from .rows import SCHEMA, IdNumbering, ManifestError, normalise
 from .reasons import StoreUnavailable, is_transient
+from .rows import SCHEMA, IdNumbering, ManifestError, normalise
 from .storage import RowRetry
 
 # WebDataset's split of a member name into sample key and field (webdataset.tariterators.base_plus_ext).
@@ -46,8 +46,37 @@ SAMPLE_MEMBER = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 # Audio fields by extension: what libsndfile reads, and what FFmpeg (PyAV) does: audio files and the audio tracks of
 # video files. The extension only picks the field; pipeline.audio picks the decoder by what the bytes are.
 AUDIO_SUFFIXES = frozenset(name.lower() for name in soundfile.available_formats()) | {
-    "oga", "opus", "aif", "snd", "mp3", "mpga", "mpeg", "m4a", "m4b", "mp4", "aac", "mov", "mkv", "mka", "webm",
-    "amr", "3gp", "3g2", "wma", "asf", "ac3", "eac3", "ape", "wv", "tta", "spx", "mpc", "dts", "gsm", "mp2"}
+    "oga",
+    "opus",
+    "aif",
+    "snd",
+    "mp3",
+    "mpga",
+    "mpeg",
+    "m4a",
+    "m4b",
+    "mp4",
+    "aac",
+    "mov",
+    "mkv",
+    "mka",
+    "webm",
+    "amr",
+    "3gp",
+    "3g2",
+    "wma",
+    "asf",
+    "ac3",
+    "eac3",
+    "ape",
+    "wv",
+    "tta",
+    "spx",
+    "mpc",
+    "dts",
+    "gsm",
+    "mp2",
+}
 TEXT_FIELDS = ("json", "txt")
 DAMAGED = ".damaged"  # the key of a WebDataset shard's damage row: no sample's key starts with a dot
 MEMBERS_KEPT = 1000  # tarfile keeps every header it read; a long shard's are dropped now and then
@@ -59,6 +88,7 @@ NEMO_REPEAT = re.compile(r"-sub\d+(?=\.[^.]*$|$)")
 class Damage:
     """Where a tar stopped being a tar: `reason` truncated or corrupt, `detail` says where and why; `member`: the
     member whose data was cut short (its header was whole), None when the break is at a header."""
+
     reason: str
     detail: str
     member: str | None = None
@@ -77,10 +107,12 @@ class _Header(tarfile.TarInfo):
         except tarfile.HeaderError as error:
             if getattr(tar, "damage", None) is None:
                 cut = isinstance(error, (tarfile.EmptyHeaderError, tarfile.TruncatedHeaderError))
-                tar.damage = Damage("truncated" if cut else "corrupt",
-                                    f"the file ends at byte {tar.offset} without tar's end-of-archive marker"
-                                    if isinstance(error, tarfile.EmptyHeaderError) else
-                                    f"no tar header at byte {tar.offset} ({error})")
+                tar.damage = Damage(
+                    "truncated" if cut else "corrupt",
+                    f"the file ends at byte {tar.offset} without tar's end-of-archive marker"
+                    if isinstance(error, tarfile.EmptyHeaderError)
+                    else f"no tar header at byte {tar.offset} ({error})",
+                )
             raise
 
 
@@ -109,8 +141,11 @@ def tar_members(f, read_data: Callable[[str], bool]) -> Iterator[tuple[str, byte
         store_failure(error)
         cut = isinstance(error, EOFError) or "unexpected end" in str(error)
         where = f" in member {member.name} (header at byte {member.offset})" if member is not None else ""
-        yield getattr(tar, "damage", None) or Damage("truncated" if cut else "corrupt", f"the tar breaks{where}: {error}",
-                                                      member.name if member is not None else None)
+        yield getattr(tar, "damage", None) or Damage(
+            "truncated" if cut else "corrupt",
+            f"the tar breaks{where}: {error}",
+            member.name if member is not None else None,
+        )
         return
     if getattr(tar, "damage", None) is not None:
         yield tar.damage
@@ -137,14 +172,15 @@ def member_url(shard_url: str, member: str) -> str:
 
 # ---- WebDataset ---------------------------------------------------------------------------------------------------
 
+
 @dataclass
 class Sample:
     key: str
     fields: dict[str, tuple[str, bytes | None]] = field(default_factory=dict)  # extension -> (member name, bytes)
 
     def audio(self) -> tuple[str, bytes | None] | None:
-        """The audio member: one of an audio extension (AUDIO_SUFFIXES), else the one member that is neither json nor txt
-        (which the feature stage then names unreadable)."""
+        """The audio member: one of an audio extension (AUDIO_SUFFIXES), else the one member that is neither json nor
+        txt (which the feature stage then names unreadable)."""
         by_suffix = [ext for ext in self.fields if ext.rsplit(".", 1)[-1] in AUDIO_SUFFIXES]
         others = [ext for ext in self.fields if ext not in TEXT_FIELDS]
         chosen = by_suffix[:1] or (others if len(others) == 1 else [])
@@ -169,8 +205,10 @@ class Sample:
         if audio is not None:
             record["audio_filepath"] = member_url(url, audio[0])
         elif error is None:
-            error = (f"missing: {url}: sample {self.key} has no audio member "
-                     f"(it has {', '.join(name for name, _ in self.fields.values())})")
+            error = (
+                f"missing: {url}: sample {self.key} has no audio member "
+                f"(it has {', '.join(name for name, _ in self.fields.values())})"
+            )
         return record, error
 
 
@@ -215,9 +253,20 @@ def webdataset_rows(f, url: str, rows_per_block: int, with_audio: bool = True) -
         yield _sample_table(block, stem, url, numbering, with_audio)
     if damage is not None:  # the sample in progress is not known whole: it goes with the rest
         lost = f"; sample {sample.key} and any after it are lost" if sample is not None else ""
-        yield pa.Table.from_pylist([{"id": f"{stem}/{DAMAGED}", "audio": url, "offset_s": 0.0, "duration_s": None,
-                                     "reference": None, "tgt_lang": None,
-                                     "error": f"{damage.reason}: {url}: {damage.detail}{lost}"}], schema=SCHEMA)
+        yield pa.Table.from_pylist(
+            [
+                {
+                    "id": f"{stem}/{DAMAGED}",
+                    "audio": url,
+                    "offset_s": 0.0,
+                    "duration_s": None,
+                    "reference": None,
+                    "tgt_lang": None,
+                    "error": f"{damage.reason}: {url}: {damage.detail}{lost}",
+                }
+            ],
+            schema=SCHEMA,
+        )
 
 
 def _sample_table(samples: list[Sample], stem: str, url: str, numbering: IdNumbering, with_audio: bool) -> pa.Table:
@@ -236,8 +285,16 @@ class WebDatasetDatasource(FileBasedDatasource):
     """Ray Data's file datasource (its listing, read tasks, retries, filesystem) for WebDataset shards: one read
     task per shard, streaming it into blocks of `rows_per_block` samples."""
 
-    def __init__(self, paths: list[str], *, rows_per_block: int, urls: dict, with_audio: bool = True,
-                 shared: SharedIds | None = None, **kwargs):
+    def __init__(
+        self,
+        paths: list[str],
+        *,
+        rows_per_block: int,
+        urls: dict,
+        with_audio: bool = True,
+        shared: SharedIds | None = None,
+        **kwargs,
+    ):
         super().__init__(paths, **kwargs)
         self.rows_per_block, self.urls, self.with_audio, self.shared = rows_per_block, urls, with_audio, shared
 
@@ -251,13 +308,17 @@ class WebDatasetDatasource(FileBasedDatasource):
         read-ahead block costs a request of its own: no fewer bytes, more requests)."""
         import pyarrow.fs
 
-        if not self.with_audio and isinstance(filesystem, pyarrow.fs.LocalFileSystem) and \
-                self.resolve_compression(path, open_args) is None:
+        if (
+            not self.with_audio
+            and isinstance(filesystem, pyarrow.fs.LocalFileSystem)
+            and self.resolve_compression(path, open_args) is None
+        ):
             return filesystem.open_input_file(path)
         return super()._open_input_source(filesystem, path, **open_args)
 
 
 # ---- NeMo tarred audio ----------------------------------------------------------------------------------------------
+
 
 class TarredAudio:
     """The tars of a NeMo tarred dataset (`audio__OP_0..127_CL_.tar`, `audio_{0..127}.tar`, a glob), each known by
@@ -285,11 +346,20 @@ class TarredAudio:
         shuffle of the manifest's rows only, not of audio), each group streaming its tar once."""
         from .output import arrow_filesystem, shuffle_partitions
 
-        return rows.map_batches(_with_shard_number, batch_format="pyarrow", batch_size=None).groupby(
-            "_shard", num_partitions=shuffle_partitions()).map_groups(
-            read_nemo_shard, batch_format="pyarrow",
-            fn_kwargs=dict(tars=self.paths, filesystem=arrow_filesystem(self.fs), rows_per_block=rows_per_block,
-                           pattern=self.pattern))
+        return (
+            rows.map_batches(_with_shard_number, batch_format="pyarrow", batch_size=None)
+            .groupby("_shard", num_partitions=shuffle_partitions())
+            .map_groups(
+                read_nemo_shard,
+                batch_format="pyarrow",
+                fn_kwargs=dict(
+                    tars=self.paths,
+                    filesystem=arrow_filesystem(self.fs),
+                    rows_per_block=rows_per_block,
+                    pattern=self.pattern,
+                ),
+            )
+        )
 
 
 def _with_shard_number(batch: pa.Table) -> pa.Table:
@@ -306,8 +376,9 @@ def _shard_number(value) -> int:
         return -1
 
 
-def read_nemo_shard(rows: pa.Table, tars: dict, filesystem, rows_per_block: int, pattern: str,
-                    retry: RowRetry = RowRetry()) -> Iterator[pa.Table]:
+def read_nemo_shard(
+    rows: pa.Table, tars: dict, filesystem, rows_per_block: int, pattern: str, retry: RowRetry = RowRetry()
+) -> Iterator[pa.Table]:
     """The manifest rows of one shard -> the same rows with `audio_bytes`, in blocks of at most `rows_per_block`,
     streaming the tar once; every row comes back once, an error row where its member could not be had. A read the
     store broke is done again (`retry`: its attempts and backoff) for the members not yet found; after the last,
@@ -318,8 +389,11 @@ def read_nemo_shard(rows: pa.Table, tars: dict, filesystem, rows_per_block: int,
     members = rows["audio"].to_pylist()
     errors = rows["error"].to_pylist()
     if url is not None:
-        rows = rows.set_column(rows.column_names.index("audio"), "audio",
-                               pa.array([member_url(url, m) if m is not None else None for m in members], pa.string()))
+        rows = rows.set_column(
+            rows.column_names.index("audio"),
+            "audio",
+            pa.array([member_url(url, m) if m is not None else None for m in members], pa.string()),
+        )
     # Members are matched by stem, as NeMo's own dataset matches them: `--force_codec flac` writes x.flac for the
     # manifest's x.wav.
     wanted: dict[str, list[int]] = {}
@@ -328,8 +402,11 @@ def read_nemo_shard(rows: pa.Table, tars: dict, filesystem, rows_per_block: int,
             wanted.setdefault(member_stem(NEMO_REPEAT.sub("", member)), []).append(i)
     failed = {i: error for i, error in enumerate(errors) if error is not None}
     if url is None:
-        reason = (f"missing: no tar of {pattern} has shard number {shard}" if shard >= 0 else
-                  "bad_manifest_line: the row has no shard_id (a NeMo tarred manifest gives each row its tar's)")
+        reason = (
+            f"missing: no tar of {pattern} has shard number {shard}"
+            if shard >= 0
+            else "bad_manifest_line: the row has no shard_id (a NeMo tarred manifest gives each row its tar's)"
+        )
         failed.update({i: f"{reason} ({members[i]})" for i in range(len(members)) if i not in failed})
     found: list[tuple[int, bytes]] = []
     damage = None
@@ -353,8 +430,9 @@ def read_nemo_shard(rows: pa.Table, tars: dict, filesystem, rows_per_block: int,
             if not is_transient(error):
                 if not isinstance(error, OSError):
                     raise
-                damage = Damage("missing" if isinstance(error, FileNotFoundError) else "unreadable",
-                                f"cannot be opened ({error})")  # the tar cannot be opened at all
+                damage = Damage(
+                    "missing" if isinstance(error, FileNotFoundError) else "unreadable", f"cannot be opened ({error})"
+                )  # the tar cannot be opened at all
                 break
             damage = Damage("unavailable", f"the store failed while the tar was read ({error})")
             if attempt < retry.attempts - 1:
@@ -363,13 +441,17 @@ def read_nemo_shard(rows: pa.Table, tars: dict, filesystem, rows_per_block: int,
         yield _with_bytes(rows, found)
     for member, indexes in wanted.items():
         for i in indexes:
-            failed[i] = (f"{damage.reason}: {url}: {damage.detail}; member {members[i]} not reached" if damage else
-                         f"missing: {url}: no member {members[i]} in the tar")
+            failed[i] = (
+                f"{damage.reason}: {url}: {damage.detail}; member {members[i]} not reached"
+                if damage
+                else f"missing: {url}: no member {members[i]} in the tar"
+            )
     if failed:
         indexes = sorted(failed)
         table = rows.take(indexes)
-        table = table.set_column(table.column_names.index("error"), "error",
-                                 pa.array([failed[i] for i in indexes], pa.string()))
+        table = table.set_column(
+            table.column_names.index("error"), "error", pa.array([failed[i] for i in indexes], pa.string())
+        )
         yield table.append_column(INLINE_AUDIO, pa.nulls(len(indexes), pa.binary()))
 
 
@@ -381,4 +463,3 @@ def member_stem(name: str) -> str:
 def _with_bytes(rows: pa.Table, found: list[tuple[int, bytes]]) -> pa.Table:
     table = rows.take(pa.array([i for i, _ in found], pa.int64()))
     return table.append_column(INLINE_AUDIO, pa.array([data for _, data in found], pa.binary()))
-

@@ -69,7 +69,8 @@ def set_column(table: pa.Table, name: str, values, type: pa.DataType) -> pa.Tabl
 
 
 def features_column(batch: pa.Table, n_mels: int) -> list[np.ndarray | None]:
-    """The `features` column (flat float32 lists) -> each row's (T, n_mels) array (views of one copy); None where null."""
+    """The `features` column (flat float32 lists) -> each row's (T, n_mels) array (views of one copy); None where
+    null."""
     column = batch.column("features").combine_chunks()
     values = column.flatten().to_numpy(zero_copy_only=False, writable=True)  # torch wants writable arrays
     offsets = column.offsets.to_numpy()
@@ -105,8 +106,9 @@ class ComputeFeatures:
         features: list[np.ndarray | None] = [None] * batch.num_rows
         good = sorted(waves)
         with self.busy:
-            computed, seconds = speech_features(self.extractor, [waves[i] for i in good], rate,
-                                                self.options.max_frames, self.vad)
+            computed, seconds = speech_features(
+                self.extractor, [waves[i] for i in good], rate, self.options.max_frames, self.vad
+            )
         for i, row, row_speech in zip(good, computed, seconds):
             features[i], speech[i] = None if row is None else row.numpy(), row_speech
         return set_column(batch, "speech_s", speech, pa.float64()), features
@@ -141,10 +143,20 @@ class ComputeFeatures:
         """One row's samples, or its error; read again (`row_retry`) while the store fails."""
         o = self.options
         try:
-            return o.row_retry.call(lambda: load_audio(
-                row["audio"], self.extractor.sampling_rate, row["offset_s"] or 0.0, row["duration_s"],
-                storage_options=o.storage_options, data=row.get(INLINE_AUDIO), connections=o.io_concurrency,
-                min_duration_s=o.min_duration_s, max_duration_s=o.max_duration_s), store_failed)
+            return o.row_retry.call(
+                lambda: load_audio(
+                    row["audio"],
+                    self.extractor.sampling_rate,
+                    row["offset_s"] or 0.0,
+                    row["duration_s"],
+                    storage_options=o.storage_options,
+                    data=row.get(INLINE_AUDIO),
+                    connections=o.io_concurrency,
+                    min_duration_s=o.min_duration_s,
+                    max_duration_s=o.max_duration_s,
+                ),
+                store_failed,
+            )
         except Exception as error:  # a file system or codec failure of this row only
             return str(as_audio_error(row["audio"], error))
 
@@ -157,15 +169,23 @@ class GenerateText:
     """
 
     def __init__(self, options: GenerationOptions):
-        self.model = load_model(options.model_uri, options.storage_options, options.fetch_retry, options.device,
-                                options.dtype, options.cuda_graphs)
+        self.model = load_model(
+            options.model_uri,
+            options.storage_options,
+            options.fetch_retry,
+            options.device,
+            options.dtype,
+            options.cuda_graphs,
+        )
         self.model_label = options.model_label
         self.tgt_lang = options.tgt_lang
         self.decoding = options.decoding
         self.on_batch = GenerationMetrics("job")
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return self.generate(batch.drop_columns(["features"]), features_column(batch, self.model.config.input_feat_per_channel))
+        return self.generate(
+            batch.drop_columns(["features"]), features_column(batch, self.model.config.input_feat_per_channel)
+        )
 
     def generate(self, batch: pa.Table, features: list[np.ndarray | None]) -> pa.Table:
         """The batch with text, tgt_lang, num_tokens, avg_logprob, low_confidence, error and model set; features: each
@@ -184,11 +204,15 @@ class GenerateText:
                 words[i] = [{"start_s": w.start_s, "end_s": w.end_s, "word": w.word} for w in result.words or []]
         if self.decoding.word_timestamps:
             batch = set_column(batch, "words", words, WORDS_TYPE)
-        for name, values, type in [("text", texts, pa.string()), ("tgt_lang", langs, pa.string()),
-                                   ("num_tokens", num_tokens, pa.int32()), ("avg_logprob", scores, pa.float32()),
-                                   ("low_confidence", low, pa.bool_()),
-                                   ("error", errors, pa.string()), ("model", [self.model_label] * len(errors),
-                                                                    pa.string())]:
+        for name, values, type in [
+            ("text", texts, pa.string()),
+            ("tgt_lang", langs, pa.string()),
+            ("num_tokens", num_tokens, pa.int32()),
+            ("avg_logprob", scores, pa.float32()),
+            ("low_confidence", low, pa.bool_()),
+            ("error", errors, pa.string()),
+            ("model", [self.model_label] * len(errors), pa.string()),
+        ]:
             batch = set_column(batch, name, values, type)
         return batch
 
@@ -242,19 +266,21 @@ class TranscribeAudio:
 
 
 def resolve_device(device: str) -> str:
-    """"auto" -> "cuda" where this process has a GPU, else "cpu"; any other device as it is: the one place "auto" is
+    """ "auto" -> "cuda" where this process has a GPU, else "cpu"; any other device as it is: the one place "auto" is
     resolved, in the process that runs the model (a job's actor, a Serve replica)."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
 
 
-def load_model(uri: str, storage_options: dict | None, retry: RowRetry, device: str, dtype: str,
-               cuda_graphs: bool) -> Speech2Text:
+def load_model(
+    uri: str, storage_options: dict | None, retry: RowRetry, device: str, dtype: str, cuda_graphs: bool
+) -> Speech2Text:
     """The model as a job's generation actor and a Serve replica load it: fetched with the store's retries
     (`storage.fetch_checkpoint`), on `device` ("auto" resolved here, in the process that runs it)."""
     folder = fetch_checkpoint(uri, storage_options, retry)
-    model = Speech2Text.from_pretrained(folder, device=resolve_device(device), dtype=getattr(torch, dtype),
-                                        cuda_graphs=cuda_graphs)
+    model = Speech2Text.from_pretrained(
+        folder, device=resolve_device(device), dtype=getattr(torch, dtype), cuda_graphs=cuda_graphs
+    )
     model.source = uri  # its name in errors: the URI, not the cache folder
     return model

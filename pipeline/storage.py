@@ -1,10 +1,10 @@
 """How hard the jobs try the store before a row is called `unavailable` (docs/faults.md says why these numbers).
 
 Three layers, innermost first: botocore's own retries of each request (mode, attempts, timeouts), s3fs' retries of
-each call around them (its default: five), and `RowRetry`, a row's whole read done again after a jittered backoff (a reset in the middle of
-a body, a 500 that outlasted the client's attempts). Ray Data's own I/O retries (`DataContext.retried_io_errors`)
-wrap the read tasks of manifests and tar shards and the output's writes; `retry_store_errors` makes them see the
-errors our store's clients raise.
+each call around them (its default: five), and `RowRetry`, a row's whole read done again after a jittered backoff
+(a reset in the middle of a body, a 500 that outlasted the client's attempts). Ray Data's own I/O retries
+(`DataContext.retried_io_errors`) wrap the read tasks of manifests and tar shards and the output's writes;
+`retry_store_errors` makes them see the errors our store's clients raise.
 """
 
 from __future__ import annotations
@@ -42,8 +42,13 @@ class ClientRetry:
 
     def s3_options(self) -> dict:
         """fsspec storage options for s3fs."""
-        return {"config_kwargs": {"retries": {"mode": self.mode, "total_max_attempts": self.attempts},
-                                  "connect_timeout": self.connect_timeout_s, "read_timeout": self.read_timeout_s}}
+        return {
+            "config_kwargs": {
+                "retries": {"mode": self.mode, "total_max_attempts": self.attempts},
+                "connect_timeout": self.connect_timeout_s,
+                "read_timeout": self.read_timeout_s,
+            }
+        }
 
 
 def with_client_retry(options: dict | None, retry: ClientRetry) -> dict:
@@ -78,7 +83,7 @@ class RowRetry:
 
     def wait(self, attempt: int) -> None:
         """The wait after failed attempt `attempt` (0: the first)."""
-        time.sleep(random.uniform(0, min(self.max_backoff_s, self.backoff_s * 2 ** attempt)))
+        time.sleep(random.uniform(0, min(self.max_backoff_s, self.backoff_s * 2**attempt)))
 
 
 def fetch_checkpoint(uri: str, storage_options: dict | None, retry: RowRetry = RowRetry()) -> str:
@@ -101,5 +106,7 @@ def retry_store_errors() -> None:
     from ray.data import DataContext
 
     context = DataContext.get_current()
-    context.retried_io_errors = [*context.retried_io_errors,
-                                 *(text for text in TRANSIENT_MESSAGES if text not in context.retried_io_errors)]
+    context.retried_io_errors = [
+        *context.retried_io_errors,
+        *(text for text in TRANSIENT_MESSAGES if text not in context.retried_io_errors),
+    ]

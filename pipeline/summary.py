@@ -1,7 +1,7 @@
 """Corpus figures of a job's output, computed on the cluster: each block of output rows becomes its sums (rows ok,
 audio seconds, word edits, BLEU n-gram counts, errors by reason, ...) as (name, value) rows, by Arrow in Ray Data's
-read tasks; one task adds them up by name, and the driver gets one number per name. WER and BLEU come from those summed sufficient
-statistics, equal to jiwer's and sacrebleu's corpus figures over the same rows.
+read tasks; one task adds them up by name, and the driver gets one number per name. WER and BLEU come from those
+summed sufficient statistics, equal to jiwer's and sacrebleu's corpus figures over the same rows.
 
 Which rows count: the manifest's, as the output now holds them. The sorted id digests of both (pipeline/ids.py),
 compared in one task, give the ids missing from the output, those written twice, and the rows of ids the manifest
@@ -27,12 +27,20 @@ def block_sums(batch: pa.Table, run_id: str | None = None) -> pa.Table:
     error = column(batch, "error")
     ok = pc.fill_null(pc.equal(error, ""), True)  # no error, or an empty one
     seconds = pc.if_else(ok, pc.fill_null(column(batch, "duration_s", pa.float64()), 0.0), 0.0)
-    this_run = pc.fill_null(pc.equal(column(batch, "run_id"), run_id), False) if run_id is not None else \
-        pa.array([False] * batch.num_rows)
+    this_run = (
+        pc.fill_null(pc.equal(column(batch, "run_id"), run_id), False)
+        if run_id is not None
+        else pa.array([False] * batch.num_rows)
+    )
     sums: dict[str, float] = {
-        "n_out": batch.num_rows, "ok": pc.sum(ok).as_py() or 0, "audio_s": pc.sum(seconds).as_py() or 0.0,
+        "n_out": batch.num_rows,
+        "ok": pc.sum(ok).as_py() or 0,
+        "audio_s": pc.sum(seconds).as_py() or 0.0,
         "run_rows": pc.sum(this_run).as_py() or 0,
-        "run_audio_s": pc.sum(pc.if_else(this_run, seconds, 0.0)).as_py() or 0.0, "wer_edits": 0.0, "wer_words": 0.0}
+        "run_audio_s": pc.sum(pc.if_else(this_run, seconds, 0.0)).as_py() or 0.0,
+        "wer_edits": 0.0,
+        "wer_words": 0.0,
+    }
     reasons = reason_words(pc.filter(error, pc.invert(ok)))
     for counted in pc.value_counts(reasons).to_pylist():
         sums[f"error:{counted['values']}"] = counted["counts"]
@@ -70,8 +78,9 @@ def summed(dataset, run_id: str | None = None) -> dict[str, float]:
     group-by's shuffle would start its aggregator actors for them: seconds on a small machine)."""
     import ray
 
-    parts = dataset.map_batches(block_sums, fn_kwargs=dict(run_id=run_id), batch_format="pyarrow",
-                                batch_size=None).to_arrow_refs()
+    parts = dataset.map_batches(
+        block_sums, fn_kwargs=dict(run_id=run_id), batch_format="pyarrow", batch_size=None
+    ).to_arrow_refs()
     return ray.get(ray.remote(total).remote(*parts))  # one number per figure, not per output row
 
 
@@ -89,10 +98,13 @@ def figures(sums: dict[str, float]) -> dict:
         if result:
             bleu[lang], signature = round(result[0], 2), result[1]
     found = {name.split(":", 1)[1]: int(n) for name, n in sums.items() if name.startswith("error:") and n}
-    out = {"errors_by_reason": dict(sorted(found.items())),
-           # Rows whose error is ours or the store's (unavailable, generation_failed): a rerun does them again.
-           "rows_retryable": sum(n for reason, n in found.items() if not reason_of(reason).final),
-           "wer": scoring.wer_from_counts(sums.get("wer_edits", 0), sums.get("wer_words", 0)), "bleu": bleu}
+    out = {
+        "errors_by_reason": dict(sorted(found.items())),
+        # Rows whose error is ours or the store's (unavailable, generation_failed): a rerun does them again.
+        "rows_retryable": sum(n for reason, n in found.items() if not reason_of(reason).final),
+        "wer": scoring.wer_from_counts(sums.get("wer_edits", 0), sums.get("wer_words", 0)),
+        "bleu": bleu,
+    }
     if signature:
         out["bleu_signature"] = signature
     return out
@@ -128,8 +140,11 @@ def corpus_summary(manifest_ids, output_rows, run_id: str, output_ids=None) -> d
 
 def run_summary(output_rows, run_id: str) -> dict:
     """The figures of the rows one run wrote (a backfill's summary): counts, errors and BLEU per language."""
-    mine = output_rows.map_batches(rows_of_run, fn_kwargs=dict(run_id=run_id), batch_format="pyarrow") \
-        if output_rows is not None else None
+    mine = (
+        output_rows.map_batches(rows_of_run, fn_kwargs=dict(run_id=run_id), batch_format="pyarrow")
+        if output_rows is not None
+        else None
+    )
     sums = summed(mine) if mine is not None else {}
     return {"rows": int(sums.get("n_out", 0)), **figures(sums)}
 

@@ -26,69 +26,110 @@ from s2t_model.batching import CPU_MAX_FRAMES
 
 from .audio import IO_CONCURRENCY
 from .config import ModelConfig
+from .gpu_stage import DecodeAudio, GenerateFromAudio
 from .ids import digest_set, drop_listed, union
 from .lease import Lease
-from .reasons import RETRYABLE, Reason, parse_reasons
-from .storage import retry_store_errors
 from .longform import join_segments, split_long_audio, write_output
 from .manifest import Manifest
-from .shards import TarredAudio
-from .output import (META, SUMMARY, arrow_filesystem, check_output, drop_errors, footers, holds_segments,
-                     mark_output, output_filesystem, rows_dataset, with_run_id)
+from .output import (
+    META,
+    SUMMARY,
+    arrow_filesystem,
+    check_output,
+    drop_errors,
+    footers,
+    holds_segments,
+    mark_output,
+    output_filesystem,
+    rows_dataset,
+    with_run_id,
+)
 from .progress import Progress, counted, quiet_ray, start_counts
+from .reasons import RETRYABLE, Reason, parse_reasons
+from .shards import TarredAudio
+from .stages import CALLS_PER_ACTOR, ComputeFeatures, FeatureOptions, GenerateText, GenerationOptions, TranscribeAudio
+from .storage import retry_store_errors
 from .summary import corpus_summary
-from .gpu_stage import DecodeAudio, GenerateFromAudio
-from .stages import (CALLS_PER_ACTOR, ComputeFeatures, FeatureOptions, GenerateText, GenerationOptions,
-                     TranscribeAudio)
 
 log = logging.getLogger(__name__)
 TASK_CPUS = 1.0  # CPUs the actor pools leave to the read, split and write tasks (`actor_cpus`)
 
 
 class TranscribeConfig(ModelConfig):
-    manifest: str = Field(description="manifest (NeMo .jsonl, fairseq .tsv, .csv, .parquet), a glob or brace list of "
-                                      "manifest shards or of WebDataset .tar shards, or a glob of audio files; any "
-                                      "fsspec URL")
-    tarred_audio: str | None = Field(None, description="NeMo tarred audio: the tars the manifest's audio_filepath "
-                                                       "members are in, each the tar of shard_id in its name "
-                                                       "(audio__OP_0..127_CL_.tar, audio_{0..127}.tar, a glob)")
+    manifest: str = Field(
+        description="manifest (NeMo .jsonl, fairseq .tsv, .csv, .parquet), a glob or brace list of "
+        "manifest shards or of WebDataset .tar shards, or a glob of audio files; any "
+        "fsspec URL"
+    )
+    tarred_audio: str | None = Field(
+        None,
+        description="NeMo tarred audio: the tars the manifest's audio_filepath "
+        "members are in, each the tar of shard_id in its name "
+        "(audio__OP_0..127_CL_.tar, audio_{0..127}.tar, a glob)",
+    )
     output: str = Field(description="Parquet dataset folder, any fsspec URL")
-    tgt_lang: str | None = Field(None, description="target language tag for every row (default: the row's "
-                                                   "tgt_lang column when the model has that tag, else none: ASR)")
+    tgt_lang: str | None = Field(
+        None,
+        description="target language tag for every row (default: the row's "
+        "tgt_lang column when the model has that tag, else none: ASR)",
+    )
     max_new_tokens: int | None = Field(None, description="default: the model's max_length - 1")
-    batch_size: int | None = Field(None, ge=1, description="rows handed to a generation actor at a time (default: "
-                                                           "64 on CPUs; 768 with GPUs, four frame budgets of 10 s "
-                                                           "rows: a GPU is slow on small batches)")
-    word_timestamps: bool = Field(False, description="a words column: each word's (start_s, end_s, word), in the "
-                                                     "row's time (a long recording's: in the recording's)")
+    batch_size: int | None = Field(
+        None,
+        ge=1,
+        description="rows handed to a generation actor at a time (default: "
+        "64 on CPUs; 768 with GPUs, four frame budgets of 10 s "
+        "rows: a GPU is slow on small batches)",
+    )
+    word_timestamps: bool = Field(
+        False,
+        description="a words column: each word's (start_s, end_s, word), in the "
+        "row's time (a long recording's: in the recording's)",
+    )
     feature_batch_size: int = Field(32, ge=1, description="rows handed to a feature actor at a time")
     feature_actors: int = Field(2, ge=1, description="most CPU feature actors")
     feature_cpus: float = Field(1.0, gt=0, description="CPUs each feature actor reserves")
-    io_concurrency: int = Field(IO_CONCURRENCY, ge=1, description="audio files each actor (and each long-form split task) "
-                                                      "reads at once: hides object-store latency")
+    io_concurrency: int = Field(
+        IO_CONCURRENCY,
+        ge=1,
+        description="audio files each actor (and each long-form split task) reads at once: hides object-store latency",
+    )
     generation_actors: int = Field(1, ge=1, description="fewest generation actors")
     max_generation_actors: int | None = Field(None, description="most generation actors (default: the fewest)")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per generation actor (0: CPU actors)")
     generation_cpus: float = Field(1.0, gt=0, description="CPUs each generation actor reserves")
     feature_stage: Literal["auto", "device", "separate", "fused"] = Field(
-        "auto", description="device: CPU actors only decode, the generation actors detect speech and compute "
-                            "features on their device (docs/gpu.md); separate: CPU feature actors feed the generation "
-                            "actors; fused: each generation actor reads and computes its own features; auto: device "
-                            "with GPUs, fused on CPUs only (no two stages competing for the same cores)")
+        "auto",
+        description="device: CPU actors only decode, the generation actors detect speech and compute "
+        "features on their device (docs/gpu.md); separate: CPU feature actors feed the generation "
+        "actors; fused: each generation actor reads and computes its own features; auto: device "
+        "with GPUs, fused on CPUs only (no two stages competing for the same cores)",
+    )
     max_duration_s: float = Field(4 * 3600.0, gt=0, description="longest recording, in seconds")
     rows_per_file: int = Field(10000, ge=1, description="rows per Parquet file (the last ones may have fewer)")
-    rows_per_block: int | None = Field(None, ge=1, description="manifest rows per Ray Data block, the unit the actors "
-                                                                "share out (default: 1,024; 256 for rows carrying "
-                                                                "their audio: tar shards, Parquet with audio bytes)")
-    lease_ttl_s: float = Field(600.0, gt=0, description="a run's lease on its output not renewed for this long is "
-                                                       "taken over")
-    adopt_output: bool = Field(False, description="take an output folder of an older version of s2t (Parquet files "
-                                                   "of its columns, no _s2t/output.json) as this job's: its files are "
-                                                   "rewritten in this version's layout and the folder marked")
-    retry_errors: str | None = Field(None, description="also do again the rows whose earlier error has one of these "
-                                                       "final reasons (comma-separated, or all; bare: all); rows of "
-                                                       "retryable reasons (unavailable, generation_failed) are "
-                                                       "always done again")
+    rows_per_block: int | None = Field(
+        None,
+        ge=1,
+        description="manifest rows per Ray Data block, the unit the actors "
+        "share out (default: 1,024; 256 for rows carrying "
+        "their audio: tar shards, Parquet with audio bytes)",
+    )
+    lease_ttl_s: float = Field(
+        600.0, gt=0, description="a run's lease on its output not renewed for this long is taken over"
+    )
+    adopt_output: bool = Field(
+        False,
+        description="take an output folder of an older version of s2t (Parquet files "
+        "of its columns, no _s2t/output.json) as this job's: its files are "
+        "rewritten in this version's layout and the folder marked",
+    )
+    retry_errors: str | None = Field(
+        None,
+        description="also do again the rows whose earlier error has one of these "
+        "final reasons (comma-separated, or all; bare: all); rows of "
+        "retryable reasons (unavailable, generation_failed) are "
+        "always done again",
+    )
     optional_values: typing.ClassVar[dict[str, str]] = {"retry_errors": "all"}
     progress_s: float = Field(30.0, gt=0, description="seconds between progress lines when not in a terminal")
     verbose: bool = Field(False, description="Ray's own output too: Ray Data's progress bars, plans, INFO lines")
@@ -100,17 +141,28 @@ class TranscribeConfig(ModelConfig):
     def feature_options(self, folder: str) -> FeatureOptions:
         """The audio stages' options; folder: the checkpoint, fetched locally (for its preprocessor config)."""
         return FeatureOptions(
-            feature_config=FeatureExtractor.from_pretrained(folder).to_dict(), min_duration_s=self.min_duration_s,
-            max_duration_s=self.max_duration_s, storage_options=self.audio_storage(),
+            feature_config=FeatureExtractor.from_pretrained(folder).to_dict(),
+            min_duration_s=self.min_duration_s,
+            max_duration_s=self.max_duration_s,
+            storage_options=self.audio_storage(),
             max_frames=self.max_frames or CPU_MAX_FRAMES,  # feature actors run on CPUs
-            vad=self.vad, io_concurrency=self.io_concurrency, row_retry=self.row_retry())
+            vad=self.vad,
+            io_concurrency=self.io_concurrency,
+            row_retry=self.row_retry(),
+        )
 
     def generation_options(self, model_label: str) -> GenerationOptions:
         return GenerationOptions(
-            model_uri=self.model, model_label=model_label, device=self.device, dtype=self.dtype,
-            cuda_graphs=self.cuda_graphs, storage_options=self.options_for(self.model), fetch_retry=self.row_retry(),
+            model_uri=self.model,
+            model_label=model_label,
+            device=self.device,
+            dtype=self.dtype,
+            cuda_graphs=self.cuda_graphs,
+            storage_options=self.options_for(self.model),
+            fetch_retry=self.row_retry(),
             tgt_lang=self.tgt_lang,
-            decoding=self.decoding(max_new_tokens=self.max_new_tokens, word_timestamps=self.word_timestamps))
+            decoding=self.decoding(max_new_tokens=self.max_new_tokens, word_timestamps=self.word_timestamps),
+        )
 
     def redo_reasons(self) -> frozenset[Reason]:
         """The reasons of the error rows a run does again: the retryable ones, and those --retry-errors names."""
@@ -148,10 +200,14 @@ def run(config: TranscribeConfig) -> dict:
         # holds gets its file's label, in every run the same.
         manifest_ids, shared, shared_count = manifest.ids(block_rows, arrow_filesystem(manifest.fs))
         if shared_count:
-            log.warning("%d ids are held by more than one manifest file: each such row's id gets its file's label "
-                        "(<file>/<id>)", shared_count)
-        rows = manifest.dataset(block_rows, arrow_filesystem(manifest.fs), drop_done=drop_done, shared=shared).map_batches(
-            with_run_id, fn_kwargs=dict(run_id=run_id), batch_format="pyarrow", batch_size=None)
+            log.warning(
+                "%d ids are held by more than one manifest file: each such row's id gets its file's label "
+                "(<file>/<id>)",
+                shared_count,
+            )
+        rows = manifest.dataset(
+            block_rows, arrow_filesystem(manifest.fs), drop_done=drop_done, shared=shared
+        ).map_batches(with_run_id, fn_kwargs=dict(run_id=run_id), batch_format="pyarrow", batch_size=None)
         # Blocks of rows_per_block rows again after the read tasks (which merge theirs) and the filter: the unit
         # the actor pools share out (a streaming split, not a shuffle).
         rows = rows.repartition(target_num_rows_per_block=block_rows)
@@ -159,21 +215,32 @@ def run(config: TranscribeConfig) -> dict:
         segments_done = any(holds_segments(metadata) for metadata in footers_before.values())
         # Counted at the write, against the manifest's rows and those the output held (a task: no wait here).
         with Progress(run_id, ray.remote(start_counts).remote(manifest_ids, ids_before), config.progress_s) as progress:
-            dataset = counted(transcription_dataset(rows, config, folder, model_label,
-                                                    drop_done=drop_done if segments_done else None), progress.name)
+            dataset = counted(
+                transcription_dataset(
+                    rows, config, folder, model_label, drop_done=drop_done if segments_done else None
+                ),
+                progress.name,
+            )
             write_output(dataset, fs, root, config.rows_per_file)
         join_segments(fs, root)
 
         written = footers(fs, root)
         out = rows_dataset(fs, root, list(written), summary_columns(written)) if written else None
-        summary = corpus_summary(manifest_ids, out, run_id, output_ids=ids_after_run(fs, root, footers_before, ids_before,
-                                                                                  written))
+        summary = corpus_summary(
+            manifest_ids, out, run_id, output_ids=ids_after_run(fs, root, footers_before, ids_before, written)
+        )
         summary["ids_in_several_files"] = shared_count
         wall_s = time.time() - started
-        summary.update(wall_s=wall_s, rtfx=summary["audio_hours_this_run"] * 3600 / wall_s if wall_s > 0 else None,
-                       manifest=config.manifest, output=config.output, model=model_label, run_id=run_id,
-                       # (s, rows, audio s) of this run, as lists: what json gives back. `s2t report` plots it.
-                       throughput=[list(point) for point in progress.last["timeline"]])
+        summary.update(
+            wall_s=wall_s,
+            rtfx=summary["audio_hours_this_run"] * 3600 / wall_s if wall_s > 0 else None,
+            manifest=config.manifest,
+            output=config.output,
+            model=model_label,
+            run_id=run_id,
+            # (s, rows, audio s) of this run, as lists: what json gives back. `s2t report` plots it.
+            throughput=[list(point) for point in progress.last["timeline"]],
+        )
         with fs.open(f"{root.rstrip('/')}/{SUMMARY}", "w") as f:
             json.dump(summary, f, indent=2)
     return summary
@@ -195,8 +262,11 @@ def done_filter(fs, root: str, files: list[str]):
     if not files:
         return (lambda rows: rows), None
     listed = digest_set(rows_dataset(fs, root, files, ["id"]))
-    return (lambda rows: rows.map_batches(drop_listed, fn_kwargs=dict(listed=listed), batch_format="pyarrow",
-                                          batch_size=None)), listed
+    return (
+        lambda rows: rows.map_batches(
+            drop_listed, fn_kwargs=dict(listed=listed), batch_format="pyarrow", batch_size=None
+        )
+    ), listed
 
 
 def ids_after_run(fs, root: str, before: dict, before_ids, after: dict):
@@ -226,8 +296,10 @@ def transcription_dataset(rows, config: TranscribeConfig, folder: str, model_lab
     """
     import ray
 
-    pool_size = dict(min_size=config.generation_actors,
-                     max_size=max(config.generation_actors, config.max_generation_actors or config.generation_actors))
+    pool_size = dict(
+        min_size=config.generation_actors,
+        max_size=max(config.generation_actors, config.max_generation_actors or config.generation_actors),
+    )
     # Actors that read audio take CALLS_PER_ACTOR batches at once: one reads while another computes.
     reading = dict(max_concurrent_calls_per_actor=CALLS_PER_ACTOR, enable_true_multi_threading=True)
     features, generation = config.feature_options(folder), config.generation_options(model_label)
@@ -235,19 +307,31 @@ def transcription_dataset(rows, config: TranscribeConfig, folder: str, model_lab
         split_long_audio,
         batch_format="pyarrow",
         batch_size=None,
-        fn_kwargs=dict(max_segment_s=config.max_segment_s, max_duration_s=config.max_duration_s,
-                       storage_options=features.storage_options, io_concurrency=config.io_concurrency,
-                       row_retry=config.row_retry()),
+        fn_kwargs=dict(
+            max_segment_s=config.max_segment_s,
+            max_duration_s=config.max_duration_s,
+            storage_options=features.storage_options,
+            io_concurrency=config.io_concurrency,
+            row_retry=config.row_retry(),
+        ),
     )
     if drop_done is not None:
         dataset = drop_done(dataset)
     generation_cpus, feature_cpus = actor_cpus(config, pool_size["max_size"], ray.cluster_resources().get("CPU", 0))
-    generation_options = dict(batch_format="pyarrow", batch_size=generation_batch_size(config),
-                              num_gpus=config.num_gpus, num_cpus=generation_cpus)
+    generation_options = dict(
+        batch_format="pyarrow",
+        batch_size=generation_batch_size(config),
+        num_gpus=config.num_gpus,
+        num_cpus=generation_cpus,
+    )
     stage = feature_stage(config)
     if stage == "fused":
-        return dataset.map_batches(TranscribeAudio, fn_constructor_args=(features, generation),
-                                   compute=ray.data.ActorPoolStrategy(**pool_size, **reading), **generation_options)
+        return dataset.map_batches(
+            TranscribeAudio,
+            fn_constructor_args=(features, generation),
+            compute=ray.data.ActorPoolStrategy(**pool_size, **reading),
+            **generation_options,
+        )
     return dataset.map_batches(
         DecodeAudio if stage == "device" else ComputeFeatures,
         batch_format="pyarrow",
@@ -255,9 +339,12 @@ def transcription_dataset(rows, config: TranscribeConfig, folder: str, model_lab
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=config.feature_actors, **reading),
         num_cpus=feature_cpus,
         fn_constructor_args=(features,),
-    ).map_batches(GenerateFromAudio if stage == "device" else GenerateText,
-                  fn_constructor_args=(generation, config.vad) if stage == "device" else (generation,),
-                  compute=ray.data.ActorPoolStrategy(**pool_size), **generation_options)
+    ).map_batches(
+        GenerateFromAudio if stage == "device" else GenerateText,
+        fn_constructor_args=(generation, config.vad) if stage == "device" else (generation,),
+        compute=ray.data.ActorPoolStrategy(**pool_size),
+        **generation_options,
+    )
 
 
 def feature_stage(config: TranscribeConfig) -> str:
@@ -277,9 +364,13 @@ def actor_cpus(config: TranscribeConfig, generation_actors: int, cluster_cpus: f
     if not cluster_cpus or wanted <= room:
         return config.generation_cpus, config.feature_cpus
     scale = room / wanted
-    log.warning("the actor pools would reserve %g of the cluster's %g CPUs, leaving the read and write tasks "
-                "none: each actor reserves %.3g of its CPUs instead (the cores are shared, not added)", wanted,
-                cluster_cpus, scale)
+    log.warning(
+        "the actor pools would reserve %g of the cluster's %g CPUs, leaving the read and write tasks "
+        "none: each actor reserves %.3g of its CPUs instead (the cores are shared, not added)",
+        wanted,
+        cluster_cpus,
+        scale,
+    )
     return config.generation_cpus * scale, config.feature_cpus * scale
 
 

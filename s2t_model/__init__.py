@@ -16,7 +16,18 @@ DEMO_MODEL = _os.path.join(_ASSETS, "demo-model")  # the demo model's checkpoint
 DEMO_CORPUS = _os.path.join(_ASSETS, "demo-corpus")  # 50 utterances
 DEMO_LONG_FORM = _os.path.join(_ASSETS, "long-form")  # two long recordings and where each utterance lies in them
 
-__all__ = ["Speech2Text", "Speech2TextConfig", "FeatureExtractor", "Tokenizer", "DecodingOptions", "GenerationOutput",
-           "Transcript",
-           "Segment", "find_segments", "segment_stream",
-           "DEMO_MODEL", "DEMO_CORPUS", "DEMO_LONG_FORM"]
+__all__ = [
+    "Speech2Text",
+    "Speech2TextConfig",
+    "FeatureExtractor",
+    "Tokenizer",
+    "DecodingOptions",
+    "GenerationOutput",
+    "Transcript",
+    "Segment",
+    "find_segments",
+    "segment_stream",
+    "DEMO_MODEL",
+    "DEMO_CORPUS",
+    "DEMO_LONG_FORM",
+]

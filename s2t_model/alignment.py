@@ -50,7 +50,7 @@ class Alignment:
 
 def frame_seconds(model: Speech2TextModule) -> float:
     """Seconds of audio per encoder frame: the feature hop times the subsampling (40 ms for 10 ms features)."""
-    return FRAME_SHIFT_MS / 1000 * 2 ** model.config.num_conv_layers
+    return FRAME_SHIFT_MS / 1000 * 2**model.config.num_conv_layers
 
 
 def alignment_heads(model: Speech2TextModule) -> list[tuple[int, int]]:
@@ -60,13 +60,21 @@ def alignment_heads(model: Speech2TextModule) -> list[tuple[int, int]]:
     chosen = c.extra.get("alignment_heads")
     if chosen:
         return [(int(layer), int(head)) for layer, head in chosen]
-    return [(layer, head) for layer in range(c.decoder_layers // 2, c.decoder_layers)
-            for head in range(c.decoder_attention_heads)]
+    return [
+        (layer, head)
+        for layer in range(c.decoder_layers // 2, c.decoder_layers)
+        for head in range(c.decoder_attention_heads)
+    ]
 
 
 @torch.no_grad()
-def teacher_forced(model: Speech2TextModule, features: Tensor, lengths: Tensor, ids: Sequence[Sequence[int]],
-                   heads: Sequence[tuple[int, int]] | None = None) -> list[Alignment]:
+def teacher_forced(
+    model: Speech2TextModule,
+    features: Tensor,
+    lengths: Tensor,
+    ids: Sequence[Sequence[int]],
+    heads: Sequence[tuple[int, int]] | None = None,
+) -> list[Alignment]:
     """features (B, T, 80), lengths (B,), ids: each row's generated tokens (what `generate` returns, forced token
     and </s> included) -> one `Alignment` per row. heads: default `alignment_heads(model)`; [] for log-probs only."""
     c = model.config
@@ -83,15 +91,21 @@ def teacher_forced(model: Speech2TextModule, features: Tensor, lengths: Tensor, 
     states, mask = model.encode(features.to(device), lengths.to(device))
     decoder = model.model.decoder
     weights: list[Tensor] = []
-    hidden = decoder(inputs, token_positions(inputs, c.pad_token_id), decoder.cross_keys_values(states), mask,
-                     cross_weights=weights)
+    hidden = decoder(
+        inputs, token_positions(inputs, c.pad_token_id), decoder.cross_keys_values(states), mask, cross_weights=weights
+    )
     logprobs = F.log_softmax(model.lm_head(hidden).float(), dim=-1).gather(-1, labels[..., None])[..., 0]
     frames = subsampled_lengths(lengths.to(device), c.num_conv_layers).tolist()
-    chosen = (torch.stack([weights[layer][:, head] for layer, head in heads], dim=1).float().cpu() if heads
-              else torch.zeros((B, 0, L, states.shape[1])))  # (B, heads, L, S)
+    chosen = (
+        torch.stack([weights[layer][:, head] for layer, head in heads], dim=1).float().cpu()
+        if heads
+        else torch.zeros((B, 0, L, states.shape[1]))
+    )  # (B, heads, L, S)
     logprobs = logprobs.cpu()
-    return [Alignment(logprobs[b, : len(row)].tolist(), chosen[b, :, : len(row), : frames[b]].numpy())
-            for b, row in enumerate(ids)]
+    return [
+        Alignment(logprobs[b, : len(row)].tolist(), chosen[b, :, : len(row), : frames[b]].numpy())
+        for b, row in enumerate(ids)
+    ]
 
 
 def dtw(cost: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -157,8 +171,9 @@ def monotonic_peaks(score: np.ndarray) -> np.ndarray:
     return frames
 
 
-def token_frames(weights: np.ndarray, rows: Sequence[int], filter_width: int = MEDIAN_FILTER_WIDTH,
-                 method: str = "peak") -> np.ndarray:
+def token_frames(
+    weights: np.ndarray, rows: Sequence[int], filter_width: int = MEDIAN_FILTER_WIDTH, method: str = "peak"
+) -> np.ndarray:
     """weights (heads, tokens, frames) -> the frame at which each of `rows` (token indices, in order) is said.
 
     The heads' weights are normalized over the tokens at each frame (a frame every token attends to - silence, an
@@ -183,9 +198,16 @@ def token_frames(weights: np.ndarray, rows: Sequence[int], filter_width: int = M
     return firsts
 
 
-def words(pieces: Sequence[str], content: Sequence[int], weights: np.ndarray, frame_s: float,
-          ends_with_eos: bool, frames: int, filter_width: int = MEDIAN_FILTER_WIDTH, method: str = "peak"
-          ) -> list[Word]:
+def words(
+    pieces: Sequence[str],
+    content: Sequence[int],
+    weights: np.ndarray,
+    frame_s: float,
+    ends_with_eos: bool,
+    frames: int,
+    filter_width: int = MEDIAN_FILTER_WIDTH,
+    method: str = "peak",
+) -> list[Word]:
     """pieces: sentencepiece pieces of the `content` token rows (ids that are text, not tags or </s>); the row after
     the last one is </s> when `ends_with_eos`. -> the words with their start and end times in the utterance."""
     if not content:
@@ -201,8 +223,11 @@ def words(pieces: Sequence[str], content: Sequence[int], weights: np.ndarray, fr
             continue
         end_frame = firsts[stop] if stop < len(firsts) else frames
         start_frame = firsts[k]
-        out.append(Word(round(float(start_frame * frame_s), 3), round(float(max(end_frame, start_frame + 1) * frame_s), 3),
-                        text))
+        out.append(
+            Word(
+                round(float(start_frame * frame_s), 3), round(float(max(end_frame, start_frame + 1) * frame_s), 3), text
+            )
+        )
     return out
 
 
@@ -211,12 +236,15 @@ def filter_width(model: Speech2TextModule) -> int:
 
 
 def method(model: Speech2TextModule) -> str:
-    """"peak" (default) or "dtw" (`token_frames`), as the config's `alignment_method` says."""
+    """ "peak" (default) or "dtw" (`token_frames`), as the config's `alignment_method` says."""
     return str(model.config.extra.get("alignment_method", "peak"))
 
 
-def rank_heads(model: Speech2TextModule, examples: Sequence[tuple[Tensor, list[int], list[float]]],
-               filter_width: int = MEDIAN_FILTER_WIDTH) -> list[tuple[tuple[int, int], float]]:
+def rank_heads(
+    model: Speech2TextModule,
+    examples: Sequence[tuple[Tensor, list[int], list[float]]],
+    filter_width: int = MEDIAN_FILTER_WIDTH,
+) -> list[tuple[tuple[int, int], float]]:
     """Each decoder cross-attention head's median |word start error| in seconds, best first, over examples of
     (features (T, 80), reference ids as `generate` would give them, true start time of each word).
 
@@ -232,8 +260,16 @@ def rank_heads(model: Speech2TextModule, examples: Sequence[tuple[Tensor, list[i
         pieces, content = text_pieces(model, ids)
         frames = alignment.weights.shape[-1]
         for n, head in enumerate(every):
-            found = words(pieces, content, alignment.weights[n : n + 1], frame_seconds(model),
-                          ids[-1] == c.eos_token_id, frames, filter_width, method(model))
+            found = words(
+                pieces,
+                content,
+                alignment.weights[n : n + 1],
+                frame_seconds(model),
+                ids[-1] == c.eos_token_id,
+                frames,
+                filter_width,
+                method(model),
+            )
             if len(found) == len(true_starts):
                 errors[head] += [abs(w.start_s - t) for w, t in zip(found, true_starts)]
     ranked = [(head, float(np.median(e)) if e else float("inf")) for head, e in errors.items()]

@@ -65,7 +65,11 @@ def content_hash(folder: str) -> str:
     digest = hashlib.sha256()
     for name in sorted(os.listdir(folder)):
         path = os.path.join(folder, name)
-        if os.path.isfile(path) and not name.endswith(".partial") and name.endswith((".json", ".model", ".safetensors", ".bin")):
+        if (
+            os.path.isfile(path)
+            and not name.endswith(".partial")
+            and name.endswith((".json", ".model", ".safetensors", ".bin"))
+        ):
             digest.update(name.encode())
             with open(path, "rb") as f:
                 for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -74,7 +78,8 @@ def content_hash(folder: str) -> str:
 
 
 def read_state_dict(folder: str) -> dict[str, torch.Tensor]:
-    """Weights of a checkpoint folder: model.safetensors when present, else pytorch_model.bin without unpickling code."""
+    """Weights of a checkpoint folder: model.safetensors when present, else pytorch_model.bin without unpickling
+    code."""
     path = os.path.join(folder, SAFETENSORS)
     if os.path.exists(path):
         return load_file(path)

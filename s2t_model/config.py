@@ -62,7 +62,8 @@ class Speech2TextConfig:
         self.conv_kernel_sizes = list(self.conv_kernel_sizes)
         if len(self.conv_kernel_sizes) != self.num_conv_layers:
             raise ValueError(
-                f"config: conv_kernel_sizes {self.conv_kernel_sizes} must have num_conv_layers={self.num_conv_layers} entries"
+                f"config: conv_kernel_sizes {self.conv_kernel_sizes} must have "
+                f"num_conv_layers={self.num_conv_layers} entries"
             )
         if self.activation_function != "relu":
             raise ValueError(f"config: activation_function {self.activation_function!r} is not supported (only relu)")

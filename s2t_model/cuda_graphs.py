@@ -62,13 +62,17 @@ class DecoderStepGraph:
         weight = model.lm_head.weight
         heads, head_dim = c.decoder_attention_heads, c.d_model // c.decoder_attention_heads
         self.model = model
-        self.tokens = torch.full((slots, rows_per_slot), c.decoder_start_token_id, dtype=torch.long, device=weight.device)
-        self.cross_kv = torch.zeros((c.decoder_layers, 2, slots, heads, frames, head_dim), dtype=weight.dtype,
-                                    device=weight.device)
+        self.tokens = torch.full(
+            (slots, rows_per_slot), c.decoder_start_token_id, dtype=torch.long, device=weight.device
+        )
+        self.cross_kv = torch.zeros(
+            (c.decoder_layers, 2, slots, heads, frames, head_dim), dtype=weight.dtype, device=weight.device
+        )
         self.cross_mask = torch.zeros((slots, frames), dtype=torch.bool, device=weight.device)
         self.cross_mask[:, 0] = True  # an empty slot attends to one zero frame, not to nothing (NaN)
-        self.cache = StaticKVCache(c.decoder_layers, slots * rows_per_slot, heads, head_dim, capacity, weight.dtype,
-                                   weight.device)
+        self.cache = StaticKVCache(
+            c.decoder_layers, slots * rows_per_slot, heads, head_dim, capacity, weight.dtype, weight.device
+        )
         self.graph = None
         if weight.device.type != "cuda":  # the same static buffers, stepped eagerly: how CPU tests check this path
             self.logits = self.run_step()
@@ -129,8 +133,9 @@ def model_graphs(model: Speech2TextModule) -> ModelGraphs:
         return _graphs[model]
 
 
-def step_graph(model: Speech2TextModule, utterances: int, rows_per_utterance: int, frames: int,
-               max_new_tokens: int) -> DecoderStepGraph:
+def step_graph(
+    model: Speech2TextModule, utterances: int, rows_per_utterance: int, frames: int, max_new_tokens: int
+) -> DecoderStepGraph:
     """The model's graph for this batch's bucket, captured on first use; the least recently used one goes past 8."""
     graphs = model_graphs(model).by_bucket
     key = (slots_for(utterances), rows_per_utterance, round_up(frames, 64), round_up(max_new_tokens, 64))
@@ -146,8 +151,14 @@ def step_graph(model: Speech2TextModule, utterances: int, rows_per_utterance: in
 class GraphedDecoderState:
     """`DecoderState` on a CUDA graph: utterances keep their slot in the graph's buffers until the batch ends."""
 
-    def __init__(self, graph: DecoderStepGraph, model: Speech2TextModule, features: Tensor, lengths: Tensor,
-                 rows_per_utterance: int):
+    def __init__(
+        self,
+        graph: DecoderStepGraph,
+        model: Speech2TextModule,
+        features: Tensor,
+        lengths: Tensor,
+        rows_per_utterance: int,
+    ):
         encoder_states, encoder_mask = model.encode(features, lengths)
         self.graph = graph
         self.graph.load(model.model.decoder.cross_keys_values(encoder_states), encoder_mask)

@@ -34,7 +34,8 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class DecodingOptions:
     """How `Speech2Text.transcribe_features` turns features into transcripts (None: the checkpoint's or the device's
-    default). The jobs and the endpoint build one from their configuration; `transcribe` takes its fields as keywords."""
+    default). The jobs and the endpoint build one from their configuration; `transcribe` takes its fields as
+    keywords."""
 
     num_beams: int | None = None  # 1: greedy search
     max_new_tokens: int | None = None  # default: the checkpoint's max_length - 1
@@ -88,15 +89,21 @@ def encode_in_length_groups(model: Speech2TextModule, features: Tensor, lengths:
 class DecoderState:
     """Everything the decoder needs for the utterances still decoding, kept in step when some of them leave."""
 
-    def __init__(self, model: Speech2TextModule, features: Tensor, lengths: Tensor, rows_per_utterance: int,
-                 max_new_tokens: int):
+    def __init__(
+        self, model: Speech2TextModule, features: Tensor, lengths: Tensor, rows_per_utterance: int, max_new_tokens: int
+    ):
         self.model = model
         encoder_states, self.encoder_mask = encode_in_length_groups(model, features, lengths)
         self.cross_kv = model.model.decoder.cross_keys_values(encoder_states)  # per layer, (A, H, S, D/H) each
         c = model.config
         self.cache = KVCache(
-            c.decoder_layers, features.shape[0] * rows_per_utterance, c.decoder_attention_heads,
-            c.d_model // c.decoder_attention_heads, min(max_new_tokens, 64), encoder_states.dtype, features.device,
+            c.decoder_layers,
+            features.shape[0] * rows_per_utterance,
+            c.decoder_attention_heads,
+            c.d_model // c.decoder_attention_heads,
+            min(max_new_tokens, 64),
+            encoder_states.dtype,
+            features.device,
         )
         self.rows_per_utterance = rows_per_utterance
         self.steps = 0
@@ -121,8 +128,9 @@ class DecoderState:
         self.reorder_rows((keep[:, None] * q + torch.arange(q, device=keep.device)).flatten())
 
 
-def decoder_state(model: Speech2TextModule, features: Tensor, lengths: Tensor, rows_per_utterance: int,
-                  max_new_tokens: int) -> DecoderState | GraphedDecoderState:
+def decoder_state(
+    model: Speech2TextModule, features: Tensor, lengths: Tensor, rows_per_utterance: int, max_new_tokens: int
+) -> DecoderState | GraphedDecoderState:
     """The decoder's state for a batch: on CUDA graphs where the model uses them, else eager."""
     if uses_cuda_graphs(model, features):
         frames = subsampled_lengths(features.shape[1], model.config.num_conv_layers)  # the encoder's output length
@@ -220,7 +228,9 @@ def beam_search(
     # Results of utterances that left the active batch, by original index.
     results_scores = torch.empty_like(finished_scores)
     results_sums, results_tokens, results_lengths = (
-        torch.empty_like(finished_sums), torch.empty_like(finished_tokens), torch.empty_like(finished_lengths),
+        torch.empty_like(finished_sums),
+        torch.empty_like(finished_tokens),
+        torch.empty_like(finished_lengths),
     )
     tokens = torch.full((batch, nb), config.decoder_start_token_id, dtype=torch.long, device=device)
 
@@ -233,7 +243,9 @@ def beam_search(
         candidates = (running_scores[:, :, None] + logprobs).reshape(num_active, nb * vocab)
         top_scores, top_index = candidates.topk(2 * nb, dim=-1)  # (A, 2nb), best first
         top_beams, top_tokens = top_index // vocab, top_index % vocab
-        top_seqs = torch.cat([running_tokens.gather(1, top_beams[..., None].expand(-1, -1, step)), top_tokens[..., None]], -1)
+        top_seqs = torch.cat(
+            [running_tokens.gather(1, top_beams[..., None].expand(-1, -1, step)), top_tokens[..., None]], -1
+        )
         ends = (top_tokens == eos) | (step + 1 == max_new_tokens)
 
         # Only the top num_beams candidates may finish; merge them with the hypotheses finished before.
@@ -244,7 +256,9 @@ def beam_search(
         new_tokens = F.pad(top_seqs[:, :nb], (0, max_new_tokens - step - 1), value=pad)
         finished_scores = merged.values
         finished_sums = torch.cat([finished_sums, top_scores[:, :nb]], 1).gather(1, pick)
-        finished_tokens = torch.cat([finished_tokens, new_tokens], 1).gather(1, pick[..., None].expand(-1, -1, max_new_tokens))
+        finished_tokens = torch.cat([finished_tokens, new_tokens], 1).gather(
+            1, pick[..., None].expand(-1, -1, max_new_tokens)
+        )
         finished_lengths = torch.cat([finished_lengths, torch.full_like(finished_lengths, step + 1)], 1).gather(1, pick)
 
         # The best num_beams candidates that did not end go on.
@@ -325,6 +339,13 @@ def generate(
         if num_beams == 1:
             return greedy_search(model, features, lengths, forced, max_new_tokens)
         return beam_search(
-            model, features, lengths, forced, max_new_tokens, num_beams, length_penalty, early_stopping,
+            model,
+            features,
+            lengths,
+            forced,
+            max_new_tokens,
+            num_beams,
+            length_penalty,
+            early_stopping,
             num_return_sequences,
         )

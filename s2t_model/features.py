@@ -76,9 +76,7 @@ MelBand = tuple[slice, slice, torch.Tensor]  # FFT bins, mel bins, the filters' 
 
 
 @functools.lru_cache(maxsize=None)
-def _analysis(
-    device: torch.device, sampling_rate: int, num_mel_bins: int
-) -> tuple[torch.Tensor, list[MelBand]]:
+def _analysis(device: torch.device, sampling_rate: int, num_mel_bins: int) -> tuple[torch.Tensor, list[MelBand]]:
     """Window (n_fft,) scaled by 2**15 and the mel matrix cut into bands, float32 on `device`, built once."""
     window_size, _, n_fft = frame_sizes(sampling_rate)
     window = np.zeros(n_fft)  # zero past the window: rfft's padding comes from it
@@ -215,9 +213,7 @@ class FeatureExtractor:
 
     def __post_init__(self):
         if self.feature_size != self.num_mel_bins:
-            raise ValueError(
-                f"feature_size ({self.feature_size}) must equal num_mel_bins ({self.num_mel_bins})"
-            )
+            raise ValueError(f"feature_size ({self.feature_size}) must equal num_mel_bins ({self.num_mel_bins})")
         if self.padding_side != "right":
             raise ValueError(f"only right padding is supported, got padding_side={self.padding_side!r}")
 
@@ -285,7 +281,11 @@ class FeatureExtractor:
         features, frame_counts = fbank(batch, lengths, self.num_mel_bins, self.sampling_rate)
         if self.do_ceptral_normalize:
             features = utterance_cmvn(
-                features, frame_counts, self.normalize_means, self.normalize_vars, self.padding_value,
+                features,
+                frame_counts,
+                self.normalize_means,
+                self.normalize_vars,
+                self.padding_value,
                 skip_digital_silence,
             )
         elif self.padding_value != 0.0:
@@ -294,7 +294,10 @@ class FeatureExtractor:
         return features, frame_counts
 
     def each(
-        self, waveforms: Sequence[np.ndarray], sampling_rate: int, max_frames: int = 24000,
+        self,
+        waveforms: Sequence[np.ndarray],
+        sampling_rate: int,
+        max_frames: int = 24000,
         device: torch.device | str | None = None,
     ) -> list[torch.Tensor]:
         """Waveforms (1-D arrays) -> features (T_i, num_mel_bins) each, unpadded, in the order given.
@@ -306,8 +309,9 @@ class FeatureExtractor:
         frames = [num_frames(int(len(w) * scale), self.sampling_rate) for w in waveforms]
         features: list[torch.Tensor] = [None] * len(waveforms)  # type: ignore[list-item]
         for batch in frame_budget_batches(frames, max_frames):
-            padded, lengths = self([waveforms[i] for i in batch], sampling_rate, device=device,
-                                   skip_digital_silence=True)
+            padded, lengths = self(
+                [waveforms[i] for i in batch], sampling_rate, device=device, skip_digital_silence=True
+            )
             for i, row, length in zip(batch, padded, lengths.tolist()):
                 features[i] = row[:length]
         return features
@@ -320,8 +324,10 @@ class FeatureExtractor:
             if wave.dim() != 1:
                 raise ValueError(f"input {index}: expected 1-D (mono) audio, got shape {tuple(wave.shape)}")
             if len(wave) < window_size:
-                raise ValueError(f"input {index} has {len(wave)} samples, shorter than one {FRAME_LENGTH_MS:g} ms "
-                                 f"analysis window ({window_size} samples at {self.sampling_rate} Hz)")
+                raise ValueError(
+                    f"input {index} has {len(wave)} samples, shorter than one {FRAME_LENGTH_MS:g} ms "
+                    f"analysis window ({window_size} samples at {self.sampling_rate} Hz)"
+                )
             return wave.detach().float()
         if isinstance(wave, torch.Tensor):
             wave = wave.detach().cpu()

@@ -154,7 +154,12 @@ class DecoderLayer(nn.Module):
         self.activation_dropout = config.activation_dropout
 
     def forward(
-        self, x: Tensor, cross_kv: tuple[Tensor, Tensor], cross_mask: Tensor, cache: "KVCache | None", index: int,
+        self,
+        x: Tensor,
+        cross_kv: tuple[Tensor, Tensor],
+        cross_mask: Tensor,
+        cache: "KVCache | None",
+        index: int,
         cross_weights: list[Tensor] | None = None,
     ) -> Tensor:
         """x (B, Q, D) -> (B, Q, D); `index` is this layer's place in the stack (its slot in the cache).
@@ -312,8 +317,13 @@ class Speech2TextModule(nn.Module):
         return self.model.encoder(features.to(self.lm_head.weight.dtype), lengths.to(features.device))
 
     def forward(
-        self, features: Tensor, lengths: Tensor, decoder_input_ids: Tensor | None = None, labels: Tensor | None = None,
-        label_smoothing: float = 0.0, encoder_rows: Tensor | None = None,
+        self,
+        features: Tensor,
+        lengths: Tensor,
+        decoder_input_ids: Tensor | None = None,
+        labels: Tensor | None = None,
+        label_smoothing: float = 0.0,
+        encoder_rows: Tensor | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """features (B, T, 80), lengths (B,), decoder_input_ids (B, L) -> logits (B, L, vocab).
 

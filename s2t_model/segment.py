@@ -24,8 +24,7 @@ from typing import Iterable, Iterator
 import numpy as np
 import soxr
 
-from .vad import (SAMPLE_RATE, ProbabilityStream, SileroVAD, VadOptions, detector_input, regions_from_probs,
-                  shared_vad)
+from .vad import SAMPLE_RATE, ProbabilityStream, SileroVAD, VadOptions, detector_input, regions_from_probs, shared_vad
 
 MAX_SEGMENT_S = 20.0
 SEGMENT_VAD = VadOptions(min_silence_duration_ms=300, speech_pad_ms=150)
@@ -51,14 +50,16 @@ class Segment:
         return self.end_s - self.start_s
 
 
-def find_segments(audio: np.ndarray, sampling_rate: int, max_segment_s: float = MAX_SEGMENT_S,
-                  vad: SileroVAD | None = None) -> list[Segment]:
+def find_segments(
+    audio: np.ndarray, sampling_rate: int, max_segment_s: float = MAX_SEGMENT_S, vad: SileroVAD | None = None
+) -> list[Segment]:
     """A whole recording (N,) or (N, channels), float or int16 -> its segments, in order."""
     return list(segment_stream([audio], sampling_rate, max_segment_s, vad))
 
 
-def segment_stream(blocks: Iterable[np.ndarray], sampling_rate: int, max_segment_s: float = MAX_SEGMENT_S,
-                   vad: SileroVAD | None = None) -> Iterator[Segment]:
+def segment_stream(
+    blocks: Iterable[np.ndarray], sampling_rate: int, max_segment_s: float = MAX_SEGMENT_S, vad: SileroVAD | None = None
+) -> Iterator[Segment]:
     """Consecutive blocks of one recording (any sizes, e.g. `soundfile.SoundFile.blocks`) -> its segments; memory
     stays bounded whatever the recording's length."""
     if not sampling_rate or sampling_rate <= 0:
@@ -66,8 +67,9 @@ def segment_stream(blocks: Iterable[np.ndarray], sampling_rate: int, max_segment
     if max_segment_s < MIN_MAX_SEGMENT_S:
         raise ValueError(f"max_segment_s must be at least {MIN_MAX_SEGMENT_S} s, got {max_segment_s}")
     probs = ProbabilityStream(vad or shared_vad())
-    resampler = None if sampling_rate == SAMPLE_RATE else soxr.ResampleStream(sampling_rate, SAMPLE_RATE, 1,
-                                                                              dtype="float32")
+    resampler = (
+        None if sampling_rate == SAMPLE_RATE else soxr.ResampleStream(sampling_rate, SAMPLE_RATE, 1, dtype="float32")
+    )
     # The detector hears each LEVEL_CHUNK of the recording at its level (`detector_input`): chunks on a fixed grid,
     # so that how the blocks come does not change the segments, and a whole-recording level is not needed first.
     pending: list[np.ndarray] = []
@@ -82,15 +84,17 @@ def segment_stream(blocks: Iterable[np.ndarray], sampling_rate: int, max_segment
         data = np.concatenate(pending)
         whole = len(data) if last else len(data) // LEVEL_CHUNK * LEVEL_CHUNK
         for start in range(0, whole, LEVEL_CHUNK):
-            probs.push(detector_input(data[start: min(start + LEVEL_CHUNK, whole)]))
+            probs.push(detector_input(data[start : min(start + LEVEL_CHUNK, whole)]))
         pending, held = [data[whole:]], len(data) - whole
 
     for block in blocks:
         mono = to_mono_float32(block)
         num_samples += len(mono)
         push_chunks(mono if resampler is None else resampler.resample_chunk(mono))
-    push_chunks(np.zeros(0, np.float32) if resampler is None else
-                resampler.resample_chunk(np.zeros(0, np.float32), last=True), last=True)
+    push_chunks(
+        np.zeros(0, np.float32) if resampler is None else resampler.resample_chunk(np.zeros(0, np.float32), last=True),
+        last=True,
+    )
     regions = regions_from_probs(probs.finish(), probs.num_samples, SEGMENT_VAD, max_speech_duration_s=max_segment_s)
     for region in regions:
         start, end = round(region.start_s * sampling_rate), min(num_samples, round(region.end_s * sampling_rate))

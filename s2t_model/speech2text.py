@@ -38,8 +38,12 @@ class Speech2Text(Speech2TextModule):
 
     @classmethod
     def from_pretrained(
-        cls, uri: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-        storage_options: dict | None = None, cuda_graphs: bool = True,
+        cls,
+        uri: str,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        storage_options: dict | None = None,
+        cuda_graphs: bool = True,
     ) -> "Speech2Text":
         """Load a transformers Speech2Text checkpoint from a local folder or any fsspec URL (s3://, file://, hf://).
 
@@ -128,11 +132,14 @@ class Speech2Text(Speech2TextModule):
         if isinstance(waveforms, np.ndarray) and waveforms.ndim == 1:
             waveforms = [waveforms]
         decoding = DecodingOptions(**options)
-        results = self.transcribe_features(self.features(waveforms, sampling_rate, decoding.max_frames),
-                                           tgt_lang=tgt_lang, options=decoding)
+        results = self.transcribe_features(
+            self.features(waveforms, sampling_rate, decoding.max_frames), tgt_lang=tgt_lang, options=decoding
+        )
         return [result.text for result in results]
 
-    def features(self, waveforms: Sequence[np.ndarray], sampling_rate: int, max_frames: int | None = None) -> list[Tensor]:
+    def features(
+        self, waveforms: Sequence[np.ndarray], sampling_rate: int, max_frames: int | None = None
+    ) -> list[Tensor]:
         """Waveforms (1-D arrays) -> features (T_i, 80) each, on the model's device, computed in length-sorted batches
         of at most `max_frames` padded frames (a batch pads every waveform to its longest)."""
         max_frames = max_frames or default_max_frames(self.device)
@@ -173,11 +180,16 @@ class Speech2Text(Speech2TextModule):
             if on_batch is not None:
                 on_batch([len(features[i]) for i in batch])
             padded, lengths = pad_features([features[i] for i in batch], self.device)
-            out = self.generate(padded, lengths, num_beams=o.num_beams, max_new_tokens=o.max_new_tokens,
-                                length_penalty=o.length_penalty, early_stopping=o.early_stopping,
-                                tgt_lang=[langs[i] for i in batch])
-            timed = self.timed(padded, lengths, out.ids, o.word_timestamps) if o.word_timestamps or o.logprobs \
-                else None
+            out = self.generate(
+                padded,
+                lengths,
+                num_beams=o.num_beams,
+                max_new_tokens=o.max_new_tokens,
+                length_penalty=o.length_penalty,
+                early_stopping=o.early_stopping,
+                tgt_lang=[langs[i] for i in batch],
+            )
+            timed = self.timed(padded, lengths, out.ids, o.word_timestamps) if o.word_timestamps or o.logprobs else None
             for n, (i, ids, score) in enumerate(zip(batch, out.ids, out.scores)):
                 low = o.min_avg_logprob is not None and score < o.min_avg_logprob
                 results[i] = Transcript(self.tokenizer.decode(ids), ids, score, low_confidence=low)
@@ -186,8 +198,9 @@ class Speech2Text(Speech2TextModule):
                     results[i].words = timed[n][1]
         return results
 
-    def timed(self, padded: Tensor, lengths: Tensor, ids: list[list[int]], word_timestamps: bool = True
-              ) -> list[tuple[list[float], list[alignment.Word] | None]]:
+    def timed(
+        self, padded: Tensor, lengths: Tensor, ids: list[list[int]], word_timestamps: bool = True
+    ) -> list[tuple[list[float], list[alignment.Word] | None]]:
         """A batch's decoded ids -> each row's token log-probabilities and (with word_timestamps) its words."""
         heads = alignment.alignment_heads(self) if word_timestamps else []
         passes = alignment.teacher_forced(self, padded, lengths, ids, heads)
@@ -196,14 +209,22 @@ class Speech2Text(Speech2TextModule):
             found = None
             if word_timestamps:
                 pieces, content = alignment.text_pieces(self, row)
-                found = alignment.words(pieces, content, result.weights, alignment.frame_seconds(self),
-                                        bool(row) and row[-1] == self.config.eos_token_id, result.weights.shape[-1],
-                                        alignment.filter_width(self), alignment.method(self))
+                found = alignment.words(
+                    pieces,
+                    content,
+                    result.weights,
+                    alignment.frame_seconds(self),
+                    bool(row) and row[-1] == self.config.eos_token_id,
+                    result.weights.shape[-1],
+                    alignment.filter_width(self),
+                    alignment.method(self),
+                )
             out.append((result.logprobs, found))
         return out
 
-    def align_ids(self, features: Sequence[Tensor | np.ndarray], ids: Sequence[list[int]],
-                  max_frames: int | None = None) -> list[Transcript]:
+    def align_ids(
+        self, features: Sequence[Tensor | np.ndarray], ids: Sequence[list[int]], max_frames: int | None = None
+    ) -> list[Transcript]:
         """Forced alignment: utterances' features (T_i, 80) and given token ids (a reference's `tokenizer.encode`)
         -> one `Transcript` each with those ids' words and log-probabilities (no decoding)."""
         results: list[Transcript | None] = [None] * len(features)
@@ -212,8 +233,9 @@ class Speech2Text(Speech2TextModule):
             padded, lengths = pad_features([features[i] for i in batch], self.device)
             for i, (logprobs, found) in zip(batch, self.timed(padded, lengths, [list(ids[i]) for i in batch])):
                 mean = sum(logprobs) / max(1, len(logprobs))
-                results[i] = Transcript(self.tokenizer.decode(ids[i]), list(ids[i]), mean, words=found,
-                                        token_logprobs=logprobs)
+                results[i] = Transcript(
+                    self.tokenizer.decode(ids[i]), list(ids[i]), mean, words=found, token_logprobs=logprobs
+                )
         return results
 
 

@@ -61,8 +61,8 @@ class Tokenizer:
         # A named set ("mustc") like transformers, or an explicit list (for checkpoints we train ourselves;
         # transformers itself only understands the named sets).
         self.lang_codes = lang_codes
-        self.langs: list[str] = [] if lang_codes is None else list(
-            LANGUAGES[lang_codes] if isinstance(lang_codes, str) else lang_codes
+        self.langs: list[str] = (
+            [] if lang_codes is None else list(LANGUAGES[lang_codes] if isinstance(lang_codes, str) else lang_codes)
         )
         lang_tokens = [f"<lang:{lang}>" for lang in self.langs]
         # transformers takes the prefix id from the spm model, not from vocab.json. In real checkpoints the
@@ -78,7 +78,9 @@ class Tokenizer:
 
         # Special tokens in transformers' order: named ones, then language tokens, then the extra ones.
         self.special_tokens: list[str] = list(
-            dict.fromkeys([bos_token, eos_token, unk_token, pad_token, *lang_tokens, *(additional_special_tokens or [])])
+            dict.fromkeys(
+                [bos_token, eos_token, unk_token, pad_token, *lang_tokens, *(additional_special_tokens or [])]
+            )
         )
         # Added tokens (never split by sentencepiece): those saved with the checkpoint, then every special token.
         # A special token missing from vocab.json gets the next id after all known tokens, as transformers does
@@ -90,7 +92,8 @@ class Tokenizer:
                 self.added_tokens[tok] = self.encoder[tok] if tok in self.encoder else len(known)
         self.added_decoder = {i: t for t, i in self.added_tokens.items()}
         self.special_ids = {self.token_to_id(t) for t in self.special_tokens}
-        # Longest alternative first, so the regex (leftmost match) picks the longest added token like transformers' trie.
+        # Longest alternative first, so that the regex (leftmost match) picks the longest added token, as transformers'
+        # trie does.
         alternatives = sorted(self.added_tokens, key=len, reverse=True)
         self._added_re = re.compile("(" + "|".join(map(re.escape, alternatives)) + ")") if alternatives else None
 
@@ -140,15 +143,25 @@ class Tokenizer:
         folder.mkdir(parents=True, exist_ok=True)
         (folder / VOCAB_FILE).write_text(json.dumps(self.encoder, indent=2), encoding="utf-8")
         (folder / SPM_FILE).write_bytes(self.sp.serialized_model_proto())
-        named = {"bos_token": self.bos_token, "eos_token": self.eos_token,
-                 "unk_token": self.unk_token, "pad_token": self.pad_token}
+        named = {
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
+            "unk_token": self.unk_token,
+            "pad_token": self.pad_token,
+        }
         extra = [t for t in self.special_tokens if t not in named.values()]
         special = set(self.special_tokens)
         config = {
             # Pinning the added tokens' ids keeps them identical on reload.
             "added_tokens_decoder": {
-                str(i): {"content": t, "lstrip": False, "normalized": t not in special, "rstrip": False,
-                         "single_word": False, "special": t in special}
+                str(i): {
+                    "content": t,
+                    "lstrip": False,
+                    "normalized": t not in special,
+                    "rstrip": False,
+                    "single_word": False,
+                    "special": t in special,
+                }
                 for t, i in sorted(self.added_tokens.items(), key=lambda kv: kv[1])
             },
             **named,
@@ -230,8 +243,18 @@ class Tokenizer:
                 pieces.append(token)
         out = out.strip()
         if self.clean_up_tokenization_spaces:
-            for a, b in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
-                         (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+            for a, b in (
+                (" .", "."),
+                (" ?", "?"),
+                (" !", "!"),
+                (" ,", ","),
+                (" ' ", "'"),
+                (" n't", "n't"),
+                (" 'm", "'m"),
+                (" 's", "'s"),
+                (" 've", "'ve"),
+                (" 're", "'re"),
+            ):
                 out = out.replace(a, b)
         return out
 

@@ -136,15 +136,16 @@ class SileroVAD(nn.Module):
         B, T = len(waveforms), max(counts)  # rows, windows of the longest
         padded = torch.zeros(B, CONTEXT + T * WINDOW, dtype=torch.float32, device=self.device)
         for row, wave in zip(padded, on_device(waveforms, self.device)):
-            row[CONTEXT:CONTEXT + len(wave)] = wave
+            row[CONTEXT : CONTEXT + len(wave)] = wave
         windows = padded.unfold(1, CONTEXT + WINDOW, WINDOW)  # (B, T, 576), a view
         if all(n == T for n in counts):
             return windows.reshape(B * T, CONTEXT + WINDOW)
         valid = torch.arange(T) < torch.tensor(counts)[:, None]  # (B, T) on the host: no sync to build it
         return windows[valid.to(self.device)]
 
-    def speech_regions(self, waveforms: Sequence[np.ndarray], options: VadOptions = VadOptions()
-                       ) -> list[list[SpeechRegion]]:
+    def speech_regions(
+        self, waveforms: Sequence[np.ndarray], options: VadOptions = VadOptions()
+    ) -> list[list[SpeechRegion]]:
         """16 kHz waveforms -> each one's speech regions, by the package's own rules on our probabilities."""
         return [regions_from_probs(p, len(w), options) for p, w in zip(self.speech_probs(waveforms), waveforms)]
 
@@ -174,7 +175,7 @@ class ProbabilityStream:
         windows = torch.from_numpy(data[: CONTEXT + count * WINDOW]).unfold(0, CONTEXT + WINDOW, WINDOW)
         hidden, self.state = self.vad.lstm(self.vad.encode_all(windows).unsqueeze(0), self.state)
         self.probs.append(self.vad.decode(hidden)[0].numpy())
-        self.pending = data[count * WINDOW:].copy()  # the last window's CONTEXT samples and what followed
+        self.pending = data[count * WINDOW :].copy()  # the last window's CONTEXT samples and what followed
 
     def finish(self) -> np.ndarray:
         self.push(np.zeros(0, np.float32), last=True)
@@ -191,15 +192,20 @@ def check_stft_basis(basis: torch.Tensor) -> None:
         raise ValueError("this silero-vad version's front end is not the Hann-windowed STFT s2t_model.vad computes")
 
 
-def regions_from_probs(probs: np.ndarray, num_samples: int, options: VadOptions = VadOptions(),
-                       max_speech_duration_s: float = float("inf")) -> list[SpeechRegion]:
+def regions_from_probs(
+    probs: np.ndarray, num_samples: int, options: VadOptions = VadOptions(), max_speech_duration_s: float = float("inf")
+) -> list[SpeechRegion]:
     """Probabilities of a recording of `num_samples` at 16 kHz -> its speech regions, by the package's own rules
     (a region longer than max_speech_duration_s, pads included, is cut in its longest pause)."""
     from silero_vad.utils_vad import get_speech_timestamps_from_probs
 
-    stamps = get_speech_timestamps_from_probs(probs.tolist(), sampling_rate=SAMPLE_RATE,
-                                              audio_length_samples=num_samples,
-                                              max_speech_duration_s=max_speech_duration_s, **dataclasses.asdict(options))
+    stamps = get_speech_timestamps_from_probs(
+        probs.tolist(),
+        sampling_rate=SAMPLE_RATE,
+        audio_length_samples=num_samples,
+        max_speech_duration_s=max_speech_duration_s,
+        **dataclasses.asdict(options),
+    )
     return [SpeechRegion(s["start"] / SAMPLE_RATE, s["end"] / SAMPLE_RATE) for s in stamps]
 
 
@@ -243,16 +249,21 @@ def on_device(waveforms: Sequence[np.ndarray | torch.Tensor], device: torch.devi
     (joined first, so that a GPU gets one transfer, not one per row)."""
     if all(isinstance(w, torch.Tensor) and w.device == device for w in waveforms):
         return [w.float() for w in waveforms]
-    host = [w.detach().cpu().float().numpy() if isinstance(w, torch.Tensor) else np.asarray(w, np.float32)
-            for w in waveforms]
+    host = [
+        w.detach().cpu().float().numpy() if isinstance(w, torch.Tensor) else np.asarray(w, np.float32)
+        for w in waveforms
+    ]
     flat = torch.from_numpy(np.concatenate(host) if host else np.zeros(0, np.float32)).to(device)
     return list(flat.split([len(w) for w in host]))
 
 
 def speech_features(
-    extractor: FeatureExtractor, waveforms: Sequence[np.ndarray | torch.Tensor], sampling_rate: int,
+    extractor: FeatureExtractor,
+    waveforms: Sequence[np.ndarray | torch.Tensor],
+    sampling_rate: int,
     max_frames: int | None = None,
-    vad: SileroVAD | None = None, device: torch.device | str | None = None,
+    vad: SileroVAD | None = None,
+    device: torch.device | str | None = None,
 ) -> tuple[list[torch.Tensor | None], list[float | None]]:
     """Waveforms -> each one's features (T_i, 80), None where `vad` finds no speech (no model needs to run on it),
     and its seconds of speech (None without `vad`). The one step from audio to features of the job and of Serve.
@@ -261,9 +272,18 @@ def speech_features(
     max_frames = max_frames or default_max_frames(device or "cpu")
     if vad is None:
         return extractor.each(waveforms, sampling_rate, max_frames, device=device), [None] * len(waveforms)
-    at_16k = waveforms if sampling_rate == SAMPLE_RATE else [
-        soxr.resample(w.float().cpu().numpy() if isinstance(w, torch.Tensor) else np.asarray(w, np.float32),
-                      sampling_rate, SAMPLE_RATE) for w in waveforms]
+    at_16k = (
+        waveforms
+        if sampling_rate == SAMPLE_RATE
+        else [
+            soxr.resample(
+                w.float().cpu().numpy() if isinstance(w, torch.Tensor) else np.asarray(w, np.float32),
+                sampling_rate,
+                SAMPLE_RATE,
+            )
+            for w in waveforms
+        ]
+    )
     speech = [speech_seconds(regions) for regions in vad.speech_regions([detector_input(w) for w in at_16k])]
     heard = [i for i, seconds in enumerate(speech) if seconds > 0]
     features: list[torch.Tensor | None] = [None] * len(waveforms)

@@ -1,4 +1,5 @@
-"""One Ray instance for the whole test session (starting Ray costs seconds): tests that need it ask for `ray_session`."""
+"""One Ray instance for the whole test session (starting Ray costs seconds): tests that need it ask for
+`ray_session`."""
 
 import pytest
 
@@ -79,7 +80,7 @@ class Place:
 
     def names(self, folder: str) -> list[str]:
         """The files under `folder`, as paths relative to it."""
-        return sorted(p[len(self.path(folder)) + 1:] for p in self.fs.find(self.path(folder)))
+        return sorted(p[len(self.path(folder)) + 1 :] for p in self.fs.find(self.path(folder)))
 
     def tables(self, folder: str) -> list[tuple]:
         """(name, table) for every Parquet file under `folder`."""
@@ -105,6 +106,11 @@ def place(request, tmp_path):
     endpoint = request.getfixturevalue("s3_endpoint")
     fs, bucket = request.getfixturevalue("s3_bucket")
     fs = type(fs)(**fs.storage_options, use_listings_cache=False)  # sees what a job wrote since its last look
-    return Place(fs, bucket, f"s3://{bucket}", dict(s3_endpoint_url=endpoint, storage_options=S3_CREDENTIALS),
-                 ["--s3-endpoint-url", endpoint, "--storage-options", json.dumps(S3_CREDENTIALS)],
-                 dict(S3_CREDENTIALS, client_kwargs={"endpoint_url": endpoint}))
+    return Place(
+        fs,
+        bucket,
+        f"s3://{bucket}",
+        dict(s3_endpoint_url=endpoint, storage_options=S3_CREDENTIALS),
+        ["--s3-endpoint-url", endpoint, "--storage-options", json.dumps(S3_CREDENTIALS)],
+        dict(S3_CREDENTIALS, client_kwargs={"endpoint_url": endpoint}),
+    )

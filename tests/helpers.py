@@ -9,11 +9,15 @@ import sentencepiece
 if TYPE_CHECKING:
     import numpy as np
 
-ONES = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen " \
-       "seventeen eighteen nineteen".split()
+ONES = (
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+    "seventeen eighteen nineteen".split()
+)
 TENS = "twenty thirty forty fifty sixty seventy eighty ninety".split()
-WORDS = "the a cat dog sat on mat and ran far away with his big red ball it was very happy today we will go " \
-        "there tomorrow morning evening speech model translation audio data".split()
+WORDS = (
+    "the a cat dog sat on mat and ran far away with his big red ball it was very happy today we will go "
+    "there tomorrow morning evening speech model translation audio data".split()
+)
 
 
 def in_words(n: int) -> str:
@@ -36,9 +40,18 @@ def train_spm(folder, name, user_symbols=()):
     text = folder / f"{name}.txt"
     text.write_text("\n".join(corpus(400, seed=0)) + "\n")
     sentencepiece.SentencePieceTrainer.train(
-        input=str(text), model_prefix=str(folder / name), model_type="unigram", vocab_size=200,
-        hard_vocab_limit=False, character_coverage=1.0, bos_id=0, pad_id=1, eos_id=2, unk_id=3,
-        user_defined_symbols=list(user_symbols), minloglevel=2,
+        input=str(text),
+        model_prefix=str(folder / name),
+        model_type="unigram",
+        vocab_size=200,
+        hard_vocab_limit=False,
+        character_coverage=1.0,
+        bos_id=0,
+        pad_id=1,
+        eos_id=2,
+        unk_id=3,
+        user_defined_symbols=list(user_symbols),
+        minloglevel=2,
     )
     sp = sentencepiece.SentencePieceProcessor(model_file=str(folder / f"{name}.model"))
     assert [sp.id_to_piece(i) for i in range(4)] == ["<s>", "<pad>", "</s>", "<unk>"]
@@ -48,18 +61,32 @@ def train_spm(folder, name, user_symbols=()):
     return str(folder / f"{name}.model"), str(folder / f"{name}.json")
 
 
-
 MUSTC = ["pt", "fr", "ru", "nl", "ro", "it", "es", "de"]
 LANG_TOKENS = [f"<lang:{lang}>" for lang in MUSTC]
 
 TINY = dict(
-    d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
-    encoder_ffn_dim=64, decoder_ffn_dim=64, conv_channels=32, max_source_positions=2000, max_target_positions=256,
+    d_model=32,
+    encoder_layers=2,
+    decoder_layers=2,
+    encoder_attention_heads=4,
+    decoder_attention_heads=4,
+    encoder_ffn_dim=64,
+    decoder_ffn_dim=64,
+    conv_channels=32,
+    max_source_positions=2000,
+    max_target_positions=256,
 )
 # facebook/s2t-small-librispeech-asr's dimensions.
 S2T_SMALL = dict(
-    vocab_size=10000, d_model=256, encoder_layers=12, decoder_layers=6, encoder_attention_heads=4,
-    decoder_attention_heads=4, encoder_ffn_dim=2048, decoder_ffn_dim=2048, conv_channels=1024,
+    vocab_size=10000,
+    d_model=256,
+    encoder_layers=12,
+    decoder_layers=6,
+    encoder_attention_heads=4,
+    decoder_attention_heads=4,
+    encoder_ffn_dim=2048,
+    decoder_ffn_dim=2048,
+    conv_channels=1024,
 )
 
 
@@ -112,13 +139,16 @@ def non_speech(seconds: float = 5.0, rate: int = 16000) -> dict[str, "np.ndarray
         spectrum = np.fft.rfft(rng.standard_normal(n))
         spectrum[1:] /= np.arange(1, len(spectrum)) ** (exponent / 2)
         x = np.fft.irfft(spectrum, n)
-        return x / np.sqrt(np.mean(x ** 2))
+        return x / np.sqrt(np.mean(x**2))
 
     def at_dbfs(x: np.ndarray, dbfs: float) -> np.ndarray:
-        return x / np.sqrt(np.mean(x ** 2)) * 10 ** (dbfs / 20)
+        return x / np.sqrt(np.mean(x**2)) * 10 ** (dbfs / 20)
 
-    clips = {f"{colour}-{level}dB": at_dbfs(coloured(exponent), level)
-             for colour, exponent in (("white", 0), ("pink", 1), ("brown", 2)) for level in (-60, -40, -20)}
+    clips = {
+        f"{colour}-{level}dB": at_dbfs(coloured(exponent), level)
+        for colour, exponent in (("white", 0), ("pink", 1), ("brown", 2))
+        for level in (-60, -40, -20)
+    }
     clips["tone-440"] = 0.3 * np.sin(2 * np.pi * 440 * t)
     clips["tone-1k-sweep"] = 0.3 * np.sin(2 * np.pi * (200 + 300 * t) * t)
     clips["chord-c-major"] = sum(0.1 * np.sin(2 * np.pi * f * t) for f in (261.63, 329.63, 392.0, 523.25))
@@ -145,11 +175,25 @@ def killed_mid_job(manifest: str, output, ray_address: str, files: int, options=
 
     from s2t_model import DEMO_MODEL
 
-    options = ["--batch-size", "2", "--feature-batch-size", "2", "--rows-per-file", "2", "--rows-per-block", "2",
-               "--num-beams", "1", *options]
-    driver = subprocess.Popen([sys.executable, "-m", "jobs.transcribe", manifest, str(output), "--model", DEMO_MODEL,
-                               *options], env={**os.environ, "RAY_ADDRESS": ray_address},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    options = [
+        "--batch-size",
+        "2",
+        "--feature-batch-size",
+        "2",
+        "--rows-per-file",
+        "2",
+        "--rows-per-block",
+        "2",
+        "--num-beams",
+        "1",
+        *options,
+    ]
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "jobs.transcribe", manifest, str(output), "--model", DEMO_MODEL, *options],
+        env={**os.environ, "RAY_ADDRESS": ray_address},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 240
     while time.time() < deadline and len(list(output.glob("*.parquet"))) < files and driver.poll() is None:
         time.sleep(0.05)  # a small job may write all its files within a few tenths of a second
@@ -182,8 +226,13 @@ def formats_people_keep(clip, rate: int = 16000) -> dict[str, tuple[str, bytes, 
         "webm opus": ("webm", enc("webm", "libopus", out_rate=48000, bit_rate=32000), rate),
         "ogg opus": ("opus", enc("ogg", "libopus", out_rate=48000, bit_rate=32000), rate),
         "mp3 VBR, no Xing header": ("mp3", enc("mp3", "libmp3lame", out_rate=44100, **VBR_MP3), rate),
-        "mp3 CBR, cover art, no Info header": ("mp3", enc("mp3", "libmp3lame", out_rate=44100, bit_rate=128000,
-                                                          container_options={"write_xing": "0"}, cover=cover), rate),
+        "mp3 CBR, cover art, no Info header": (
+            "mp3",
+            enc(
+                "mp3", "libmp3lame", out_rate=44100, bit_rate=128000, container_options={"write_xing": "0"}, cover=cover
+            ),
+            rate,
+        ),
         "amr-nb": ("amr", enc("amr", "libopencore_amrnb", out_rate=8000, bit_rate=12200), 8000),
         "wma": ("wma", enc("asf", "wmav2", out_rate=44100, bit_rate=64000), rate),
     }
@@ -191,8 +240,10 @@ def formats_people_keep(clip, rate: int = 16000) -> dict[str, tuple[str, bytes, 
 
 # ---- a fault-injecting proxy in front of the tests' S3 server -----------------------------------------------------
 
-S3_ERRORS = {500: ("InternalError", "We encountered an internal error. Please try again."),
-             503: ("SlowDown", "Please reduce your request rate.")}
+S3_ERRORS = {
+    500: ("InternalError", "We encountered an internal error. Please try again."),
+    503: ("SlowDown", "Please reduce your request rate."),
+}
 MIXED = ("500", "503", "reset", "reset_body")
 
 
@@ -206,9 +257,23 @@ class Fault:
     "lost_answer" (forwarded, so the store does it, then closed before the answer), "mixed" (one of MIXED each time).
     """
 
-    def __init__(self, kind: str, rate: float = 1.0, methods=("GET", "HEAD", "PUT", "POST", "DELETE"), path: str = "",
-                 first: int | None = None, stall_s: float = 5.0):
-        self.kind, self.rate, self.methods, self.path, self.first, self.stall_s = kind, rate, methods, path, first, stall_s
+    def __init__(
+        self,
+        kind: str,
+        rate: float = 1.0,
+        methods=("GET", "HEAD", "PUT", "POST", "DELETE"),
+        path: str = "",
+        first: int | None = None,
+        stall_s: float = 5.0,
+    ):
+        self.kind, self.rate, self.methods, self.path, self.first, self.stall_s = (
+            kind,
+            rate,
+            methods,
+            path,
+            first,
+            stall_s,
+        )
         self.fired = 0
 
     def fires(self, method: str, path: str, draw: float) -> bool:
@@ -242,7 +307,7 @@ def start_fault_proxy(upstream: str, seed: int = 0):
                 server.seen[key] += 1
                 digest = hashlib.sha256(repr((server.seed, key, server.seen[key])).encode()).digest()
                 draw, pick = struct.unpack("<QQ", digest[:16])
-                fault = next((f for f in server.faults if f.fires(self.command, self.path, draw / 2 ** 64)), None)
+                fault = next((f for f in server.faults if f.fires(self.command, self.path, draw / 2**64)), None)
                 if fault is not None:
                     fault.fired += 1
                     kind = MIXED[pick % len(MIXED)] if fault.kind == "mixed" else fault.kind
@@ -251,8 +316,10 @@ def start_fault_proxy(upstream: str, seed: int = 0):
                 return self.answer(*self.ask_upstream(body))
             if kind in ("500", "503"):
                 code, message = S3_ERRORS[int(kind)]
-                xml = (f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{code}</Code><Message>{message}</Message>"
-                       f"</Error>").encode()
+                xml = (
+                    f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{code}</Code><Message>{message}</Message>"
+                    f"</Error>"
+                ).encode()
                 self.send_response(int(kind))
                 self.send_header("Content-Type", "application/xml")
                 self.send_header("Content-Length", str(len(xml) if self.command != "HEAD" else 0))

@@ -51,8 +51,9 @@ def check_texts(row):
     english = " ".join(num2words(n, lang="en") for n in numbers).lower().replace("-", " ").replace(",", "")
     assert row["text"] == " ".join(english.split())
     for lang in corpus.LANGS:
-        assert row[f"text_{lang}"] == ", ".join(corpus.fix_num2words(num2words(n, lang=lang).lower(), lang)
-                                               for n in numbers)
+        assert row[f"text_{lang}"] == ", ".join(
+            corpus.fix_num2words(num2words(n, lang=lang).lower(), lang) for n in numbers
+        )
 
 
 def training_numbers():
@@ -77,8 +78,9 @@ def test_size_budgets():
 def test_demo_corpus():
     rows = manifest(DEMO_CORPUS)
     assert len(rows) == 50 and len({r["id"] for r in rows}) == 50
-    assert sorted(os.listdir(os.path.join(DEMO_CORPUS, "audio"))) == sorted(os.path.basename(r["audio_filepath"])
-                                                                             for r in rows)
+    assert sorted(os.listdir(os.path.join(DEMO_CORPUS, "audio"))) == sorted(
+        os.path.basename(r["audio_filepath"]) for r in rows
+    )
     for row in rows:
         assert set(row) == FIELDS
         audio = check_audio(DEMO_CORPUS, row)

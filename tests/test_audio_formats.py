@@ -12,8 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 import soundfile
 import soxr
-
 from helpers import demo_rows, formats_people_keep
+
 from pipeline import scoring
 from pipeline.audio import AudioError, PyAVAudio, decode_audio
 from s2t_model import DEMO_MODEL
@@ -51,8 +51,12 @@ def files(tmp_path_factory):
             # Float samples: 16 bits at -55 dBFS leave the peak ~60 steps, a loss of its own to the model whatever
             # the detector does.
             paths[f"quiet at {level} dBFS", i] = folder / f"quiet{level}-{i}.wav"
-            soundfile.write(paths[f"quiet at {level} dBFS", i], clip / np.abs(clip).max() * 10 ** (level / 20), 16000,
-                            subtype="FLOAT")
+            soundfile.write(
+                paths[f"quiet at {level} dBFS", i],
+                clip / np.abs(clip).max() * 10 ** (level / 20),
+                16000,
+                subtype="FLOAT",
+            )
     # Three clips in one m4a: the manifest's slice is the middle one.
     paths["m4a slice", 1] = folder / "three.m4a"
     paths["m4a slice", 1].write_bytes(formats_people_keep(np.concatenate(clips[:3]))["m4a"][1])
@@ -83,8 +87,11 @@ def test_every_format_through_the_job_is_transcribed_as_flac_is(ray_session, fil
             line["duration"] = round(len(clips[i]) / 16000, 3)
         lines.append(json.dumps(line) + "\n")
     (tmp_path / "m.jsonl").write_text("".join(lines))
-    summary = run(TranscribeConfig(manifest=str(tmp_path / "m.jsonl"), output=str(tmp_path / "out"),
-                                   model=DEMO_MODEL, num_beams=1))
+    summary = run(
+        TranscribeConfig(
+            manifest=str(tmp_path / "m.jsonl"), output=str(tmp_path / "out"), model=DEMO_MODEL, num_beams=1
+        )
+    )
     out = {r["id"]: r for r in pq.read_table(tmp_path / "out").to_pylist()}
     assert summary["rows_error"] == 0 and len(out) == len(paths), {i: r["error"] for i, r in out.items() if r["error"]}
     wer = {}
@@ -96,8 +103,10 @@ def test_every_format_through_the_job_is_transcribed_as_flac_is(ray_session, fil
                 assert abs(out[f"{name}/{i}"]["duration_s"] - len(clips[i]) / 16000) < 0.1, (name, i)
     print("WER by format:", json.dumps(wer, indent=1))
     first = range(CLIPS)
-    flac_first = {ref: scoring.wer([rows[i]["text"] for i in first], [out[f"{ref}/{i}"]["text"] for i in first])
-                  for ref in ("flac", "flac 8 kHz")}
+    flac_first = {
+        ref: scoring.wer([rows[i]["text"] for i in first], [out[f"{ref}/{i}"]["text"] for i in first])
+        for ref in ("flac", "flac 8 kHz")
+    }
     for name in formats_people_keep(clips[0][:1600]):
         assert within_reach(name, wer[name], flac_first[reference_of(name)]), (name, wer, flac_first)
     # The slice: the middle clip's words, its own length.
@@ -121,13 +130,14 @@ def test_an_m4a_slice_is_sample_exact_and_lengths_are_what_was_decoded():
     assert len(piece) == frames
 
     def rms_difference(lag: int) -> float:
-        return float(np.sqrt(np.mean((piece - whole[start + lag: start + lag + frames]) ** 2)))
+        return float(np.sqrt(np.mean((piece - whole[start + lag : start + lag + frames]) ** 2)))
 
     # The same samples, not bit for bit: AAC's noise substitution draws on the decoder's random state, which the
     # seek starts afresh (~1e-4 rms here); one sample off is ten times as far.
     assert rms_difference(0) < 1e-3 and rms_difference(0) * 5 < min(rms_difference(-1), rms_difference(1))
-    assert len(decode_audio(io.BytesIO(data), "three.m4a", 16000, offset_s=start_s, duration_s=duration_s)) == \
-        len(clips[1])
+    assert len(decode_audio(io.BytesIO(data), "three.m4a", 16000, offset_s=start_s, duration_s=duration_s)) == len(
+        clips[1]
+    )
     one = formats_people_keep(clips[0])
     # The headerless mp3s: libsndfile's length is a guess from the first frame (or counts the cover art as audio).
     for name in ("mp3 VBR, no Xing header", "mp3 CBR, cover art, no Info header"):

@@ -11,13 +11,12 @@ import threading
 import fsspec
 import numpy as np
 import pyarrow as pa
+import pytest
 import soundfile
 from fsspec.implementations.local import LocalFileSystem
-
-import pytest
+from helpers import demo_rows
 
 from bench.io import start_proxy
-from helpers import demo_rows
 from pipeline import audio
 from pipeline.audio import INLINE_AUDIO
 from pipeline.longform import joined_row, split_long_audio
@@ -52,16 +51,34 @@ fsspec.register_implementation("meetingfile", MeetingFileSystem, clobber=True)
 
 
 def rows_table(rows: list[dict], durations: bool) -> pa.Table:
-    return pa.Table.from_pylist([
-        {"id": r["id"], "audio": "meetingfile://" + r["audio_filepath"], "offset_s": 0.0,
-         "duration_s": r["duration"] if durations else None, "reference": r["text"], "tgt_lang": None, "error": None}
-        for r in rows], schema=SCHEMA)
+    return pa.Table.from_pylist(
+        [
+            {
+                "id": r["id"],
+                "audio": "meetingfile://" + r["audio_filepath"],
+                "offset_s": 0.0,
+                "duration_s": r["duration"] if durations else None,
+                "reference": r["text"],
+                "tgt_lang": None,
+                "error": None,
+            }
+            for r in rows
+        ],
+        schema=SCHEMA,
+    )
 
 
 def feature_stage(storage_options: dict | None, io_concurrency: int) -> ComputeFeatures:
-    return ComputeFeatures(FeatureOptions(FeatureExtractor.from_pretrained(DEMO_MODEL).to_dict(), min_duration_s=0.1,
-                                          max_duration_s=60.0, storage_options=storage_options, vad="off",
-                                          io_concurrency=io_concurrency))
+    return ComputeFeatures(
+        FeatureOptions(
+            FeatureExtractor.from_pretrained(DEMO_MODEL).to_dict(),
+            min_duration_s=0.1,
+            max_duration_s=60.0,
+            storage_options=storage_options,
+            vad="off",
+            io_concurrency=io_concurrency,
+        )
+    )
 
 
 def test_feature_actor_reads_io_concurrency_files_at_once():
@@ -76,12 +93,22 @@ def test_split_reads_headers_concurrently_and_not_those_of_short_rows():
     MeetingFileSystem.barrier.reset()
     rows = demo_rows(2 * CONCURRENCY)
     MeetingFileSystem.opens = 0
-    known = split_long_audio(rows_table(rows, durations=True), max_segment_s=20.0, max_duration_s=60.0,
-                             storage_options=None, io_concurrency=CONCURRENCY)
+    known = split_long_audio(
+        rows_table(rows, durations=True),
+        max_segment_s=20.0,
+        max_duration_s=60.0,
+        storage_options=None,
+        io_concurrency=CONCURRENCY,
+    )
     assert MeetingFileSystem.opens == 0  # the manifest says each is short: the feature stage's read is the only one
     assert known["id"].to_pylist() == [r["id"] for r in rows]
-    unknown = split_long_audio(rows_table(rows, durations=False), max_segment_s=20.0, max_duration_s=60.0,
-                               storage_options=None, io_concurrency=CONCURRENCY)
+    unknown = split_long_audio(
+        rows_table(rows, durations=False),
+        max_segment_s=20.0,
+        max_duration_s=60.0,
+        storage_options=None,
+        io_concurrency=CONCURRENCY,
+    )
     assert MeetingFileSystem.opens == len(rows)
     assert unknown["error"].to_pylist() == [None] * len(rows)
 
@@ -93,22 +120,30 @@ def test_a_long_recording_in_bytes_gives_each_segment_its_own_slice():
     data = open(path, "rb").read()
     offset = 5.0
     row = {"id": "long", "offset_s": offset, "duration_s": None, "reference": None, "tgt_lang": None, "error": None}
-    from_file = split_long_audio(pa.Table.from_pylist([{**row, "audio": path}], schema=SCHEMA), max_segment_s=20.0,
-                                 max_duration_s=3600.0, storage_options=None).to_pylist()
+    from_file = split_long_audio(
+        pa.Table.from_pylist([{**row, "audio": path}], schema=SCHEMA),
+        max_segment_s=20.0,
+        max_duration_s=3600.0,
+        storage_options=None,
+    ).to_pylist()
     with_bytes = pa.Table.from_pylist([{**row, "audio": "shard.tar/long.flac"}], schema=SCHEMA).append_column(
-        INLINE_AUDIO, pa.array([data], pa.binary()))
+        INLINE_AUDIO, pa.array([data], pa.binary())
+    )
     pieces = split_long_audio(with_bytes, max_segment_s=20.0, max_duration_s=3600.0, storage_options=None).to_pylist()
 
     assert len(pieces) == len(from_file) > 5
     whole, rate = soundfile.read(path, dtype="int16")
     for piece, reference in zip(pieces, from_file):
         assert (piece["id"], piece["segment_start_s"], piece["recording_offset_s"]) == (
-            reference["id"], reference["segment_start_s"], offset)
+            reference["id"],
+            reference["segment_start_s"],
+            offset,
+        )
         assert piece["offset_s"] == 0.0 and piece["duration_s"] == reference["duration_s"]
         assert len(piece[INLINE_AUDIO]) < len(data) / 3  # its slice, not the whole recording
         samples, slice_rate = soundfile.read(io.BytesIO(piece[INLINE_AUDIO]), dtype="int16")
         start = round(reference["offset_s"] * rate)
-        assert slice_rate == rate and np.array_equal(samples, whole[start:start + len(samples)])
+        assert slice_rate == rate and np.array_equal(samples, whole[start : start + len(samples)])
         assert abs(len(samples) / rate - reference["duration_s"]) < 1e-3
     assert sum(len(p[INLINE_AUDIO]) for p in pieces) < 1.2 * len(data)
     # Joined back, the recording's offset is the row's, as for a file.
@@ -130,27 +165,55 @@ def proxied_bucket(s3_bucket, s3_endpoint):
 def s3_rows(fs, bucket: str, rows: list[dict], **columns) -> pa.Table:
     for row in rows:
         fs.put_file(row["audio_filepath"], f"{bucket}/{row['id']}.flac")
-    return pa.Table.from_pylist([
-        {"id": r["id"], "audio": f"s3://{bucket}/{r['id']}.flac", "offset_s": 0.0, "duration_s": r["duration"],
-         "reference": r["text"], "tgt_lang": None, "error": None, **columns} for r in rows], schema=SCHEMA)
+    return pa.Table.from_pylist(
+        [
+            {
+                "id": r["id"],
+                "audio": f"s3://{bucket}/{r['id']}.flac",
+                "offset_s": 0.0,
+                "duration_s": r["duration"],
+                "reference": r["text"],
+                "tgt_lang": None,
+                "error": None,
+                **columns,
+            }
+            for r in rows
+        ],
+        schema=SCHEMA,
+    )
 
 
 def test_an_utterance_on_s3_is_one_get_and_decodes_as_the_local_file(proxied_bucket):
     fs, bucket, proxy, options = proxied_bucket
     rows = demo_rows(4)
     fs.pipe_file(f"{bucket}/empty.flac", b"")
-    table = pa.concat_tables([s3_rows(fs, bucket, rows), pa.Table.from_pylist([
-        {"id": name, "audio": f"s3://{bucket}/{name}.flac", "offset_s": 0.0, "duration_s": 1.0, "error": None}
-        for name in ("empty", "missing")], schema=SCHEMA)])
+    table = pa.concat_tables(
+        [
+            s3_rows(fs, bucket, rows),
+            pa.Table.from_pylist(
+                [
+                    {
+                        "id": name,
+                        "audio": f"s3://{bucket}/{name}.flac",
+                        "offset_s": 0.0,
+                        "duration_s": 1.0,
+                        "error": None,
+                    }
+                    for name in ("empty", "missing")
+                ],
+                schema=SCHEMA,
+            ),
+        ]
+    )
     stage = feature_stage(options, CONCURRENCY)
     proxy.requests.clear()
-    loaded = [stage.load(row) for row in table.to_pylist()[:len(rows)]]
+    loaded = [stage.load(row) for row in table.to_pylist()[: len(rows)]]
     assert proxy.requests == {"GET": len(rows)}  # no HEAD before any of them
-    loaded += [stage.load(row) for row in table.to_pylist()[len(rows):]]
+    loaded += [stage.load(row) for row in table.to_pylist()[len(rows) :]]
 
     for row, samples in zip(rows, loaded):
         whole = soundfile.read(row["audio_filepath"], dtype="float32")[0]
-        np.testing.assert_array_equal(samples, whole[:round(row["duration"] * 16000)])  # the manifest's duration
+        np.testing.assert_array_equal(samples, whole[: round(row["duration"] * 16000)])  # the manifest's duration
     assert loaded[-2] == f"empty: s3://{bucket}/empty.flac: the file has zero bytes"
     assert loaded[-1] == f"missing: s3://{bucket}/missing.flac: no such file"
 

@@ -11,8 +11,8 @@ from collections import Counter
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from helpers import demo_rows
+
 from pipeline.backfill import BackfillConfig, run
 from pipeline.lease import LeaseHeld
 from s2t_model import DEMO_MODEL
@@ -75,12 +75,36 @@ def test_errored_pairs_are_retried_only_when_asked(ray_session, tmp_path):
 def test_a_concurrent_run_is_refused_and_a_killed_run_is_completed(ray_session, tmp_path):
     source, output = manifest(tmp_path, 16), tmp_path / "out"
     ids = [row["id"] for row in demo_rows(16)]
-    options = ["--batch-size", "2", "--feature-batch-size", "2", "--rows-per-file", "2", "--rows-per-block", "2",
-               "--num-beams", "1"]
+    options = [
+        "--batch-size",
+        "2",
+        "--feature-batch-size",
+        "2",
+        "--rows-per-file",
+        "2",
+        "--rows-per-block",
+        "2",
+        "--num-beams",
+        "1",
+    ]
     driver = subprocess.Popen(
-        [sys.executable, "-m", "jobs.backfill", "--manifest", source, "--output", str(output), "--model", DEMO_MODEL,
-         "--tgt-langs", "fr,de", *options],
-        env={**os.environ, "RAY_ADDRESS": ray_session}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "jobs.backfill",
+            "--manifest",
+            source,
+            "--output",
+            str(output),
+            "--model",
+            DEMO_MODEL,
+            "--tgt-langs",
+            "fr,de",
+            *options,
+        ],
+        env={**os.environ, "RAY_ADDRESS": ray_session},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     deadline = time.time() + 240
     while time.time() < deadline and len(list(output.rglob("*.parquet"))) < 2 and driver.poll() is None:
@@ -116,25 +140,37 @@ def test_an_output_folder_holding_files_the_jobs_did_not_write_is_refused_before
         with place.fs.open(place.path(f"{out}/{foreign}"), "wb") as f:
             pq.write_table(pa.table({"id": ["a"], "audio": ["a.flac"], "tgt_lang": ["fr"]}), f)
         with pytest.raises(OutputError) as caught:
-            run(BackfillConfig(manifest=place.url("m.jsonl"), output=place.url(out), model=DEMO_MODEL, tgt_langs="fr",
-                               **place.options, **SMALL))
+            run(
+                BackfillConfig(
+                    manifest=place.url("m.jsonl"),
+                    output=place.url(out),
+                    model=DEMO_MODEL,
+                    tgt_langs="fr",
+                    **place.options,
+                    **SMALL,
+                )
+            )
         assert f"holds files not written by s2t transcribe or s2t backfill: {place.url(f'{out}/{foreign}')};" in str(
-            caught.value)
+            caught.value
+        )
         assert place.names(out) == sorted([foreign] + (own if earlier_run else []))  # nothing done
 
 
 def test_a_backfill_over_webdataset_shards_streams_their_audio(ray_session, tmp_path, monkeypatch):
     """Rows of tar shards carry their audio's bytes, once per language: the run streams them to the actors and never
     materializes the pairs (made to fail here), and each pair is translated once, references from the json's text_fr."""
-    from pipeline import backfill
     from test_shards import webdataset_members, write_tar
+
+    from pipeline import backfill
 
     rows = demo_rows(6)
     for shard, part in enumerate((rows[:3], rows[3:])):
         members = webdataset_members(part, "json")
         for i, row in enumerate(part):  # the json's passthrough fields: each language's reference
-            members[2 * i + 1] = (members[2 * i + 1][0], json.dumps(
-                {"id": row["id"], "text": row["text"], "text_fr": row["text_fr"]}).encode())
+            members[2 * i + 1] = (
+                members[2 * i + 1][0],
+                json.dumps({"id": row["id"], "text": row["text"], "text_fr": row["text_fr"]}).encode(),
+            )
         write_tar(tmp_path / f"shard-{shard:06d}.tar", members)
 
     def unmaterialized(*args, **kwargs):
@@ -159,9 +195,17 @@ def test_a_backfill_over_webdataset_shards_streams_their_audio(ray_session, tmp_
 @pytest.mark.parametrize("job", ["transcribe", "backfill"])
 def test_both_jobs_refuse_a_manifest_that_is_not_there_in_one_line_before_ray_starts(tmp_path, job):
     missing = str(tmp_path / "nowhere.jsonl")
-    args = [missing, str(tmp_path / "out")] if job == "transcribe" else ["--manifest", missing, "--output",
-                                                                          str(tmp_path / "out")]
-    done = subprocess.run([sys.executable, "-m", f"jobs.{job}", *args, "--model", DEMO_MODEL],
-                          capture_output=True, text=True, timeout=120, env={**os.environ, "RAY_ADDRESS": ""})
+    args = (
+        [missing, str(tmp_path / "out")]
+        if job == "transcribe"
+        else ["--manifest", missing, "--output", str(tmp_path / "out")]
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", f"jobs.{job}", *args, "--model", DEMO_MODEL],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "RAY_ADDRESS": ""},
+    )
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1] == f"s2t {job}: {missing}: no such manifest"

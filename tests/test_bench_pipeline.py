@@ -30,8 +30,10 @@ def test_corpus_holds_the_asked_audio_with_distinct_ids(tmp_path, hours):
     table = read_manifest(path)
     assert table.column("id").to_pylist() == [row["id"] for row in rows]
     assert table.column("error").null_count == len(rows)
-    assert all(os.path.isfile(audio) and audio.startswith(os.path.abspath(DEMO_CORPUS))
-               for audio in set(table.column("audio").to_pylist()))
+    assert all(
+        os.path.isfile(audio) and audio.startswith(os.path.abspath(DEMO_CORPUS))
+        for audio in set(table.column("audio").to_pylist())
+    )
     assert os.listdir(tmp_path / "corpus") == ["manifest.jsonl"]
 
 

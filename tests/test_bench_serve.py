@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from bench import serve as bench_serve
-from jobs import cli
 from bench.serve import Level, percentile, request_plan, summarize, verdict
+from jobs import cli
 from s2t_model import DEMO_CORPUS
 
 
@@ -43,17 +43,31 @@ def test_summary_with_no_200_has_no_latency():
 
 
 def level(rps: float, p99_ms: float, ok: int = 64) -> Level:
-    return Level(concurrency=32, requests=64, ok=ok, failed={} if ok == 64 else {503: 64 - ok}, wall_s=1.0,
-                 audio_s=0.0, rps=rps, audio_rate=0.0, p50_ms=p99_ms / 2, p99_ms=p99_ms, mean_ms=p99_ms / 2)
+    return Level(
+        concurrency=32,
+        requests=64,
+        ok=ok,
+        failed={} if ok == 64 else {503: 64 - ok},
+        wall_s=1.0,
+        audio_s=0.0,
+        rps=rps,
+        audio_rate=0.0,
+        p50_ms=p99_ms / 2,
+        p99_ms=p99_ms,
+        mean_ms=p99_ms / 2,
+    )
 
 
-@pytest.mark.parametrize("batched, unbatched, met", [
-    (level(20, 300), level(10, 150), True),  # exactly 2x throughput, exactly 2x p99: met
-    (level(19.9, 100), level(10, 150), False),  # throughput short
-    (level(40, 301), level(10, 150), False),  # p99 too high
-    (level(40, 100, ok=63), level(10, 150), False),  # one non-200 fails it
-    (level(40, 100), level(10, 150, ok=63), False),
-])
+@pytest.mark.parametrize(
+    "batched, unbatched, met",
+    [
+        (level(20, 300), level(10, 150), True),  # exactly 2x throughput, exactly 2x p99: met
+        (level(19.9, 100), level(10, 150), False),  # throughput short
+        (level(40, 301), level(10, 150), False),  # p99 too high
+        (level(40, 100, ok=63), level(10, 150), False),  # one non-200 fails it
+        (level(40, 100), level(10, 150, ok=63), False),
+    ],
+)
 def test_verdict(batched, unbatched, met):
     ok, speedup, p99_ratio = verdict(batched, unbatched)
     assert ok is met
@@ -81,8 +95,9 @@ def test_demo_clips_load_with_their_durations():
 
 
 def test_the_command_is_registered():
-    args = cli.build_parser().parse_args(["bench", "serve", "--requests", "16", "--concurrency", "1,8",
-                                          "--cpus-per-replica", "2"])
+    args = cli.build_parser().parse_args(
+        ["bench", "serve", "--requests", "16", "--concurrency", "1,8", "--cpus-per-replica", "2"]
+    )
     assert args.run is bench_serve.main and args.requests == 16 and args.concurrency == "1,8"
     assert args.cpus_per_replica == 2.0 and args.max_batch_size == 16 and args.num_beams == 5
 

@@ -36,17 +36,26 @@ def test_importing_the_cli_imports_neither_bench_nor_demo():
     assert run.stdout.strip() == "[]"
 
 
-@pytest.mark.parametrize("argv", [["bench", "model"], ["bench", "io", "--help"], ["evaluate", "--help"],
-                                  ["corpus", "subset", "--from", "x", "--out", "y"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["bench", "model"],
+        ["bench", "io", "--help"],
+        ["evaluate", "--help"],
+        ["corpus", "subset", "--from", "x", "--out", "y"],
+    ],
+)
 def test_bench_and_demo_commands_without_a_checkout_say_so_and_exit_2(argv):
     # As in an install from the wheel, which leaves bench/ and demo/ out: neither package is found.
-    run = python("import sys\n"
-                 "class Absent:\n"
-                 "    def find_spec(self, name, path=None, target=None):\n"
-                 "        if name in ('bench', 'demo'):\n"
-                 "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
-                 "sys.meta_path.insert(0, Absent())\n"
-                 f"from jobs.cli import main; main({argv!r})")
+    run = python(
+        "import sys\n"
+        "class Absent:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name in ('bench', 'demo'):\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+        "sys.meta_path.insert(0, Absent())\n"
+        f"from jobs.cli import main; main({argv!r})"
+    )
     assert run.returncode == 2, run.stderr[-2000:]
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and "needs a checkout" in lines[0] and "pip install -e ." in lines[0], run.stderr

@@ -23,8 +23,21 @@ needs_espeak = pytest.mark.skipif(
 
 
 def make_corpus(folder, count=COUNT, seed=SEED, workers=1, *extra):
-    cli.main(["corpus", "spoken-numbers", "--out", str(folder), "--count", str(count), "--seed", str(seed),
-              "--workers", str(workers), *extra])
+    cli.main(
+        [
+            "corpus",
+            "spoken-numbers",
+            "--out",
+            str(folder),
+            "--count",
+            str(count),
+            "--seed",
+            str(seed),
+            "--workers",
+            str(workers),
+            *extra,
+        ]
+    )
     return [json.loads(line) for line in (folder / "manifest.jsonl").read_text().splitlines()]
 
 
@@ -36,6 +49,7 @@ def one_worker(tmp_path_factory):
 
 # ------------------------------------------------------------------------------------------------ no espeak-ng
 
+
 def test_num2words_mistakes_are_put_right():
     # Where num2words 0.5.14 is wrong (a thousands part ending in one); what it already gets right stays as it is.
     assert corpus.number_words(101000, "de") == "einhunderteintausend"
@@ -44,11 +58,17 @@ def test_num2words_mistakes_are_put_right():
     assert corpus.number_words(31000, "es") == "treinta y un mil"
     assert corpus.number_words(101000, "es") == "ciento un mil"
     assert corpus.number_words(21021, "es") == "veintiún mil veintiuno"
-    for n, lang, words in [(1000, "de", "eintausend"), (1001, "de", "eintausendeins"), (21000, "de",
-                           "einundzwanzigtausend"), (1001, "es", "mil uno"), (21, "es", "veintiuno"),
-                           (21000, "fr", "vingt et un mille"), (80000, "fr", "quatre-vingt mille"),
-                           (1100, "en", "one thousand one hundred"), (405612, "en",
-                           "four hundred and five thousand six hundred and twelve")]:
+    for n, lang, words in [
+        (1000, "de", "eintausend"),
+        (1001, "de", "eintausendeins"),
+        (21000, "de", "einundzwanzigtausend"),
+        (1001, "es", "mil uno"),
+        (21, "es", "veintiuno"),
+        (21000, "fr", "vingt et un mille"),
+        (80000, "fr", "quatre-vingt mille"),
+        (1100, "en", "one thousand one hundred"),
+        (405612, "en", "four hundred and five thousand six hundred and twelve"),
+    ]:
         assert corpus.number_words(n, lang) == words
 
 
@@ -77,6 +97,7 @@ def test_read_numbers_from_a_manifest_a_folder_or_a_list(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- with espeak-ng
+
 
 @needs_espeak
 def test_espeak_ng_is_deterministic():
@@ -111,7 +132,7 @@ def test_manifest_rows_audio_and_targets(one_worker):
         assert (info.format, info.subtype, info.samplerate, info.channels) == ("FLAC", "PCM_16", 16000, 1)
         assert row["duration"] == round(info.frames / 16000, 3) and 1.0 < row["duration"] < 20.0
         audio, _ = soundfile.read(folder / row["audio_filepath"])
-        assert 0.003 < np.sqrt(np.mean(audio ** 2)) and np.max(np.abs(audio)) < 1.0
+        assert 0.003 < np.sqrt(np.mean(audio**2)) and np.max(np.abs(audio)) < 1.0
 
         numbers = row["numbers"]
         assert all(isinstance(n, int) and 0 <= n <= 999_999 for n in numbers)
@@ -137,6 +158,7 @@ def test_exclude_numbers_of_another_corpus(one_worker, tmp_path):
 
 # ------------------------------------------------------------------------------------------- subset, long form
 
+
 def test_subset_selection_keeps_order_and_quota_within_the_budget():
     sizes, counts = [100, 300, 50, 400, 80, 60], [1, 1, 1, 2, 1, 3]
     assert corpus.select(sizes, counts, 3, 10**9, multi=1) == [0, 1, 3]  # the first ones when all fit
@@ -156,8 +178,22 @@ def test_subset_copies_the_chosen_utterances(one_worker, tmp_path):
     chosen = []
     for budget in [sum(sizes.values()), 0.8 * sum(sizes[r["id"]] for r in first)]:
         out = tmp_path / f"subset-{budget:.0f}"
-        cli.main(["corpus", "subset", "--from", str(folder), "--out", str(out), "--count", "3", "--multi", "1",
-                  "--max-mb", f"{budget / 1e6:.6f}"])
+        cli.main(
+            [
+                "corpus",
+                "subset",
+                "--from",
+                str(folder),
+                "--out",
+                str(out),
+                "--count",
+                "3",
+                "--multi",
+                "1",
+                "--max-mb",
+                f"{budget / 1e6:.6f}",
+            ]
+        )
         kept = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
         assert len(kept) == 3 and sum(len(r["numbers"]) > 1 for r in kept) == 1
         assert [r for r in rows if r in kept] == kept  # rows unchanged, in the corpus' order
@@ -169,8 +205,24 @@ def test_subset_copies_the_chosen_utterances(one_worker, tmp_path):
 
 
 def make_long_form(corpus_folder, folder, seed=5, count=2, min_seconds=5, max_seconds=14):
-    cli.main(["corpus", "long-form", "--from", str(corpus_folder), "--out", str(folder), "--count", str(count),
-              "--min-seconds", str(min_seconds), "--max-seconds", str(max_seconds), "--seed", str(seed)])
+    cli.main(
+        [
+            "corpus",
+            "long-form",
+            "--from",
+            str(corpus_folder),
+            "--out",
+            str(folder),
+            "--count",
+            str(count),
+            "--min-seconds",
+            str(min_seconds),
+            "--max-seconds",
+            str(max_seconds),
+            "--seed",
+            str(seed),
+        ]
+    )
     return [json.loads(line) for line in (folder / "manifest.jsonl").read_text().splitlines()]
 
 
@@ -189,8 +241,17 @@ def test_long_form_segments_are_the_source_utterances_exactly(one_worker, long_f
     used = [s["source_id"] for r in recordings for s in r["segments"]]
     assert len(used) == len(set(used)) and all(r["segments"] for r in recordings)  # no utterance twice
     for rec in recordings:
-        assert set(rec) == {"id", "audio_filepath", "duration", "text", "text_fr", "text_de", "text_es", "numbers",
-                            "segments"}
+        assert set(rec) == {
+            "id",
+            "audio_filepath",
+            "duration",
+            "text",
+            "text_fr",
+            "text_de",
+            "text_es",
+            "numbers",
+            "segments",
+        }
         info = soundfile.info(folder / rec["audio_filepath"])
         assert (info.format, info.subtype, info.samplerate, info.channels) == ("FLAC", "PCM_16", 16000, 1)
         assert rec["duration"] == round(info.frames / 16000, 3) and 5 <= rec["duration"] <= 14
@@ -205,8 +266,9 @@ def test_long_form_segments_are_the_source_utterances_exactly(one_worker, long_f
             original, _ = soundfile.read(source_folder / row["audio_filepath"], dtype="int16")
             assert np.array_equal(audio[start:end], original)
             assert abs((end - start) / 16000 - row["duration"]) <= 0.0005
-            assert {k: seg[k] for k in ("text", "text_fr", "text_de", "text_es", "numbers")} == \
-                {k: row[k] for k in ("text", "text_fr", "text_de", "text_es", "numbers")}
+            assert {k: seg[k] for k in ("text", "text_fr", "text_de", "text_es", "numbers")} == {
+                k: row[k] for k in ("text", "text_fr", "text_de", "text_es", "numbers")
+            }
             speech += end - start
         pauses = [audio[a:b] for a, b in zip(bounds[0::2], bounds[1::2])]  # before, between and after the segments
         assert len(pauses) == len(segments) + 1 and speech + sum(map(len, pauses)) == len(audio)
@@ -225,7 +287,9 @@ def test_long_form_is_deterministic_for_a_seed(one_worker, long_form, tmp_path):
     folder, recordings = long_form
     assert make_long_form(one_worker[0], tmp_path / "again") == recordings
     for rec in recordings:
-        assert (tmp_path / "again" / rec["audio_filepath"]).read_bytes() == (folder / rec["audio_filepath"]).read_bytes()
+        assert (tmp_path / "again" / rec["audio_filepath"]).read_bytes() == (
+            folder / rec["audio_filepath"]
+        ).read_bytes()
     other = make_long_form(one_worker[0], tmp_path / "other", seed=6, count=1)
     assert other[0]["segments"] != recordings[0]["segments"]
     with pytest.raises(ValueError, match="too few utterances"):  # six utterances do not make a minute

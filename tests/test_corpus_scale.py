@@ -8,11 +8,11 @@ import time
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from helpers import demo_rows, killed_mid_job
+
 from pipeline import scoring
-from pipeline.lease import Lease, LeaseHeld
 from pipeline.ids import digest_set
+from pipeline.lease import Lease, LeaseHeld
 from pipeline.manifest import Manifest, read_manifest
 from pipeline.rows import ManifestError
 from pipeline.summary import corpus_summary
@@ -28,7 +28,7 @@ def output_ids(folder) -> list[str]:
 
 def write_shards(folder, rows: list[dict], names: list[str], kind: str) -> None:
     """`rows` spread over files `names` (one shard each, in turn) as JSONL, TSV or Parquet."""
-    shares = [rows[i::len(names)] for i in range(len(names))]
+    shares = [rows[i :: len(names)] for i in range(len(names))]
     for name, share in zip(names, shares):
         if kind == "parquet":
             pq.write_table(pa.Table.from_pylist(share), folder / name)
@@ -40,22 +40,30 @@ def write_shards(folder, rows: list[dict], names: list[str], kind: str) -> None:
             (folder / name).write_text("".join(json.dumps(r) + "\n" for r in share))
 
 
-@pytest.mark.parametrize("pattern, names, kind", [
-    ("part-*.jsonl", ["part-0.jsonl", "part-1.jsonl", "part-2.jsonl"], "jsonl"),
-    ("manifest_{000..002}.tsv", ["manifest_000.tsv", "manifest_001.tsv", "manifest_002.tsv"], "tsv"),
-    ("manifest__OP_0..2_CL_.json", ["manifest_0.json", "manifest_1.json", "manifest_2.json"], "jsonl"),
-    ("shard-*.parquet", ["shard-a.parquet", "shard-b.parquet"], "parquet"),
-])
+@pytest.mark.parametrize(
+    "pattern, names, kind",
+    [
+        ("part-*.jsonl", ["part-0.jsonl", "part-1.jsonl", "part-2.jsonl"], "jsonl"),
+        ("manifest_{000..002}.tsv", ["manifest_000.tsv", "manifest_001.tsv", "manifest_002.tsv"], "tsv"),
+        ("manifest__OP_0..2_CL_.json", ["manifest_0.json", "manifest_1.json", "manifest_2.json"], "jsonl"),
+        ("shard-*.parquet", ["shard-a.parquet", "shard-b.parquet"], "parquet"),
+    ],
+)
 def test_sharded_manifests_are_one_manifest(ray_session, tmp_path, pattern, names, kind):
     rows = demo_rows(6)
     write_shards(tmp_path, rows, names, kind)
     if kind != "parquet":  # a bad line in the middle of the second shard
         second = tmp_path / names[1]
         lines = second.read_text().splitlines()
-        second.write_text("\n".join(lines[:1] + ['{"id": "broken", "audio_filepath": ' if kind == "jsonl" else
-                                                 "only-one-field"] + lines[1:]) + "\n")
-    summary = run(TranscribeConfig(manifest=str(tmp_path / pattern), output=str(tmp_path / "out"), model=DEMO_MODEL,
-                                   **FAST))
+        second.write_text(
+            "\n".join(
+                lines[:1] + ['{"id": "broken", "audio_filepath": ' if kind == "jsonl" else "only-one-field"] + lines[1:]
+            )
+            + "\n"
+        )
+    summary = run(
+        TranscribeConfig(manifest=str(tmp_path / pattern), output=str(tmp_path / "out"), model=DEMO_MODEL, **FAST)
+    )
     ids = output_ids(tmp_path / "out")
     good = [r["id"] for r in rows]
     bad = [] if kind == "parquet" else [f"{names[1]}:2"]
@@ -63,8 +71,11 @@ def test_sharded_manifests_are_one_manifest(ray_session, tmp_path, pattern, name
     assert summary["rows_in"] == summary["rows_out"] == len(good) + len(bad)
     assert summary["rows_ok"] == len(good) and summary["errors_by_reason"] == ({"bad_manifest_line": 1} if bad else {})
     if bad:
-        error = next(pq.read_table(f).to_pylist() for f in (tmp_path / "out").glob("*.parquet")
-                     if bad[0] in pq.read_table(f, columns=["id"])["id"].to_pylist())
+        error = next(
+            pq.read_table(f).to_pylist()
+            for f in (tmp_path / "out").glob("*.parquet")
+            if bad[0] in pq.read_table(f, columns=["id"])["id"].to_pylist()
+        )
         message = next(r["error"] for r in error if r["id"] == bad[0])
         assert message.startswith(f"bad_manifest_line: {tmp_path / names[1]}:2: ")
 
@@ -94,8 +105,9 @@ def test_resume_after_sigkill_with_sharded_input(ray_session, tmp_path):
     torn = output / f"s2t-{'f' * 32}_000099-0.parquet"  # a file of the job's naming that a write cut short left
     torn.write_bytes(b"PAR1" + b"\0" * 100)  # no footer
 
-    summary = run(TranscribeConfig(manifest=str(tmp_path / "part-*.jsonl"), output=str(output), model=DEMO_MODEL,
-                                   **FAST))
+    summary = run(
+        TranscribeConfig(manifest=str(tmp_path / "part-*.jsonl"), output=str(output), model=DEMO_MODEL, **FAST)
+    )
     assert sorted(output_ids(output)) == sorted(r["id"] for r in rows)
     assert not torn.exists()
     assert summary["rows_this_run"] == len(rows) - len(intact)
@@ -110,21 +122,61 @@ def test_summary_figures_equal_jiwer_and_sacrebleu(ray_session, tmp_path):
     import sacrebleu
 
     rows = demo_rows()
-    hyp = lambda text, i: " ".join(w for k, w in enumerate(text.split()) if (k + i) % 4) + (" extra" * (i % 3))
-    asr = [dict(id=r["id"], error=None, duration_s=r["duration"], text=hyp(r["text"], i), tgt_lang=None,
-                reference=r["text"], run_id="now", text_fr=None) for i, r in enumerate(rows)]
-    fr = [dict(id=r["id"] + "-fr", error=None, duration_s=r["duration"], text=hyp(r["text_fr"], i), tgt_lang="fr",
-               reference=r["text"], run_id="before", text_fr=r["text_fr"]) for i, r in enumerate(rows)]
-    failed = [dict(id="gone", error="missing: gone.flac", duration_s=None, text=None, tgt_lang=None, reference="x",
-                   run_id="now", text_fr=None)]
+
+    def hyp(text: str, i: int) -> str:
+        return " ".join(w for k, w in enumerate(text.split()) if (k + i) % 4) + (" extra" * (i % 3))
+
+    asr = [
+        dict(
+            id=r["id"],
+            error=None,
+            duration_s=r["duration"],
+            text=hyp(r["text"], i),
+            tgt_lang=None,
+            reference=r["text"],
+            run_id="now",
+            text_fr=None,
+        )
+        for i, r in enumerate(rows)
+    ]
+    fr = [
+        dict(
+            id=r["id"] + "-fr",
+            error=None,
+            duration_s=r["duration"],
+            text=hyp(r["text_fr"], i),
+            tgt_lang="fr",
+            reference=r["text"],
+            run_id="before",
+            text_fr=r["text_fr"],
+        )
+        for i, r in enumerate(rows)
+    ]
+    failed = [
+        dict(
+            id="gone",
+            error="missing: gone.flac",
+            duration_s=None,
+            text=None,
+            tgt_lang=None,
+            reference="x",
+            run_id="now",
+            text_fr=None,
+        )
+    ]
     foreign = [dict(asr[0], id="not-in-the-manifest", text="nothing alike")]
     output = pa.Table.from_pylist(asr + fr + failed + foreign + [asr[1]])  # asr[1] written twice
     manifest_ids = [r["id"] for r in asr + fr + failed] + ["never-written"]
-    summary = corpus_summary(digest_set(ray.data.from_items([{"id": i} for i in manifest_ids])),
-                             ray.data.from_arrow([output.slice(0, 30), output.slice(30)]), run_id="now")
+    summary = corpus_summary(
+        digest_set(ray.data.from_items([{"id": i} for i in manifest_ids])),
+        ray.data.from_arrow([output.slice(0, 30), output.slice(30)]),
+        run_id="now",
+    )
 
-    expected_wer = 100 * jiwer.wer([scoring.normalise(r["reference"]) for r in asr + [asr[1]]],
-                                   [scoring.normalise(r["text"]) for r in asr + [asr[1]]])
+    expected_wer = 100 * jiwer.wer(
+        [scoring.normalise(r["reference"]) for r in asr + [asr[1]]],
+        [scoring.normalise(r["text"]) for r in asr + [asr[1]]],
+    )
     assert summary["wer"] == pytest.approx(expected_wer, abs=1e-9)
     assert 5 < summary["wer"] < 95
     expected_bleu = sacrebleu.BLEU().corpus_score([r["text"] for r in fr], [[r["text_fr"] for r in fr]])
@@ -210,15 +262,23 @@ def test_id_digest_sets_count_as_python_counters_do():
     rng = random.Random(7)
     manifest = [f"utt-{rng.randrange(3000)}" for _ in range(4000)]
     output = [f"utt-{rng.randrange(3500)}" for _ in range(3000)]
-    as_set = lambda ids: sorted_digests({"hi": digests(ids)["hi"], "lo": digests(ids)["lo"]})
+
+    def as_set(ids: list[str]):
+        return sorted_digests({"hi": digests(ids)["hi"], "lo": digests(ids)["lo"]})
+
     counts, unlisted = compare(as_set(manifest), as_set(output))
     need, have = Counter(manifest), Counter(output)
-    assert counts == {"n_in": len(manifest), "n_out": sum(n for i, n in have.items() if i in need),
-                      "missing": sum(max(n - have[i], 0) for i, n in need.items()),
-                      "duplicated": sum(max(n - need[i], 0) for i, n in have.items() if i in need),
-                      "unlisted": sum(n for i, n in have.items() if i not in need)}
+    assert counts == {
+        "n_in": len(manifest),
+        "n_out": sum(n for i, n in have.items() if i in need),
+        "missing": sum(max(n - have[i], 0) for i, n in need.items()),
+        "duplicated": sum(max(n - need[i], 0) for i, n in have.items() if i in need),
+        "unlisted": sum(n for i, n in have.items() if i not in need),
+    }
     assert counts["missing"] and counts["duplicated"] and counts["unlisted"]
-    assert sorted(map(tuple, unlisted.tolist())) == sorted(map(tuple, digests(sorted({i for i in have if i not in need})).tolist()))
+    assert sorted(map(tuple, unlisted.tolist())) == sorted(
+        map(tuple, digests(sorted({i for i in have if i not in need})).tolist())
+    )
     # Digests equal in their first 64 bits are told apart by the rest.
     listed = np.array([(5, 1), (5, 3), (5, 3), (9, 2)], dtype=DIGEST)
     wanted = np.array([(5, 3), (5, 2), (9, 2), (9, 1), (1, 1)], dtype=DIGEST)

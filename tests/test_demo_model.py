@@ -48,7 +48,12 @@ def test_transformers_loads_the_demo_model_and_generates_the_same_ids(demo):
     for i, (n, lang) in enumerate(zip(lengths.tolist(), langs)):
         forced = {} if lang is None else {"forced_bos_token_id": tokenizer.lang_code_to_id[lang]}
         expected = reference.generate(
-            features[i : i + 1, :n], attention_mask=torch.ones(1, n, dtype=torch.long), num_beams=5,
-            max_length=model.config.max_length, early_stopping=True, do_sample=False, **forced,
+            features[i : i + 1, :n],
+            attention_mask=torch.ones(1, n, dtype=torch.long),
+            num_beams=5,
+            max_length=model.config.max_length,
+            early_stopping=True,
+            do_sample=False,
+            **forced,
         )[0, 1:].tolist()
         assert ours[i] == (expected[: expected.index(2) + 1] if 2 in expected else expected), (i, lang)

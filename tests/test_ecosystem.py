@@ -14,8 +14,8 @@ import warnings
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from helpers import demo_rows
+
 from s2t_model import DEMO_LONG_FORM, DEMO_MODEL
 
 SMALL = dict(batch_size=4, feature_batch_size=4, rows_per_file=4, rows_per_block=4, num_beams=1)
@@ -23,8 +23,10 @@ SMALL = dict(batch_size=4, feature_batch_size=4, rows_per_file=4, rows_per_block
 
 @pytest.fixture(scope="module")
 def outputs(ray_session, tmp_path_factory):
-    from pipeline.backfill import BackfillConfig, run as backfill
-    from pipeline.transcribe import TranscribeConfig, run as transcribe
+    from pipeline.backfill import BackfillConfig
+    from pipeline.backfill import run as backfill
+    from pipeline.transcribe import TranscribeConfig
+    from pipeline.transcribe import run as transcribe
 
     folder = tmp_path_factory.mktemp("ecosystem")
     rows = demo_rows(6)
@@ -39,11 +41,14 @@ def outputs(ray_session, tmp_path_factory):
     manifest = folder / "m.jsonl"
     manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
     transcribe(TranscribeConfig(manifest=str(manifest), output=str(folder / "t"), model=DEMO_MODEL, **SMALL))
-    backfill(BackfillConfig(manifest=str(manifest), output=str(folder / "b"), model=DEMO_MODEL, tgt_langs="fr,de",
-                            **SMALL))
+    backfill(
+        BackfillConfig(manifest=str(manifest), output=str(folder / "b"), model=DEMO_MODEL, tgt_langs="fr,de", **SMALL)
+    )
     ids = [row["id"] for row in rows]
-    return {"t": (folder / "t", [(i, "fr" if n < 3 else None) for n, i in enumerate(ids)]),
-            "b": (folder / "b", [(i, lang) for i in ids for lang in ("fr", "de")])}
+    return {
+        "t": (folder / "t", [(i, "fr" if n < 3 else None) for n, i in enumerate(ids)]),
+        "b": (folder / "b", [(i, lang) for i in ids for lang in ("fr", "de")]),
+    }
 
 
 def readers(out: str):
@@ -102,18 +107,29 @@ def test_an_output_of_the_layout_before_s2t_folder_is_adopted_into_it(tmp_path):
     (out / "_runs").mkdir(parents=True)
     (out / "_s2t_output.json").write_text('{"written_by": "s2t backfill"}')
     (out / "_runs" / "20261201T000000-a1b2c3.json").write_text("{}")
-    base = {"audio": ["a.flac"], "text": ["un"], "num_tokens": pa.array([1], pa.int32()),
-            "avg_logprob": pa.array([-0.1], pa.float32()), "error": pa.array([None], pa.string()), "model": ["m"],
-            "run_id": ["r"]}
+    base = {
+        "audio": ["a.flac"],
+        "text": ["un"],
+        "num_tokens": pa.array([1], pa.int32()),
+        "avg_logprob": pa.array([-0.1], pa.float32()),
+        "error": pa.array([None], pa.string()),
+        "model": ["m"],
+        "run_id": ["r"],
+    }
     segment = {"segment_of": pa.array([None], pa.string()), "segment_index": pa.array([None], pa.int32())}
-    for lang, extra in (("fr", segment), ("de", {"segments": pa.array([[{"start_s": 0.0, "end_s": 1.0,
-                                                                         "text": "eins"}]])})):
+    for lang, extra in (
+        ("fr", segment),
+        ("de", {"segments": pa.array([[{"start_s": 0.0, "end_s": 1.0, "text": "eins"}]])}),
+    ):
         (out / f"tgt_lang={lang}").mkdir()
-        pq.write_table(pa.table({"id": [f"a-{lang}"], **base, **extra}),
-                       out / f"tgt_lang={lang}" / f"s2t-{'a' * 32}_000000-0.parquet")
-    pq.write_table(pa.table({"id": ["long~00000"], **base, "segment_of": ["long"],
-                             "segment_index": pa.array([0], pa.int32())}),
-                   out / "tgt_lang=fr" / f"s2t-{'b' * 32}_000000-0.parquet")
+        pq.write_table(
+            pa.table({"id": [f"a-{lang}"], **base, **extra}),
+            out / f"tgt_lang={lang}" / f"s2t-{'a' * 32}_000000-0.parquet",
+        )
+    pq.write_table(
+        pa.table({"id": ["long~00000"], **base, "segment_of": ["long"], "segment_index": pa.array([0], pa.int32())}),
+        out / "tgt_lang=fr" / f"s2t-{'b' * 32}_000000-0.parquet",
+    )
     fs = fsspec.filesystem("file")
     with pytest.raises(OutputError, match="--adopt-output"):
         check_output(fs, str(out), str(out))
@@ -130,6 +146,7 @@ def test_an_output_of_the_layout_before_s2t_folder_is_adopted_into_it(tmp_path):
 
 # ---- Inputs as the libraries write them ---------------------------------------------------------------------------
 
+
 def test_datasets_parquet_cells_with_a_path_and_no_bytes_name_their_files(tmp_path, monkeypatch):
     """`datasets`' to_parquet of an Audio column built from paths keeps `{bytes: null, path}`: absolute, an fsspec
     URL, relative to the Parquet file (written from its folder); each row reads its file, and one whose file is no
@@ -143,7 +160,12 @@ def test_datasets_parquet_cells_with_a_path_and_no_bytes_name_their_files(tmp_pa
     rows = demo_rows(3)
     shutil.copy(rows[2]["audio_filepath"], tmp_path / "beside.flac")
     shutil.copy(rows[2]["audio_filepath"], tmp_path / "gone.flac")
-    paths = [rows[0]["audio_filepath"], f"file://{rows[1]['audio_filepath']}", "beside.flac", str(tmp_path / "gone.flac")]
+    paths = [
+        rows[0]["audio_filepath"],
+        f"file://{rows[1]['audio_filepath']}",
+        "beside.flac",
+        str(tmp_path / "gone.flac"),
+    ]
     monkeypatch.chdir(tmp_path)  # datasets reads the sizes of the files it is given (relative: from here)
     table = datasets.Dataset.from_dict({"audio": paths, "text": [r["text"] for r in rows] + ["x"]})
     table.cast_column("audio", datasets.Audio(sampling_rate=16000)).to_parquet(str(tmp_path / "train.parquet"))
@@ -154,8 +176,10 @@ def test_datasets_parquet_cells_with_a_path_and_no_bytes_name_their_files(tmp_pa
     out = read_manifest(str(tmp_path / "train.parquet")).to_pylist()
     assert [r["audio"] for r in out[:3]] == [paths[0], paths[1], str(tmp_path / "beside.flac")]
     assert [r["audio_bytes"] for r in out] == [None] * 4 and [r["error"] for r in out[:3]] == [None] * 3
-    assert out[3]["error"].startswith(f"missing: {tmp_path}/train.parquet#3: ") and "embed_external_files" in \
-        out[3]["error"]
+    assert (
+        out[3]["error"].startswith(f"missing: {tmp_path}/train.parquet#3: ")
+        and "embed_external_files" in out[3]["error"]
+    )
     assert [r["reference"] for r in out[:3]] == [r["text"] for r in rows]
 
 
@@ -167,10 +191,12 @@ def test_a_save_to_disk_folder_is_read_as_its_arrow_files(tmp_path):
     from pipeline.manifest import read_manifest
 
     rows = demo_rows(4)
-    cells = [{"bytes": open(r["audio_filepath"], "rb").read(), "path": os.path.basename(r["audio_filepath"])}
-             for r in rows]
-    saved = datasets.Dataset.from_dict({"id": [r["id"] for r in rows], "audio": cells,
-                                        "sentence": [r["text"] for r in rows]})
+    cells = [
+        {"bytes": open(r["audio_filepath"], "rb").read(), "path": os.path.basename(r["audio_filepath"])} for r in rows
+    ]
+    saved = datasets.Dataset.from_dict(
+        {"id": [r["id"] for r in rows], "audio": cells, "sentence": [r["text"] for r in rows]}
+    )
     saved.cast_column("audio", datasets.Audio(sampling_rate=16000)).save_to_disk(str(tmp_path / "ds"), num_shards=2)
     assert len(list((tmp_path / "ds").glob("data-*.arrow"))) == 2
     for uri in (str(tmp_path / "ds"), str(tmp_path / "ds" / "*.arrow")):
@@ -183,17 +209,24 @@ def test_a_save_to_disk_folder_is_read_as_its_arrow_files(tmp_path):
 def test_nemo_members_are_matched_by_stem_as_nemo_matches_them(tmp_path):
     """convert_to_tarred_audio_dataset.py --force_codec flac writes x.flac while its manifest keeps x.wav."""
     import pyarrow.fs
+    from test_shards import audio_bytes, nemo_group, write_tar
 
     from pipeline.shards import read_nemo_shard
-    from test_shards import audio_bytes, nemo_group, write_tar
 
     rows = demo_rows(2)
     write_tar(tmp_path / "audio_0.tar", [("a.flac", audio_bytes(rows[0])), ("b.flac", audio_bytes(rows[1]))])
     tars = {0: (str(tmp_path / "audio_0.tar"),) * 2}
-    read = [r for t in read_nemo_shard(nemo_group(["b.wav", "a.wav", "c.wav"], [{}, {}, {}]), tars,
-                                       pyarrow.fs.LocalFileSystem(), 8, "audio_0.tar") for r in t.to_pylist()]
+    read = [
+        r
+        for t in read_nemo_shard(
+            nemo_group(["b.wav", "a.wav", "c.wav"], [{}, {}, {}]), tars, pyarrow.fs.LocalFileSystem(), 8, "audio_0.tar"
+        )
+        for r in t.to_pylist()
+    ]
     by_id = {r["id"]: r for r in read}
-    assert by_id["row-0"]["audio_bytes"] == audio_bytes(rows[1]) and by_id["row-1"]["audio_bytes"] == audio_bytes(rows[0])
+    assert by_id["row-0"]["audio_bytes"] == audio_bytes(rows[1]) and by_id["row-1"]["audio_bytes"] == audio_bytes(
+        rows[0]
+    )
     assert by_id["row-2"]["error"].startswith("missing: ") and by_id["row-2"]["audio_bytes"] is None
 
 
@@ -204,10 +237,24 @@ def lhotse_cuts(rows: list[dict]):
     cuts = []
     for row in rows:
         recording = Recording.from_file(row["audio_filepath"], recording_id=row["id"])
-        supervision = SupervisionSegment(id=row["id"], recording_id=row["id"], start=0.0,
-                                         duration=recording.duration, text=row["text"], language="en")
-        cuts.append(MonoCut(id=f"{row['id']}-cut", start=0.0, duration=recording.duration, channel=0,
-                            recording=recording, supervisions=[supervision]))
+        supervision = SupervisionSegment(
+            id=row["id"],
+            recording_id=row["id"],
+            start=0.0,
+            duration=recording.duration,
+            text=row["text"],
+            language="en",
+        )
+        cuts.append(
+            MonoCut(
+                id=f"{row['id']}-cut",
+                start=0.0,
+                duration=recording.duration,
+                channel=0,
+                recording=recording,
+                supervisions=[supervision],
+            )
+        )
     window = Recording.from_file(rows[0]["audio_filepath"], recording_id="window")
     cuts.append(MonoCut(id="window-cut", start=0.5, duration=1.0, channel=0, recording=window, supervisions=[]))
     return CutSet.from_cuts(cuts)
@@ -243,7 +290,11 @@ def test_lhotse_shar_cuts_take_their_audio_from_the_recording_tars(ray_session, 
     (tmp_path / "shar").mkdir()
     lhotse_cuts(rows).to_shar(str(tmp_path / "shar"), fields={"recording": "flac"}, shard_size=4)
     assert sorted(p.name for p in (tmp_path / "shar").iterdir()) == [
-        "cuts.000000.jsonl.gz", "cuts.000001.jsonl.gz", "recording.000000.tar", "recording.000001.tar"]
+        "cuts.000000.jsonl.gz",
+        "cuts.000001.jsonl.gz",
+        "recording.000000.tar",
+        "recording.000001.tar",
+    ]
     theirs = {cut.id: cut for cut in CutSet.from_shar(in_dir=str(tmp_path / "shar"))}
     for uri in (str(tmp_path / "shar"), str(tmp_path / "shar" / "cuts.*.jsonl.gz")):
         manifest = Manifest(uri)
@@ -259,8 +310,9 @@ def test_lhotse_shar_cuts_take_their_audio_from_the_recording_tars(ray_session, 
     # And the job over the Shar: one row per cut, under its id, scored against its supervision's text.
     from pipeline.transcribe import TranscribeConfig, run
 
-    summary = run(TranscribeConfig(manifest=str(tmp_path / "shar"), output=str(tmp_path / "out"), model=DEMO_MODEL,
-                                   **SMALL))
+    summary = run(
+        TranscribeConfig(manifest=str(tmp_path / "shar"), output=str(tmp_path / "out"), model=DEMO_MODEL, **SMALL)
+    )
     written = pa.concat_tables(pq.read_table(f) for f in (tmp_path / "out").glob("*.parquet"))
     assert sorted(written["id"].to_pylist()) == sorted(theirs) and summary["rows_ok"] == len(theirs)
     assert summary["rows_missing"] == summary["rows_duplicated"] == 0 and summary["wer"] < 10

@@ -17,8 +17,8 @@ import pyarrow.parquet as pq
 import pytest
 import s3fs
 import soundfile
-
 from helpers import Fault, demo_rows, killed_mid_job, start_fault_proxy
+
 from pipeline.lease import Lease
 from pipeline.reasons import Reason
 from pipeline.storage import ClientRetry, RowRetry, with_client_retry
@@ -33,8 +33,9 @@ FAST = ClientRetry(read_timeout_s=2.0)
 def store(s3_endpoint):
     """(the proxy, an s3fs filesystem straight to the server, the proxy's URL)."""
     proxy, url = start_fault_proxy(s3_endpoint)
-    direct = s3fs.S3FileSystem(**CREDENTIALS, client_kwargs={"endpoint_url": s3_endpoint}, skip_instance_cache=True,
-                               use_listings_cache=False)
+    direct = s3fs.S3FileSystem(
+        **CREDENTIALS, client_kwargs={"endpoint_url": s3_endpoint}, skip_instance_cache=True, use_listings_cache=False
+    )
     yield proxy, direct, url
     proxy.shutdown()
 
@@ -52,15 +53,22 @@ def bucket(store):
 
 def through(url: str) -> dict:
     """fsspec options that reach the store through the proxy, with the job's client retry settings."""
-    return with_client_retry({**CREDENTIALS, "client_kwargs": {"endpoint_url": url}, "skip_instance_cache": True},
-                             FAST)
+    return with_client_retry({**CREDENTIALS, "client_kwargs": {"endpoint_url": url}, "skip_instance_cache": True}, FAST)
 
 
 def stage(url: str, attempts: int = RowRetry.attempts):
     from pipeline.stages import ComputeFeatures, FeatureOptions
 
-    return ComputeFeatures(FeatureOptions(FeatureExtractor.from_pretrained(DEMO_MODEL).to_dict(), 0.1, 60.0,
-                                          storage_options=through(url), vad="off", row_retry=RowRetry(attempts, 0.05)))
+    return ComputeFeatures(
+        FeatureOptions(
+            FeatureExtractor.from_pretrained(DEMO_MODEL).to_dict(),
+            0.1,
+            60.0,
+            storage_options=through(url),
+            vad="off",
+            row_retry=RowRetry(attempts, 0.05),
+        )
+    )
 
 
 def row(uri: str) -> dict:
@@ -85,8 +93,10 @@ def test_a_500_is_unavailable_a_404_missing_and_a_burst_of_resets_is_read_again(
     # here), fewer than the row's reads again.
     proxy.faults[:] = [Fault("reset_body", path=f"/{bucket}/a.flac", first=7)]
     np.testing.assert_array_equal(actor.load(row(f"s3://{bucket}/a.flac")), local)
-    proxy.faults[:] = [Fault("reset", path=f"/{bucket}/a.flac", first=2), Fault("stall", path=f"/{bucket}/a.flac",
-                                                                                  first=1, stall_s=4)]
+    proxy.faults[:] = [
+        Fault("reset", path=f"/{bucket}/a.flac", first=2),
+        Fault("stall", path=f"/{bucket}/a.flac", first=1, stall_s=4),
+    ]
     np.testing.assert_array_equal(actor.load(row(f"s3://{bucket}/a.flac")), local)
     assert proxy.injected["stall"] == 1
 
@@ -101,15 +111,16 @@ def test_a_lease_whose_create_answer_was_lost_is_the_runs_own(store, bucket):
     assert not direct.exists(f"{bucket}/out/_lease.json")
 
 
-def test_serve_fetches_its_model_through_503s_and_cut_bodies_and_names_a_dead_store_unavailable(ray_session, store,
-                                                                                                  bucket):
+def test_serve_fetches_its_model_through_503s_and_cut_bodies_and_names_a_dead_store_unavailable(
+    ray_session, store, bucket
+):
     """A Serve replica whose checkpoint is on S3 behind the proxy: 503s and bodies cut short on the checkpoint's
     GETs, more than the client's own tries, are fetched again and it serves; a store answering 500 every time
     fails the deployment with the store named unavailable (after its fetches), not with a generic crash."""
     import httpx
+    from conftest import free_port
     from ray import serve
 
-    from conftest import free_port
     from pipeline.serve import build_app
 
     proxy, direct, url = store
@@ -120,24 +131,28 @@ def test_serve_fetches_its_model_through_503s_and_cut_bodies_and_names_a_dead_st
     # Three 503s in a row: past botocore's three attempts of the first GET. Eight bodies cut short: s3fs gives a
     # download two, so the replica's fetches again take them; without those, Serve's own three starts of a replica
     # that crashed (six) would not.
-    proxy.faults[:] = [Fault("503", methods=("GET",), path=f"/{bucket}/model/", first=3),
-                       Fault("reset_body", methods=("GET",), path="model.safetensors", first=8)]
+    proxy.faults[:] = [
+        Fault("503", methods=("GET",), path=f"/{bucket}/model/", first=3),
+        Fault("reset_body", methods=("GET",), path="model.safetensors", first=8),
+    ]
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
         serve.run(build_app({**config, "read_attempts": 5}), name="s2t-flaky-store", route_prefix="/flaky")
         assert (proxy.injected["503"], proxy.injected["reset_body"]) == (3, 8)
         with open(clip["audio_filepath"], "rb") as f:
-            answer = httpx.post(f"http://127.0.0.1:{port}/flaky/v1/audio/transcriptions", files={"file": f},
-                                timeout=60)
+            answer = httpx.post(f"http://127.0.0.1:{port}/flaky/v1/audio/transcriptions", files={"file": f}, timeout=60)
         assert answer.json()["text"] == clip["text"], answer.text
         serve.delete("s2t-flaky-store")
 
         direct.put(DEMO_MODEL, f"{bucket}/other-model", recursive=True)  # not in the replicas' cache
         proxy.faults[:] = [Fault("500", path=f"{bucket}/other-model")]
         with pytest.raises(RuntimeError) as failed:
-            serve.run(build_app({**config, "model": f"s3://{bucket}/other-model", "read_attempts": 2}),
-                      name="s2t-dead-store", route_prefix="/dead")
+            serve.run(
+                build_app({**config, "model": f"s3://{bucket}/other-model", "read_attempts": 2}),
+                name="s2t-dead-store",
+                route_prefix="/dead",
+            )
         assert "s2t-dead-store failed" in str(failed.value)
         # The replica's error, as `serve status` shows it (Serve gave up on its constructor after its own retries).
         message = serve.status().applications["s2t-dead-store"].deployments["Speech2TextServer"].message
@@ -181,20 +196,36 @@ def test_500s_and_resets_on_tar_shards_are_read_again_never_damage(ray_session, 
     manifest = Manifest(f"s3://{bucket}/wds/shard-{{000000..000001}}.tar", through(url))
     # Past the client's tries: the first shard's first four GETs 500 (botocore tries three), the second's bodies
     # cut short five times (more than s3fs gives one read: two tries).
-    proxy.faults[:] = [Fault("500", methods=("GET",), path="shard-000000", first=4),
-                       Fault("reset_body", methods=("GET",), path="shard-000001", first=5)]
+    proxy.faults[:] = [
+        Fault("500", methods=("GET",), path="shard-000000", first=4),
+        Fault("reset_body", methods=("GET",), path="shard-000001", first=5),
+    ]
     rows = manifest.dataset(2, arrow_filesystem(manifest.fs)).select_columns(["id", "error"]).take_all()
     assert proxy.injected["500"] == 4 and proxy.injected["reset_body"] == 5
     assert sorted(r["id"] for r in rows) == sorted(f"shard-00000{i // 5}/{key}" for i, (key, _) in enumerate(clips))
     assert [r for r in rows if r["error"]] == []
 
     direct.pipe_file(f"{bucket}/nemo/audio_0.tar", tar_of(clips, text=False))
-    members = pa.table({"id": [k for k, _ in clips], "audio": [f"{k}.flac" for k, _ in clips],
-                        "error": pa.nulls(len(clips), pa.string()), "_shard": [0] * len(clips)})
+    members = pa.table(
+        {
+            "id": [k for k, _ in clips],
+            "audio": [f"{k}.flac" for k, _ in clips],
+            "error": pa.nulls(len(clips), pa.string()),
+            "_shard": [0] * len(clips),
+        }
+    )
     proxy.faults[:] = [Fault("mixed", methods=("GET",), path="audio_0.tar", first=12)]
     fs = s3fs.S3FileSystem(**through(url))
-    blocks = list(read_nemo_shard(members, {0: (f"{bucket}/nemo/audio_0.tar", f"s3://{bucket}/nemo/audio_0.tar")},
-                                  arrow_filesystem(fs), 4, "audio_{0..0}.tar", retry=RowRetry(4, 0.05)))
+    blocks = list(
+        read_nemo_shard(
+            members,
+            {0: (f"{bucket}/nemo/audio_0.tar", f"s3://{bucket}/nemo/audio_0.tar")},
+            arrow_filesystem(fs),
+            4,
+            "audio_{0..0}.tar",
+            retry=RowRetry(4, 0.05),
+        )
+    )
     out = pa.concat_tables(blocks)
     assert sorted(out["id"].to_pylist()) == sorted(k for k, _ in clips) and out["error"].null_count == len(clips)
     assert dict(zip(out["id"].to_pylist(), out["audio_bytes"].to_pylist())) == dict(clips)
@@ -237,16 +268,38 @@ def test_a_job_behind_faults_reports_the_stores_rows_unavailable_and_a_rerun_rep
         lines.append(json.dumps({"id": r["id"], "audio_filepath": f"audio/{r['id']}.flac", "text": r["text"]}))
     direct.pipe_file(f"{bucket}/corpus/manifest.jsonl", "\n".join(lines).encode())
     broken, stalled = rows[3]["id"], rows[5]["id"]
-    proxy.faults[:] = [Fault("500", path=f"/audio/{broken}.flac"),
-                       Fault("stall", path=f"/audio/{stalled}.flac", first=1, stall_s=5),
-                       Fault("lost_answer", methods=("PUT",), path="_lease.json", first=1),
-                       Fault("mixed", rate=0.3, methods=("GET", "HEAD"), path="/corpus/audio/"),
-                       Fault("mixed", rate=0.3, methods=("PUT",), path=".parquet"),
-                       Fault("mixed", rate=0.1)]
-    args = [f"s3://{bucket}/corpus/manifest.jsonl", f"s3://{bucket}/out", "--model", DEMO_MODEL,
-            "--s3-endpoint-url", url, "--storage-options", json.dumps(CREDENTIALS), "--num-beams", "1",
-            "--rows-per-file", "4", "--rows-per-block", "4", "--batch-size", "4", "--feature-batch-size", "4",
-            "--s3-read-timeout-s", "2", "--read-backoff-s", "0.1"]
+    proxy.faults[:] = [
+        Fault("500", path=f"/audio/{broken}.flac"),
+        Fault("stall", path=f"/audio/{stalled}.flac", first=1, stall_s=5),
+        Fault("lost_answer", methods=("PUT",), path="_lease.json", first=1),
+        Fault("mixed", rate=0.3, methods=("GET", "HEAD"), path="/corpus/audio/"),
+        Fault("mixed", rate=0.3, methods=("PUT",), path=".parquet"),
+        Fault("mixed", rate=0.1),
+    ]
+    args = [
+        f"s3://{bucket}/corpus/manifest.jsonl",
+        f"s3://{bucket}/out",
+        "--model",
+        DEMO_MODEL,
+        "--s3-endpoint-url",
+        url,
+        "--storage-options",
+        json.dumps(CREDENTIALS),
+        "--num-beams",
+        "1",
+        "--rows-per-file",
+        "4",
+        "--rows-per-block",
+        "4",
+        "--batch-size",
+        "4",
+        "--feature-batch-size",
+        "4",
+        "--s3-read-timeout-s",
+        "2",
+        "--read-backoff-s",
+        "0.1",
+    ]
     status, _ = run_job(args)
     summary = json.loads(direct.cat_file(f"{bucket}/out/_s2t/summary.json"))
     out = output_table(direct, f"{bucket}/out")
@@ -282,8 +335,22 @@ def test_retry_errors_redoes_final_errors_once_even_when_the_rerun_is_killed(ray
     manifest = tmp_path / "manifest.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
     output = tmp_path / "out"
-    args = [str(manifest), str(output), "--model", DEMO_MODEL, "--num-beams", "1", "--rows-per-file", "2",
-            "--rows-per-block", "2", "--batch-size", "2", "--feature-batch-size", "2"]
+    args = [
+        str(manifest),
+        str(output),
+        "--model",
+        DEMO_MODEL,
+        "--num-beams",
+        "1",
+        "--rows-per-file",
+        "2",
+        "--rows-per-block",
+        "2",
+        "--batch-size",
+        "2",
+        "--feature-batch-size",
+        "2",
+    ]
     status, summary = run_job(args)
     assert status == 0 and summary["errors_by_reason"] == {"missing": 4} and summary["rows_retryable"] == 0
 
@@ -306,12 +373,30 @@ def test_as_many_one_cpu_generation_actors_as_cpus_do_not_starve_the_read_tasks(
     rows = demo_rows(4)
     manifest = tmp_path / "manifest.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    script = ("import ray, sys; ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False); "
-              "from jobs.cli import main; main(sys.argv[1:])")
-    done = subprocess.run([sys.executable, "-c", script, "transcribe", str(manifest), str(tmp_path / "out"),
-                           "--model", DEMO_MODEL, "--num-beams", "1", "--generation-actors", "2"],
-                          env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, capture_output=True,
-                          text=True, timeout=400)
+    script = (
+        "import ray, sys; ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False); "
+        "from jobs.cli import main; main(sys.argv[1:])"
+    )
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            script,
+            "transcribe",
+            str(manifest),
+            str(tmp_path / "out"),
+            "--model",
+            DEMO_MODEL,
+            "--num-beams",
+            "1",
+            "--generation-actors",
+            "2",
+        ],
+        env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     table = pq.read_table(tmp_path / "out", columns=["id", "error"])
     assert sorted(table["id"].to_pylist()) == sorted(r["id"] for r in rows) and table["error"].null_count == len(rows)
@@ -328,15 +413,35 @@ def test_a_backfill_leaving_the_stores_pairs_exits_75_and_its_rerun_does_them(ra
     rows = demo_rows(4)
     for r in rows:
         direct.put_file(r["audio_filepath"], f"{bucket}/corpus/audio/{r['id']}.flac")
-    direct.pipe_file(f"{bucket}/corpus/manifest.jsonl", "\n".join(
-        json.dumps({"id": r["id"], "audio_filepath": f"audio/{r['id']}.flac"}) for r in rows).encode())
+    direct.pipe_file(
+        f"{bucket}/corpus/manifest.jsonl",
+        "\n".join(json.dumps({"id": r["id"], "audio_filepath": f"audio/{r['id']}.flac"}) for r in rows).encode(),
+    )
     proxy.faults[:] = [Fault("500", path=f"/audio/{rows[1]['id']}.flac")]
     parser = argparse.ArgumentParser()
     backfill.add_arguments(parser)
-    args = parser.parse_args([
-        "--manifest", f"s3://{bucket}/corpus/manifest.jsonl", "--output", f"s3://{bucket}/out", "--model",
-        DEMO_MODEL, "--tgt-langs", "fr", "--s3-endpoint-url", url, "--storage-options", json.dumps(CREDENTIALS),
-        "--num-beams", "1", "--s3-read-timeout-s", "2", "--read-backoff-s", "0.1"])
+    args = parser.parse_args(
+        [
+            "--manifest",
+            f"s3://{bucket}/corpus/manifest.jsonl",
+            "--output",
+            f"s3://{bucket}/out",
+            "--model",
+            DEMO_MODEL,
+            "--tgt-langs",
+            "fr",
+            "--s3-endpoint-url",
+            url,
+            "--storage-options",
+            json.dumps(CREDENTIALS),
+            "--num-beams",
+            "1",
+            "--s3-read-timeout-s",
+            "2",
+            "--read-backoff-s",
+            "0.1",
+        ]
+    )
     with pytest.raises(SystemExit) as exit:
         backfill.main(args)
     assert exit.value.code == 75
@@ -350,11 +455,11 @@ def test_a_backfill_leaving_the_stores_pairs_exits_75_and_its_rerun_does_them(ra
     assert out.num_rows == len(rows) and out["error"].null_count == len(rows)
 
 
-
 @pytest.mark.parametrize("fault", ["500", "reset_body"])
 @pytest.mark.parametrize("container", ["wav", "mka"])
-def test_a_store_failing_while_a_streamed_file_is_decoded_is_unavailable_not_the_files_fault(store, bucket, fault,
-                                                                                             container):
+def test_a_store_failing_while_a_streamed_file_is_decoded_is_unavailable_not_the_files_fault(
+    store, bucket, fault, container
+):
     """A file over WHOLE_FILE_BYTES is decoded while streamed (WAV by libsndfile, Matroska by PyAV): the store
     failing then (every GET after the HEAD answered 500, or cut short) is `unavailable`, retryable; never `corrupt`
     or `truncated`, the file's fault."""

@@ -11,8 +11,8 @@ import pytest
 import soundfile
 import soxr
 import torch
-
 from helpers import demo_rows, non_speech
+
 from pipeline import scoring
 from pipeline.gpu_stage import PCM, PCM_TYPE, DecodeAudio, GenerateFromAudio, pcm_column, pcm_rows
 from pipeline.stages import ComputeFeatures, FeatureOptions, GenerateText, GenerationOptions
@@ -40,16 +40,25 @@ def rows(tmp_path_factory):
     paths += [str(folder / "missing.flac"), clips[0]["audio_filepath"]]
     n = len(paths)
     speech = [None] * (n - 1) + [0.0]
-    table = pa.table({"id": [f"row-{i}" for i in range(n)], "audio": paths, "offset_s": [0.0] * n,
-                      "duration_s": pa.array([None] * n, pa.float64()), "error": pa.array([None] * n, pa.string()),
-                      "speech_s": pa.array(speech, pa.float64()), "tgt_lang": pa.array([None] * n, pa.string())})
+    table = pa.table(
+        {
+            "id": [f"row-{i}" for i in range(n)],
+            "audio": paths,
+            "offset_s": [0.0] * n,
+            "duration_s": pa.array([None] * n, pa.float64()),
+            "error": pa.array([None] * n, pa.string()),
+            "speech_s": pa.array(speech, pa.float64()),
+            "tgt_lang": pa.array([None] * n, pa.string()),
+        }
+    )
     return table, [c["text"] for c in clips]
 
 
 def stage_options():
     features = FeatureOptions(feature_config=FeatureExtractor().to_dict(), min_duration_s=0.1, max_duration_s=60.0)
-    generation = GenerationOptions(model_uri=DEMO_MODEL, model_label="demo", device="cpu",
-                                   decoding=DecodingOptions(num_beams=2, max_new_tokens=60))
+    generation = GenerationOptions(
+        model_uri=DEMO_MODEL, model_label="demo", device="cpu", decoding=DecodingOptions(num_beams=2, max_new_tokens=60)
+    )
     return features, generation
 
 
@@ -81,8 +90,9 @@ def test_the_device_path_gives_the_cpu_feature_paths_ids_texts_and_speech(rows):
     assert PCM not in device[0]
     assert device_ids == cpu_ids and sum(map(bool, cpu_ids)) == CLIPS  # only the clips with speech were decoded
     for a, b in zip(cpu, device):
-        assert {k: a[k] for k in ("id", "text", "num_tokens", "error", "speech_s", "duration_s")} == \
-               {k: b[k] for k in ("id", "text", "num_tokens", "error", "speech_s", "duration_s")}
+        assert {k: a[k] for k in ("id", "text", "num_tokens", "error", "speech_s", "duration_s")} == {
+            k: b[k] for k in ("id", "text", "num_tokens", "error", "speech_s", "duration_s")
+        }
         assert a["avg_logprob"] == pytest.approx(b["avg_logprob"], abs=1e-6) if a["avg_logprob"] else True
     assert [r["text"] for r in device[CLIPS:]] == ["", "", None, ""]
     assert device[-2]["error"].startswith("missing") and device[-1]["speech_s"] == 0.0
@@ -147,11 +157,28 @@ def test_the_job_on_the_device_path_end_to_end(ray_session, tmp_path):
 
     clips = demo_rows(6)
     manifest = tmp_path / "manifest.jsonl"
-    manifest.write_text("".join(json.dumps({"id": c["id"], "audio_filepath": c["audio_filepath"],
-                                            "duration": c["duration"], "text": c["text"]}) + "\n" for c in clips))
-    summary = run(TranscribeConfig(manifest=str(manifest), output=str(tmp_path / "out"), model=DEMO_MODEL,
-                                   feature_stage="device", device="cpu", num_beams=2, batch_size=4,
-                                   feature_batch_size=2, feature_actors=1))
+    manifest.write_text(
+        "".join(
+            json.dumps(
+                {"id": c["id"], "audio_filepath": c["audio_filepath"], "duration": c["duration"], "text": c["text"]}
+            )
+            + "\n"
+            for c in clips
+        )
+    )
+    summary = run(
+        TranscribeConfig(
+            manifest=str(manifest),
+            output=str(tmp_path / "out"),
+            model=DEMO_MODEL,
+            feature_stage="device",
+            device="cpu",
+            num_beams=2,
+            batch_size=4,
+            feature_batch_size=2,
+            feature_actors=1,
+        )
+    )
     out = pa.concat_tables([pq.read_table(p) for p in sorted((tmp_path / "out").rglob("*.parquet"))]).to_pylist()
     assert summary["rows_ok"] == len(clips) and sorted(r["id"] for r in out) == sorted(c["id"] for c in clips)
     assert PCM not in out[0] and all(r["speech_s"] > 0.5 for r in out)

@@ -9,9 +9,9 @@ import jiwer
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import S3_CREDENTIALS
 from helpers import demo_rows, killed_mid_job
+
 from pipeline.manifest import read_manifest
 from pipeline.transcribe import TranscribeConfig, run
 from s2t_model import DEMO_MODEL
@@ -27,12 +27,14 @@ def write_hf_parquet(folder, rows: list[dict], shards: int = SHARDS, damaged: in
     and path, the transcript in `sentence` (Common Voice's naming). Returns the files' names, in order."""
     import datasets
 
-    cells = [{"bytes": open(r["audio_filepath"], "rb").read(), "path": os.path.basename(r["audio_filepath"])}
-             for r in rows]
+    cells = [
+        {"bytes": open(r["audio_filepath"], "rb").read(), "path": os.path.basename(r["audio_filepath"])} for r in rows
+    ]
     if damaged is not None:
         cells[damaged] = {"bytes": b"this is not a sound file", "path": "damaged.flac"}
     data = datasets.Dataset.from_dict({"audio": cells, "sentence": [r["text"] for r in rows]}).cast_column(
-        "audio", datasets.Audio(sampling_rate=16000, decode=False))
+        "audio", datasets.Audio(sampling_rate=16000, decode=False)
+    )
     os.makedirs(folder / "data", exist_ok=True)
     names = [f"data/test-{i:05d}-of-{shards:05d}.parquet" for i in range(shards)]
     for i, name in enumerate(names):
@@ -42,7 +44,7 @@ def write_hf_parquet(folder, rows: list[dict], shards: int = SHARDS, damaged: in
 
 def expected_ids(names: list[str], rows: list[dict]) -> list[str]:
     """`<file stem>-<row index>` of each row, in order (the shards are contiguous and the same size)."""
-    return [f"{os.path.basename(name)[:-len('.parquet')]}-{index}" for name, index in places(names, rows)]
+    return [f"{os.path.basename(name)[: -len('.parquet')]}-{index}" for name, index in places(names, rows)]
 
 
 def places(names: list[str], rows: list[dict]) -> list[tuple[str, int]]:
@@ -92,8 +94,9 @@ def test_hf_parquet_job_end_to_end(ray_session, tmp_path, where, request):
         options = dict(s3_endpoint_url=s3_endpoint, storage_options=S3_CREDENTIALS)
     else:
         root, output = str(tmp_path), str(tmp_path / "out")
-    summary = run(TranscribeConfig(manifest=f"{root}/data/test-*.parquet", output=output, model=DEMO_MODEL,
-                                   **options, **FAST))
+    summary = run(
+        TranscribeConfig(manifest=f"{root}/data/test-*.parquet", output=output, model=DEMO_MODEL, **options, **FAST)
+    )
     if where == "s3":
         fs.invalidate_cache()
         tables = []
@@ -114,9 +117,18 @@ def test_resume_after_sigkill_with_hf_parquet(ray_session, tmp_path):
     intact = killed_mid_job(str(tmp_path / "data/test-*.parquet"), output, ray_session, files=3)
     assert 0 < len(intact) < len(rows), "the driver must be killed mid-job for this test to mean anything"
 
-    summary = run(TranscribeConfig(manifest=str(tmp_path / "data/test-*.parquet"), output=str(output),
-                                   model=DEMO_MODEL, batch_size=2, feature_batch_size=2, rows_per_file=2,
-                                   rows_per_block=2, num_beams=1))
+    summary = run(
+        TranscribeConfig(
+            manifest=str(tmp_path / "data/test-*.parquet"),
+            output=str(output),
+            model=DEMO_MODEL,
+            batch_size=2,
+            feature_batch_size=2,
+            rows_per_file=2,
+            rows_per_block=2,
+            num_beams=1,
+        )
+    )
     written = [i for f in sorted(output.glob("*.parquet")) for i in pq.read_table(f, columns=["id"])["id"].to_pylist()]
     assert sorted(written) == sorted(expected_ids(names, rows))  # every row exactly once
     assert summary["rows_this_run"] == len(rows) - len(intact)

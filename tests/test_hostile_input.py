@@ -16,8 +16,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import soundfile
-
 from helpers import demo_rows
+
 from pipeline import scoring
 from pipeline.manifest import read_manifest
 
@@ -32,8 +32,9 @@ def test_manifests_with_a_utf8_bom_lose_no_row(place, kind):
         text = "".join(json.dumps(r) + "\n" for r in rows)
     else:
         out = io.StringIO()
-        writer = csv.DictWriter(out, ["id", "audio", "text"], delimiter="," if kind == "csv" else "\t",
-                                lineterminator="\n")
+        writer = csv.DictWriter(
+            out, ["id", "audio", "text"], delimiter="," if kind == "csv" else "\t", lineterminator="\n"
+        )
         writer.writeheader()
         writer.writerows(rows)
         text = out.getvalue()
@@ -46,8 +47,9 @@ def test_manifests_with_a_utf8_bom_lose_no_row(place, kind):
 
 @pytest.mark.parametrize("order", [["x", "x", "x#2"], ["x#2", "x", "x"], ["x", "x#2", "x", "x#2#2", "x#2"]])
 def test_renamed_duplicate_ids_never_collide(tmp_path, order):
-    (tmp_path / "m.jsonl").write_text("".join(json.dumps({"id": i, "audio": f"{n}.flac"}) + "\n"
-                                              for n, i in enumerate(order)))
+    (tmp_path / "m.jsonl").write_text(
+        "".join(json.dumps({"id": i, "audio": f"{n}.flac"}) + "\n" for n, i in enumerate(order))
+    )
     ids = read_manifest(str(tmp_path / "m.jsonl"))["id"].to_pylist()
     assert len(set(ids)) == len(order)
     assert ids[0] == order[0]  # the first of each stays as it is
@@ -69,8 +71,9 @@ def test_an_id_in_two_manifest_files_is_each_files_own_and_a_lost_one_is_redone(
             place.fs.put_file(row["audio_filepath"], place.path(f"shards/{audio}"))
             lines.append(dict(row, audio_filepath=audio, id="x" if row is part[0] else row["id"]))
         place.write(f"shards/{name}.jsonl", "".join(json.dumps(line) + "\n" for line in lines))
-    config = TranscribeConfig(manifest=place.url("shards/*.jsonl"), output=place.url("out"), model=DEMO_MODEL,
-                              num_beams=1, **place.options)
+    config = TranscribeConfig(
+        manifest=place.url("shards/*.jsonl"), output=place.url("out"), model=DEMO_MODEL, num_beams=1, **place.options
+    )
     first = run(config)
     found = {row["id"]: (name, row) for name, table in place.tables("out") for row in table.to_pylist()}
     assert sorted(found) == sorted(["a/x", "b/x", rows[1]["id"], rows[3]["id"]])
@@ -87,19 +90,25 @@ def test_an_id_in_two_manifest_files_is_each_files_own_and_a_lost_one_is_redone(
     assert sorted(row["id"] for _, table in place.tables("out") for row in table.to_pylist()) == sorted(found)
 
 
-@pytest.mark.parametrize("field, value, says", [
-    ("offset", -1, "offset -1 s is negative"),
-    ("offset", float("nan"), "offset NaN is not a number of seconds"),
-    ("duration", float("nan"), "duration NaN is not a number of seconds"),
-    ("duration", float("inf"), "duration Infinity is not a number of seconds"),
-    ("duration", True, "duration true is not a number of seconds"),
-    ("duration", 1e308, "duration 1e+308 s is longer than any recording"),
-    ("offset", 1e308, "offset 1e+308 s is longer than any recording"),
-    ("duration", 0, "duration 0 s is not positive"),
-    ("duration", "ten", "duration 'ten' is not a number of seconds"),
-])
+@pytest.mark.parametrize(
+    "field, value, says",
+    [
+        ("offset", -1, "offset -1 s is negative"),
+        ("offset", float("nan"), "offset NaN is not a number of seconds"),
+        ("duration", float("nan"), "duration NaN is not a number of seconds"),
+        ("duration", float("inf"), "duration Infinity is not a number of seconds"),
+        ("duration", True, "duration true is not a number of seconds"),
+        ("duration", 1e308, "duration 1e+308 s is longer than any recording"),
+        ("offset", 1e308, "offset 1e+308 s is longer than any recording"),
+        ("duration", 0, "duration 0 s is not positive"),
+        ("duration", "ten", "duration 'ten' is not a number of seconds"),
+    ],
+)
 def test_bad_manifest_numbers_are_bad_manifest_lines(place, field, value, says):
-    lines = [{"id": "good", "audio": "a.flac", "offset": 1.5, "duration": 2}, {"id": "bad", "audio": "a.flac", field: value}]
+    lines = [
+        {"id": "good", "audio": "a.flac", "offset": 1.5, "duration": 2},
+        {"id": "bad", "audio": "a.flac", field: value},
+    ]
     place.write("m.jsonl", "".join(json.dumps(line) + "\n" for line in lines))
     table = read_manifest(place.url("m.jsonl"), place.storage)
     assert table["error"].to_pylist() == [None, f"bad_manifest_line: {place.url('m.jsonl')}:2: {says}"]
@@ -114,7 +123,10 @@ def test_an_offset_past_the_end_of_the_file_is_a_bad_manifest_line(place):
         with pytest.raises(AudioError) as caught:
             load_audio(place.url("a.wav"), 16000, offset_s=97.5, duration_s=duration, storage_options=place.storage)
         assert caught.value.reason == "bad_manifest_line"
-        assert str(caught.value) == f"bad_manifest_line: {place.url('a.wav')}: offset 97.5 s is past the end of the file (1.00 s)"
+        assert (
+            str(caught.value)
+            == f"bad_manifest_line: {place.url('a.wav')}: offset 97.5 s is past the end of the file (1.00 s)"
+        )
 
 
 def wav_bytes(samples: np.ndarray, rate: int, subtype: str = "PCM_16") -> bytes:
@@ -126,8 +138,22 @@ def wav_bytes(samples: np.ndarray, rate: int, subtype: str = "PCM_16") -> bytes:
 def s2t_transcribe(place, manifest: str, output: str) -> subprocess.CompletedProcess:
     from s2t_model import DEMO_MODEL
 
-    return subprocess.run([sys.executable, "-m", "jobs.cli", "transcribe", place.url(manifest), place.url(output),
-                           "--model", DEMO_MODEL, *place.cli], capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jobs.cli",
+            "transcribe",
+            place.url(manifest),
+            place.url(output),
+            "--model",
+            DEMO_MODEL,
+            *place.cli,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_a_jsonl_of_json_arrays_is_refused_in_one_line_before_ray_starts(place):
@@ -136,7 +162,8 @@ def test_a_jsonl_of_json_arrays_is_refused_in_one_line_before_ray_starts(place):
     assert done.returncode != 0 and done.stdout == ""
     assert done.stderr.splitlines() == [
         f"s2t transcribe: {place.url('m.jsonl')}: no line of the first 2 is a manifest row "
-        f"(line 1: not a JSON object (a JSON list, not an object): '[\"a.flac\", \"one\"]')"]
+        f'(line 1: not a JSON object (a JSON list, not an object): \'["a.flac", "one"]\')'
+    ]
     assert not place.fs.exists(place.path("out"))
 
 
@@ -155,8 +182,9 @@ def test_an_empty_manifest_gives_a_summary_of_no_rows(ray_session, place, text):
     from s2t_model import DEMO_MODEL
 
     place.write("m.csv", text)
-    summary = run(TranscribeConfig(manifest=place.url("m.csv"), output=place.url("out"), model=DEMO_MODEL,
-                                   **place.options))
+    summary = run(
+        TranscribeConfig(manifest=place.url("m.csv"), output=place.url("out"), model=DEMO_MODEL, **place.options)
+    )
     assert summary["rows_in"] == summary["rows_out"] == summary["rows_missing"] == 0
     assert json.loads(place.read("out/_s2t/summary.json"))["rows_in"] == 0
 
@@ -165,8 +193,8 @@ def wav_claiming_more_data(samples: np.ndarray, rate: int, factor: int) -> bytes
     """A 16-bit WAV whose RIFF and data chunk sizes claim `factor` times the samples it holds (a copy cut short)."""
     data = bytearray(wav_bytes(samples, rate))
     at = data.index(b"data")
-    size = int.from_bytes(data[at + 4:at + 8], "little")
-    data[at + 4:at + 8] = (size * factor).to_bytes(4, "little")
+    size = int.from_bytes(data[at + 4 : at + 8], "little")
+    data[at + 4 : at + 8] = (size * factor).to_bytes(4, "little")
     data[4:8] = (len(data) - 8 + size * (factor - 1)).to_bytes(4, "little")
     return bytes(data)
 
@@ -183,14 +211,24 @@ def test_audio_that_is_not_there_is_truncated_by_one_rule(ray_session, place):
     assert 5 < seconds < 14
     place.write("a.wav", wav_bytes(audio, 16000))
     place.write("lying.wav", wav_claiming_more_data(clips[0][:32000], 16000, factor=10))
-    lines = [{"id": "whole", "audio": "a.wav", "duration": round(seconds, 2)},
-             {"id": "past_end_15", "audio": "a.wav", "duration": 15.0},
-             {"id": "past_end_25", "audio": "a.wav", "duration": 25.0},
-             {"id": "past_end_offset", "audio": "a.wav", "offset": 2.0, "duration": seconds},
-             {"id": "lying_header", "audio": "lying.wav"}]
+    lines = [
+        {"id": "whole", "audio": "a.wav", "duration": round(seconds, 2)},
+        {"id": "past_end_15", "audio": "a.wav", "duration": 15.0},
+        {"id": "past_end_25", "audio": "a.wav", "duration": 25.0},
+        {"id": "past_end_offset", "audio": "a.wav", "offset": 2.0, "duration": seconds},
+        {"id": "lying_header", "audio": "lying.wav"},
+    ]
     place.write("m.jsonl", "".join(json.dumps(line) + "\n" for line in lines))
-    summary = run(TranscribeConfig(manifest=place.url("m.jsonl"), output=place.url("out"), model=DEMO_MODEL,
-                                   num_beams=1, max_segment_s=20.0, **place.options))
+    summary = run(
+        TranscribeConfig(
+            manifest=place.url("m.jsonl"),
+            output=place.url("out"),
+            model=DEMO_MODEL,
+            num_beams=1,
+            max_segment_s=20.0,
+            **place.options,
+        )
+    )
     rows = {row["id"]: row for _, table in place.tables("out") for row in table.to_pylist()}
     assert sorted(rows) == sorted(line["id"] for line in lines)
     assert rows["whole"]["error"] is None and rows["whole"]["text"]
@@ -219,9 +257,19 @@ def fast_job(place, manifest: str, output: str, **options):
     from pipeline.transcribe import TranscribeConfig, run
     from s2t_model import DEMO_MODEL
 
-    return run(TranscribeConfig(manifest=place.url(manifest), output=place.url(output), model=DEMO_MODEL,
-                                num_beams=1, rows_per_file=2, batch_size=2, rows_per_block=2, **place.options,
-                                **options))
+    return run(
+        TranscribeConfig(
+            manifest=place.url(manifest),
+            output=place.url(output),
+            model=DEMO_MODEL,
+            num_beams=1,
+            rows_per_file=2,
+            batch_size=2,
+            rows_per_block=2,
+            **place.options,
+            **options,
+        )
+    )
 
 
 @pytest.mark.parametrize("foreign", ["manifest.parquet", "string_ids.parquet", "part-0.parquet", "notes.txt"])
@@ -240,9 +288,12 @@ def test_an_output_folder_holding_files_the_job_did_not_write_is_refused_before_
             pq.write_table(pa.table({"id": ["a", "b"], "audio": ["a.flac", "b.flac"]}), f)
         with pytest.raises(OutputError) as caught:
             fast_job(place, "m.jsonl", out)
-        assert place.url(f"{out}/{foreign}") in str(caught.value) and "not written by s2t transcribe" in str(caught.value)
+        assert place.url(f"{out}/{foreign}") in str(caught.value) and "not written by s2t transcribe" in str(
+            caught.value
+        )
         assert place.names(out) == sorted(
-            [foreign] + (["_s2t/output.json", "_s2t/summary.json"] if earlier_run else []))  # nothing done
+            [foreign] + (["_s2t/output.json", "_s2t/summary.json"] if earlier_run else [])
+        )  # nothing done
 
 
 def test_two_runs_started_at_once_write_every_id_once_then_torn_files_are_redone(ray_session, place):
@@ -254,19 +305,38 @@ def test_two_runs_started_at_once_write_every_id_once_then_torn_files_are_redone
 
     rows = demo_rows(12)
     write_manifest(place, rows)
-    command = [sys.executable, "-m", "jobs.transcribe", place.url("m.jsonl"), place.url("out"), "--model",
-               DEMO_MODEL, "--num-beams", "1", "--rows-per-file", "2", "--batch-size", "2", "--rows-per-block", "2",
-               *place.cli]
+    command = [
+        sys.executable,
+        "-m",
+        "jobs.transcribe",
+        place.url("m.jsonl"),
+        place.url("out"),
+        "--model",
+        DEMO_MODEL,
+        "--num-beams",
+        "1",
+        "--rows-per-file",
+        "2",
+        "--batch-size",
+        "2",
+        "--rows-per-block",
+        "2",
+        *place.cli,
+    ]
     env = {**os.environ, "RAY_ADDRESS": ray_session}
-    runs = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            for _ in range(2)]
+    runs = [
+        subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)
+    ]
     results = [(run.wait(timeout=300), *run.communicate()) for run in runs]
     assert sorted(output_ids(place)) == sorted(r["id"] for r in rows)  # every id exactly once
     assert sorted(rc for rc, _, _ in results) == [0, 1], [err[-2000:] for _, _, err in results]
     first_run_id = json.loads(place.read("out/_s2t/summary.json"))["run_id"]
     refused = next(err for rc, _, err in results if rc)
-    assert refused.strip().splitlines()[-1].startswith(f"s2t transcribe: {place.path('out')}/_s2t/_lease.json: run "
-                                                       f"{first_run_id} (pid ")
+    assert (
+        refused.strip()
+        .splitlines()[-1]
+        .startswith(f"s2t transcribe: {place.path('out')}/_s2t/_lease.json: run {first_run_id} (pid ")
+    )
 
     files = [name for name in place.names("out") if name.endswith(".parquet")]
     assert len(files) >= 3
@@ -274,7 +344,7 @@ def test_two_runs_started_at_once_write_every_id_once_then_torn_files_are_redone
     for name, keep in zip(files, (4, 0.5, -1)):
         data = place.read(f"out/{name}")
         torn_rows += pq.read_metadata(io.BytesIO(data)).num_rows
-        place.write(f"out/{name}", data[:keep] if isinstance(keep, int) else data[:int(len(data) * keep)])
+        place.write(f"out/{name}", data[:keep] if isinstance(keep, int) else data[: int(len(data) * keep)])
     summary = fast_job(place, "m.jsonl", "out")
     assert sorted(output_ids(place)) == sorted(r["id"] for r in rows)
     assert summary["rows_this_run"] == torn_rows and summary["rows_duplicated"] == summary["rows_missing"] == 0
@@ -305,13 +375,21 @@ def older_output(place, rows: list[dict], folder: str = "out") -> None:
     """What a version of the job before the marker wrote: Ray's default file names, its columns, a summary."""
     from s2t_model import DEMO_MODEL
 
-    table = pa.table({"id": [r["id"] for r in rows], "audio": [r["audio_filepath"] for r in rows],
-                      "offset_s": [0.0] * len(rows), "duration_s": [r["duration"] for r in rows],
-                      "reference": [r["text"] for r in rows], "text": [r["text"] for r in rows],
-                      "tgt_lang": pa.array([None] * len(rows), pa.string()),
-                      "num_tokens": pa.array([3] * len(rows), pa.int32()),
-                      "avg_logprob": pa.array([-0.1] * len(rows), pa.float32()),
-                      "error": pa.array([None] * len(rows), pa.string()), "model": [DEMO_MODEL] * len(rows)})
+    table = pa.table(
+        {
+            "id": [r["id"] for r in rows],
+            "audio": [r["audio_filepath"] for r in rows],
+            "offset_s": [0.0] * len(rows),
+            "duration_s": [r["duration"] for r in rows],
+            "reference": [r["text"] for r in rows],
+            "text": [r["text"] for r in rows],
+            "tgt_lang": pa.array([None] * len(rows), pa.string()),
+            "num_tokens": pa.array([3] * len(rows), pa.int32()),
+            "avg_logprob": pa.array([-0.1] * len(rows), pa.float32()),
+            "error": pa.array([None] * len(rows), pa.string()),
+            "model": [DEMO_MODEL] * len(rows),
+        }
+    )
     with place.fs.open(place.path(f"{folder}/6d1f0e2a9b8c4d7e_000000_000000.parquet"), "wb") as f:
         pq.write_table(table, f)
     place.write(f"{folder}/_summary.json", "{}")
@@ -347,7 +425,6 @@ def test_an_older_output_is_refused_with_the_way_to_adopt_it_and_adopted_when_as
 def test_an_adopted_output_is_resumed(ray_session, tmp_path):
     """The rows of an older version's output count as done: only the others are transcribed."""
     import fsspec
-
     from conftest import Place
 
     place = Place(fsspec.filesystem("file", auto_mkdir=True), str(tmp_path), str(tmp_path), {}, [], None)

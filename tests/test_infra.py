@@ -15,11 +15,11 @@ import re
 import shlex
 import subprocess
 import sys
-import tomllib
 from functools import cache
 from pathlib import Path
 
 import pytest
+import tomllib
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,6 +30,7 @@ GPU = "nvidia.com/gpu"
 
 
 # ---------------------------------------------------------------------------------------------------------- helpers
+
 
 def yaml_files() -> list[Path]:
     return sorted(p for p in INFRA.rglob("*") if p.suffix in (".yaml", ".yml"))
@@ -43,8 +44,13 @@ def embedded(doc: dict) -> list[dict]:
     """Manifests a ConfigMap holds as YAML text (the CronJob fallback's RayJob)."""
     if doc.get("kind") != "ConfigMap":
         return []
-    return [d for key, text in (doc.get("data") or {}).items() if key.endswith((".yaml", ".yml"))
-            for d in yaml.safe_load_all(text) if d is not None]
+    return [
+        d
+        for key, text in (doc.get("data") or {}).items()
+        if key.endswith((".yaml", ".yml"))
+        for d in yaml.safe_load_all(text)
+        if d is not None
+    ]
 
 
 def manifests(path: Path) -> list[dict]:
@@ -81,8 +87,9 @@ def option_value(command: str, option: str) -> str | None:
     return None
 
 
-def check_cluster_spec(cluster: dict, where: str, secret_env: tuple[str, ...] = ("AWS_ACCESS_KEY_ID",
-                                                                                  "AWS_SECRET_ACCESS_KEY")) -> int:
+def check_cluster_spec(
+    cluster: dict, where: str, secret_env: tuple[str, ...] = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+) -> int:
     """The fields KubeRay needs in a RayCluster spec; returns the most GPUs its worker groups can have."""
     assert cluster.get("rayVersion") == importlib.metadata.version("ray"), f"{where}: rayVersion is not the Ray we pin"
     head = cluster["headGroupSpec"]
@@ -122,12 +129,15 @@ def check_rayjob_spec(spec: dict, where: str, module: str) -> None:
     entrypoint = spec["entrypoint"]
     num_gpus = float(option_value(entrypoint, "--num-gpus") or 0)
     assert num_gpus > 0, f"{where}: the job should generate on GPUs (--num-gpus)"
-    actors = max(int(option_value(entrypoint, "--generation-actors") or 1),
-                 int(option_value(entrypoint, "--max-generation-actors") or 0))
+    actors = max(
+        int(option_value(entrypoint, "--generation-actors") or 1),
+        int(option_value(entrypoint, "--max-generation-actors") or 0),
+    )
     assert actors * num_gpus <= capacity, f"{where}: {actors} actors x {num_gpus} GPUs > {capacity} GPUs at most"
 
 
 # --------------------------------------------------------------------------------------------------- every file
+
 
 @pytest.mark.parametrize("path", yaml_files(), ids=lambda p: str(p.relative_to(INFRA)))
 def test_yaml_parses(path):
@@ -144,8 +154,7 @@ def test_the_expected_manifests_are_there():
     kinds = {path.name: sorted(doc["kind"] for doc in manifests(path)) for path in KUBERAY.glob("*.yaml")}
     assert kinds["rayjob-transcribe.yaml"] == ["RayJob"]
     assert kinds["raycronjob-backfill.yaml"] == ["RayCronJob"]
-    assert kinds["cronjob-backfill.yaml"] == ["ConfigMap", "CronJob", "RayJob", "Role", "RoleBinding",
-                                              "ServiceAccount"]
+    assert kinds["cronjob-backfill.yaml"] == ["ConfigMap", "CronJob", "RayJob", "Role", "RoleBinding", "ServiceAccount"]
     assert kinds["rayservice.yaml"] == ["RayService"]
 
 
@@ -164,6 +173,7 @@ def test_one_image_everywhere():
 
 # ------------------------------------------------------------------------------------------------------- KubeRay
 
+
 def test_rayjob_transcribe():
     job = one(KUBERAY / "rayjob-transcribe.yaml", "RayJob")
     check_rayjob_spec(job["spec"], "rayjob-transcribe.yaml", "jobs.transcribe")
@@ -180,8 +190,9 @@ def test_raycronjob_backfill():
 
 def test_cronjob_fallback_creates_the_same_rayjob():
     path = KUBERAY / "cronjob-backfill.yaml"
-    cron, account, role, binding, config = (one(path, kind) for kind in
-                                            ("CronJob", "ServiceAccount", "Role", "RoleBinding", "ConfigMap"))
+    cron, account, role, binding, config = (
+        one(path, kind) for kind in ("CronJob", "ServiceAccount", "Role", "RoleBinding", "ConfigMap")
+    )
     rayjob = one(path, "RayJob")
     template = one(KUBERAY / "raycronjob-backfill.yaml", "RayCronJob")["spec"]
     assert cron["apiVersion"] == "batch/v1"
@@ -194,8 +205,12 @@ def test_cronjob_fallback_creates_the_same_rayjob():
     assert pod["serviceAccountName"] == account["metadata"]["name"]
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account["metadata"]["name"]}]
     assert binding["roleRef"]["kind"] == "Role" and binding["roleRef"]["name"] == role["metadata"]["name"]
-    granted = {verb for rule in role["rules"] if "ray.io" in rule["apiGroups"] and "rayjobs" in rule["resources"]
-               for verb in rule["verbs"]}
+    granted = {
+        verb
+        for rule in role["rules"]
+        if "ray.io" in rule["apiGroups"] and "rayjobs" in rule["resources"]
+        for verb in rule["verbs"]
+    }
     assert {"create", "get"} <= granted
     # The script reads the ConfigMap where it is mounted.
     container = pod["containers"][0]
@@ -203,8 +218,9 @@ def test_cronjob_fallback_creates_the_same_rayjob():
     volume = next(v for v in pod["volumes"] if v.get("configMap", {}).get("name") == config["metadata"]["name"])
     mount = next(m for m in container["volumeMounts"] if m["name"] == volume["name"])
     assert env["RAYJOB_MANIFEST"] == f"{mount['mountPath']}/rayjob.yaml" and "rayjob.yaml" in config["data"]
-    assert cron["spec"]["jobTemplate"]["spec"]["activeDeadlineSeconds"] > template["jobTemplate"][
-        "activeDeadlineSeconds"], "the RayJob's deadline should end a run before the CronJob's Job gives up"
+    assert (
+        cron["spec"]["jobTemplate"]["spec"]["activeDeadlineSeconds"] > template["jobTemplate"]["activeDeadlineSeconds"]
+    ), "the RayJob's deadline should end a run before the CronJob's Job gives up"
 
 
 def fake_kubectl(tmp_path: Path) -> Path:
@@ -231,9 +247,10 @@ esac
     return folder
 
 
-@pytest.mark.parametrize("deployment, job_status, succeeds", [("Complete", "SUCCEEDED", True),
-                                                              ("Failed", "FAILED", False),
-                                                              ("Complete", "STOPPED", False)])
+@pytest.mark.parametrize(
+    "deployment, job_status, succeeds",
+    [("Complete", "SUCCEEDED", True), ("Failed", "FAILED", False), ("Complete", "STOPPED", False)],
+)
 def test_cronjob_fallback_script(tmp_path, deployment, job_status, succeeds):
     path = KUBERAY / "cronjob-backfill.yaml"
     container = one(path, "CronJob")["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
@@ -241,16 +258,28 @@ def test_cronjob_fallback_script(tmp_path, deployment, job_status, succeeds):
     manifest.write_text(one(path, "ConfigMap")["data"]["rayjob.yaml"])
     state = tmp_path / "state"
     state.mkdir()
-    env = {**os.environ, "PATH": f"{fake_kubectl(tmp_path)}{os.pathsep}{os.environ['PATH']}", "STATE": str(state),
-           "JOB_NAME": "s2t-backfill-29000000", "JOB_UID": "0b5c-uid", "RAYJOB_MANIFEST": str(manifest),
-           "POLL_SECONDS": "0", "DEPLOYMENT": deployment, "JOB_STATUS": job_status}
+    env = {
+        **os.environ,
+        "PATH": f"{fake_kubectl(tmp_path)}{os.pathsep}{os.environ['PATH']}",
+        "STATE": str(state),
+        "JOB_NAME": "s2t-backfill-29000000",
+        "JOB_UID": "0b5c-uid",
+        "RAYJOB_MANIFEST": str(manifest),
+        "POLL_SECONDS": "0",
+        "DEPLOYMENT": deployment,
+        "JOB_STATUS": job_status,
+    }
     command = [*container["command"], *container["args"]]
     run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
     assert (run.returncode == 0) == succeeds, run.stdout + run.stderr
     created = yaml.safe_load((state / "created.yaml").read_text())
     assert created["metadata"]["name"] == "s2t-backfill-29000000"
-    assert created["metadata"]["ownerReferences"][0] == {"apiVersion": "batch/v1", "kind": "Job",
-                                                         "name": "s2t-backfill-29000000", "uid": "0b5c-uid"}
+    assert created["metadata"]["ownerReferences"][0] == {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "name": "s2t-backfill-29000000",
+        "uid": "0b5c-uid",
+    }
     assert created["spec"] == one(path, "RayJob")["spec"]
     # A retried pod finds the RayJob its predecessor created and waits for it: no second create.
     run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
@@ -273,8 +302,9 @@ def test_rayservice_serves_infra_serve_yaml():
     assert check.returncode == 0, check.stderr
 
     cluster = service["spec"]["rayClusterConfig"]
-    key_env = [app["args"]["api_key_env"] for app in yaml.safe_load(config)["applications"]
-               if app["args"].get("api_key_env")]
+    key_env = [
+        app["args"]["api_key_env"] for app in yaml.safe_load(config)["applications"] if app["args"].get("api_key_env")
+    ]
     assert key_env, "infra/serve.yaml should require a bearer token"
     capacity = check_cluster_spec(cluster, "rayservice.yaml", secret_env=("AWS_ACCESS_KEY_ID", *key_env))
     for app in yaml.safe_load(config)["applications"]:
@@ -339,8 +369,11 @@ def shell_texts() -> list[tuple[str, str]]:
                 found += [(name, line) for line in logical_lines(value) if " " in line.strip()]
         found += [(name, line.lstrip()[1:]) for line in text.splitlines() if re.match(r"\s*#   \S", line)]
     dockerfile = INFRA / "Dockerfile"
-    found += [("infra/Dockerfile", line) for line in logical_lines(dockerfile.read_text())
-              if re.match(r"#   \S", line) or line.startswith("RUN ")]
+    found += [
+        ("infra/Dockerfile", line)
+        for line in logical_lines(dockerfile.read_text())
+        if re.match(r"#   \S", line) or line.startswith("RUN ")
+    ]
     for page in [INFRA / "README.md", ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]:
         text = page.read_text()
         for block in re.findall(r"^```(?:bash|sh|shell|console)?\n(.*?)^```", text, flags=re.M | re.S):
@@ -380,7 +413,7 @@ def split_commands(line: str) -> list[list[str]]:
             command = command[1:]
         if command[:1] == ["ray"] and "--" in command:
             cut = command.index("--")
-            out += [command[:cut], command[cut + 1:]]
+            out += [command[:cut], command[cut + 1 :]]
         elif command:
             out.append(command)
     return out
@@ -392,8 +425,12 @@ def named_commands() -> dict[str, list[tuple[str, list[str]]]]:
     named: dict[str, list] = {}
     for where, line in shell_texts():
         for tokens in split_commands(line):
-            if len(tokens) >= 3 and re.fullmatch(r"python3?", tokens[0]) and tokens[1] == "-m" and \
-                    tokens[2].startswith("jobs."):
+            if (
+                len(tokens) >= 3
+                and re.fullmatch(r"python3?", tokens[0])
+                and tokens[1] == "-m"
+                and tokens[2].startswith("jobs.")
+            ):
                 name = tokens[2].removeprefix("jobs.")
             elif tokens[0] == "s2t":
                 name = tokens[1] if len(tokens) > 1 and not tokens[1].startswith("-") else "s2t"
@@ -416,8 +453,9 @@ def venv_tool(name: str) -> Path:
 
 @cache
 def help_text(argv: tuple[str, ...]) -> str:
-    run = subprocess.run([*argv, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "COLUMNS": "200"})
+    run = subprocess.run(
+        [*argv, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "COLUMNS": "200"}
+    )
     assert run.returncode == 0, f"{' '.join(argv)} --help failed:\n{run.stderr[-3000:]}"
     return run.stdout
 
@@ -452,16 +490,17 @@ def check_command(tokens: list[str]) -> None:
         tool = venv_tool(tokens[0])
         if not tool.exists():
             pytest.skip(f"no {tool}")
-        help_argv, args = (str(tool), *path), tokens[1 + len(path):]
+        help_argv, args = (str(tool), *path), tokens[1 + len(path) :]
     elif tokens[0] == "s2t":
         path = s2t_path(tokens[1:])
-        help_argv, args = (sys.executable, "-m", "jobs.cli", *path), tokens[1 + len(path):]
+        help_argv, args = (sys.executable, "-m", "jobs.cli", *path), tokens[1 + len(path) :]
     else:
         help_argv, args = (sys.executable, "-m", tokens[2]), tokens[3:]
     text = help_text(help_argv)
     for option in options_of(args):
-        assert re.search(rf"(?<![\w-]){re.escape(option)}(?![\w-])", text), \
+        assert re.search(rf"(?<![\w-]){re.escape(option)}(?![\w-])", text), (
             f"{' '.join(tokens)}: {option} is not an option of {' '.join(help_argv[-2:])}"
+        )
     if tokens[0] in ("ray", "serve") or {"-h", "--help"} & set(args):
         return
     # The job's own parser, as `s2t` and `python -m jobs.X` build it, then its typed config.
@@ -481,8 +520,9 @@ def check_command(tokens: list[str]) -> None:
     except SystemExit:
         pytest.fail(f"{' '.join(tokens)}: the job's parser rejects this command line")
     module = sys.modules[module_name or parsed.run.__module__]
-    configs = {v for v in vars(module).values() if isinstance(v, type) and issubclass(v, JobConfig)
-               and v is not JobConfig}
+    configs = {
+        v for v in vars(module).values() if isinstance(v, type) and issubclass(v, JobConfig) and v is not JobConfig
+    }
     if len(configs) == 1:
         try:
             configs.pop().from_args(parsed)
@@ -518,12 +558,16 @@ def test_the_option_check_catches_a_misspelling():
 
 # ------------------------------------------------------------------------------------------------------ Dockerfile
 
+
 def dockerfile() -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) with continuations joined and comment lines dropped."""
     lines = [line for line in (INFRA / "Dockerfile").read_text().splitlines() if not line.lstrip().startswith("#")]
     joined = "\n".join(lines).replace("\\\n", " ")
-    return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1] if " " in line.strip() else "")
-            for line in joined.splitlines() if line.strip()]
+    return [
+        (line.split(None, 1)[0].upper(), line.split(None, 1)[1] if " " in line.strip() else "")
+        for line in joined.splitlines()
+        if line.strip()
+    ]
 
 
 def dockerignore_excludes(path: str) -> bool:
@@ -554,12 +598,13 @@ def test_dockerfile():
     names = [i for i, _ in instructions]
     first_from = names.index("FROM")
     before = {args.split("=", 1)[0].strip() for i, args in instructions[:first_from] if i == "ARG"}
-    after = {args.split("=", 1)[0].strip(): args.partition("=")[2] for i, args in instructions[first_from:]
-             if i == "ARG"}
+    after = {
+        args.split("=", 1)[0].strip(): args.partition("=")[2] for i, args in instructions[first_from:] if i == "ARG"
+    }
     assert names.count("FROM") == 1 and re.search(r"\$\{?BASE_IMAGE\}?", instructions[first_from][1])
     assert "BASE_IMAGE" in before and "TORCH_INDEX" in after
     assert "download.pytorch.org/whl/cpu" in after["TORCH_INDEX"], "CPU torch by default"
-    body = "\n".join(args for i, args in instructions[first_from + 1:] if i != "ARG")
+    body = "\n".join(args for i, args in instructions[first_from + 1 :] if i != "ARG")
     for name in after:
         assert re.search(rf"\$\{{?{name}\b", body), f"ARG {name} is never used"
     for name in before - set(after):
@@ -583,6 +628,7 @@ def test_dockerfile_copies_what_the_build_needs():
 
 
 # -------------------------------------------------------------------------------------------- cluster launcher
+
 
 def test_cluster_launcher_config():
     from ray.autoscaler._private.util import prepare_config, validate_config
@@ -618,6 +664,7 @@ def test_readme_paths_exist():
 
 # ---------------------------------------------------------------------------------------------- metrics, Grafana
 
+
 def test_grafana_dashboard_charts_every_metric_the_code_exports_and_no_other():
     import json
 
@@ -630,7 +677,7 @@ def test_grafana_dashboard_charts_every_metric_the_code_exports_and_no_other():
     assert charted == {f"ray_{name}" for name in NAMES}
     for e in exprs:
         for name in re.findall(r"\bray_s2t_\w+", e):
-            base = re.sub(r"_(bucket|count|sum)$", "", name)[len("ray_"):]
+            base = re.sub(r"_(bucket|count|sum)$", "", name)[len("ray_") :]
             assert (NAMES[base][0] == "Histogram") == (name != f"ray_{base}"), e
     ids = [p["id"] for p in dashboard["panels"]]
     assert len(ids) == len(set(ids)) and dashboard["uid"]

@@ -2,8 +2,8 @@
 bytes, exactly as from the file; the bytes never reach the generation actors or the output."""
 
 import pyarrow as pa
-
 from helpers import demo_rows
+
 from pipeline.rows import SCHEMA
 from pipeline.stages import FeatureOptions, GenerationOptions, TranscribeAudio
 from s2t_model import DEMO_MODEL, DecodingOptions, FeatureExtractor
@@ -11,14 +11,29 @@ from s2t_model import DEMO_MODEL, DecodingOptions, FeatureExtractor
 
 def transcribe(rows: list[dict], with_bytes: dict[int, bytes]) -> list[dict]:
     table = pa.Table.from_pylist(
-        [{"id": r["id"], "audio": r["audio_filepath"] if i not in with_bytes else f"shard.tar/{r['id']}.flac",
-          "offset_s": 0.0, "duration_s": None, "reference": r["text"], "tgt_lang": None, "error": None}
-         for i, r in enumerate(rows)], schema=SCHEMA)
+        [
+            {
+                "id": r["id"],
+                "audio": r["audio_filepath"] if i not in with_bytes else f"shard.tar/{r['id']}.flac",
+                "offset_s": 0.0,
+                "duration_s": None,
+                "reference": r["text"],
+                "tgt_lang": None,
+                "error": None,
+            }
+            for i, r in enumerate(rows)
+        ],
+        schema=SCHEMA,
+    )
     table = table.append_column("audio_bytes", pa.array([with_bytes.get(i) for i in range(len(rows))], pa.binary()))
     stage = TranscribeAudio(
-        FeatureOptions(feature_config=FeatureExtractor.from_pretrained(DEMO_MODEL).to_dict(), min_duration_s=0.1,
-                       max_duration_s=60.0),
-        GenerationOptions(model_uri=DEMO_MODEL, model_label="demo", decoding=DecodingOptions(num_beams=1)))
+        FeatureOptions(
+            feature_config=FeatureExtractor.from_pretrained(DEMO_MODEL).to_dict(),
+            min_duration_s=0.1,
+            max_duration_s=60.0,
+        ),
+        GenerationOptions(model_uri=DEMO_MODEL, model_label="demo", decoding=DecodingOptions(num_beams=1)),
+    )
     out = stage(table)
     assert "audio_bytes" not in out.column_names
     return out.to_pylist()

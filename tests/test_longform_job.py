@@ -8,8 +8,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import soundfile
-
 from helpers import demo_rows
+
 from pipeline import scoring
 from pipeline.longform import split_long_audio
 from pipeline.manifest import read_manifest
@@ -23,8 +23,14 @@ def long_form() -> list[dict]:
 
 
 def test_long_recordings_are_joined_with_segments(ray_session, tmp_path):
-    summary = run(TranscribeConfig(manifest=os.path.join(DEMO_LONG_FORM, "manifest.jsonl"), output=str(tmp_path),
-                                   model=DEMO_MODEL, max_segment_s=20.0))
+    summary = run(
+        TranscribeConfig(
+            manifest=os.path.join(DEMO_LONG_FORM, "manifest.jsonl"),
+            output=str(tmp_path),
+            model=DEMO_MODEL,
+            max_segment_s=20.0,
+        )
+    )
     out = pa.concat_tables([pq.read_table(f) for f in tmp_path.glob("*.parquet")], promote_options="default")
     rows = {row["id"]: row for row in out.to_pylist()}
     recordings = long_form()
@@ -34,8 +40,11 @@ def test_long_recordings_are_joined_with_segments(ray_session, tmp_path):
     model = Speech2Text.from_pretrained(DEMO_MODEL)
     for recording in recordings:
         row = rows[recording["id"]]
-        assert row["error"] is None and row["duration_s"] == recording["duration"] or abs(
-            row["duration_s"] - recording["duration"]) < 0.01
+        assert (
+            row["error"] is None
+            and row["duration_s"] == recording["duration"]
+            or abs(row["duration_s"] - recording["duration"]) < 0.01
+        )
         segments = row["segments"]
         assert all(s["end_s"] - s["start_s"] <= 20.0 for s in segments)
         assert row["text"] == " ".join(s["text"] for s in segments if s["text"])
@@ -47,7 +56,7 @@ def test_long_recordings_are_joined_with_segments(ray_session, tmp_path):
             assert segment["start_s"] <= truth["start_s"] + 0.45 and truth["end_s"] - 0.45 <= segment["end_s"]
         # Long-form WER at most 2 points above the same utterances cut at their true times, one by one.
         audio, rate = soundfile.read(os.path.join(DEMO_LONG_FORM, recording["audio_filepath"]), dtype="float32")
-        clips = [audio[round(t["start_s"] * rate): round(t["end_s"] * rate)] for t in recording["segments"]]
+        clips = [audio[round(t["start_s"] * rate) : round(t["end_s"] * rate)] for t in recording["segments"]]
         one_by_one = " ".join(model.transcribe(clips, sampling_rate=rate))
         assert scoring.wer([recording["text"]], [row["text"]]) <= scoring.wer([recording["text"]], [one_by_one]) + 2
 

@@ -14,9 +14,9 @@ import httpx
 import numpy as np
 import pytest
 import soundfile
+from helpers import demo_rows
 from prometheus_client.parser import text_string_to_metric_families
 
-from helpers import demo_rows
 from pipeline.transcribe import TranscribeConfig, run
 from s2t_model import DEMO_MODEL
 
@@ -36,8 +36,11 @@ def scrape() -> dict[tuple, float]:
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             if sample.name.startswith(PREFIX + "s2t_"):
-                key = (sample.name[len(PREFIX):], tuple(sorted((k, v) for k, v in sample.labels.items() if k in ours)),
-                       tuple(sample.labels.get(k) for k in process))
+                key = (
+                    sample.name[len(PREFIX) :],
+                    tuple(sorted((k, v) for k, v in sample.labels.items() if k in ours)),
+                    tuple(sample.labels.get(k) for k in process),
+                )
                 found[key] = found.get(key, 0.0) + sample.value
     return found
 
@@ -68,8 +71,10 @@ def wait_for(before: dict, expected: dict[tuple, float], timeout_s: float = 90.0
     while True:
         after = scrape()
         moved = {key: delta(before, after, key[0], **dict(key[1])) for key in expected}
-        if all(moved[key] == pytest.approx(value, rel=1e-3, abs=1e-6) for key, value in expected.items()) \
-                or time.time() > deadline:
+        if (
+            all(moved[key] == pytest.approx(value, rel=1e-3, abs=1e-6) for key, value in expected.items())
+            or time.time() > deadline
+        ):
             return after
         time.sleep(2.0)
 
@@ -92,13 +97,15 @@ def test_job_metrics_count_rows_by_outcome_audio_and_generation_frames(ray_sessi
 
     before = settled()
     run(TranscribeConfig(manifest=str(manifest), output=str(tmp_path / "out"), model=DEMO_MODEL, num_beams=1))
-    expected = {key("s2t_job_rows_total", outcome="ok", reason=""): 4,
-                key("s2t_job_rows_total", outcome="no_speech", reason=""): 1,
-                key("s2t_job_rows_total", outcome="error", reason="missing"): 1,
-                key("s2t_job_rows_no_speech_total"): 1,
-                key("s2t_job_audio_seconds_total"): audio_s,
-                key("s2t_generation_batch_rows_count", component="job"): 1,
-                key("s2t_generation_frames_total", component="job", kind="speech"): frames}
+    expected = {
+        key("s2t_job_rows_total", outcome="ok", reason=""): 4,
+        key("s2t_job_rows_total", outcome="no_speech", reason=""): 1,
+        key("s2t_job_rows_total", outcome="error", reason="missing"): 1,
+        key("s2t_job_rows_no_speech_total"): 1,
+        key("s2t_job_audio_seconds_total"): audio_s,
+        key("s2t_generation_batch_rows_count", component="job"): 1,
+        key("s2t_generation_frames_total", component="job", kind="speech"): frames,
+    }
     after = wait_for(before, expected)
     for k, value in expected.items():
         assert delta(before, after, k[0], **dict(k[1])) == pytest.approx(value, rel=1e-3), k
@@ -111,15 +118,18 @@ def test_job_metrics_count_rows_by_outcome_audio_and_generation_frames(ray_sessi
 
 @pytest.fixture(scope="module")
 def server(ray_session):
+    from conftest import free_port
     from ray import serve
 
-    from conftest import free_port
     from pipeline.serve import build_app
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"model": DEMO_MODEL, "max_batch_size": 4, "batch_wait_ms": 200, "num_beams": 1}),
-              name="s2t-metrics", route_prefix="/")
+    serve.run(
+        build_app({"model": DEMO_MODEL, "max_batch_size": 4, "batch_wait_ms": 200, "num_beams": 1}),
+        name="s2t-metrics",
+        route_prefix="/",
+    )
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
 
@@ -133,8 +143,9 @@ def test_serve_metrics_count_responses_audio_batches_and_queue_wait(server):
     frames = sum(1 + (soundfile.info(io.BytesIO(a)).frames - 400) // 160 for a in audio)
 
     def post(data: bytes) -> int:
-        return httpx.post(f"{server}/v1/audio/transcriptions", files={"file": ("a.flac", data)}, timeout=120
-                          ).status_code
+        return httpx.post(
+            f"{server}/v1/audio/transcriptions", files={"file": ("a.flac", data)}, timeout=120
+        ).status_code
 
     before = settled()
     with ThreadPoolExecutor(3) as pool:  # at once: they meet in one @serve.batch (it waits 200 ms to fill)
@@ -142,13 +153,15 @@ def test_serve_metrics_count_responses_audio_batches_and_queue_wait(server):
     statuses.append(post(b""))  # an empty upload: 400 empty_file
     statuses.append(post(b"not audio at all" * 100))  # 415 unreadable
     assert statuses == [200, 200, 200, 400, 415]
-    expected = {key("s2t_serve_responses_total", status="200", code=""): 3,
-                key("s2t_serve_responses_total", status="400", code="empty_file"): 1,
-                key("s2t_serve_responses_total", status="415", code="unreadable"): 1,
-                key("s2t_serve_audio_seconds_total"): seconds,
-                key("s2t_serve_request_rtfx_count"): 3,
-                key("s2t_serve_queue_wait_seconds_count"): 3,
-                key("s2t_generation_frames_total", component="serve", kind="speech"): frames}
+    expected = {
+        key("s2t_serve_responses_total", status="200", code=""): 3,
+        key("s2t_serve_responses_total", status="400", code="empty_file"): 1,
+        key("s2t_serve_responses_total", status="415", code="unreadable"): 1,
+        key("s2t_serve_audio_seconds_total"): seconds,
+        key("s2t_serve_request_rtfx_count"): 3,
+        key("s2t_serve_queue_wait_seconds_count"): 3,
+        key("s2t_generation_frames_total", component="serve", kind="speech"): frames,
+    }
     after = wait_for(before, expected)
     for k, value in expected.items():
         assert delta(before, after, k[0], **dict(k[1])) == pytest.approx(value, rel=1e-3), k

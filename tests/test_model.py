@@ -13,10 +13,9 @@ import numpy as np
 import pytest
 import soxr
 import torch
+from helpers import MUSTC, S2T_SMALL, TINY, random_transformers_model, train_spm
 
 from s2t_model import Speech2Text
-
-from helpers import MUSTC, S2T_SMALL, TINY, random_transformers_model, train_spm
 
 transformers = pytest.importorskip("transformers")
 
@@ -39,8 +38,11 @@ def reference_ids(hf, features, frames, **options):
     for i, n in enumerate(frames):
         extra = {k: v[i] for k, v in per_row.items() if v[i] is not None}
         out = hf.generate(
-            input_features=features[i : i + 1, :n], attention_mask=torch.ones(1, n, dtype=torch.long),
-            do_sample=False, **options, **extra,
+            input_features=features[i : i + 1, :n],
+            attention_mask=torch.ones(1, n, dtype=torch.long),
+            do_sample=False,
+            **options,
+            **extra,
         )
         for row in out.tolist():
             row = row[1:]
@@ -79,7 +81,9 @@ def small(tmp_path_factory):
 @pytest.fixture(scope="module")
 def multilingual(tmp_path_factory, spm_files):
     """An untied output head and MuST-C language tags, like facebook/s2t-medium-mustc-multilingual-st."""
-    return make_checkpoint(tmp_path_factory, "mustc", seed=3, tokenizer_files=spm_files, tie_word_embeddings=False, **TINY)
+    return make_checkpoint(
+        tmp_path_factory, "mustc", seed=3, tokenizer_files=spm_files, tie_word_embeddings=False, **TINY
+    )
 
 
 @pytest.mark.parametrize("name", ["tiny", "small", "multilingual"])
@@ -87,14 +91,17 @@ def test_logits_of_a_padded_batch_equal_transformers_per_utterance(name, request
     hf, folder = request.getfixturevalue(name)
     model = Speech2Text.from_pretrained(folder)
     features, lengths = padded_features(FRAMES)
-    decoder_input_ids = torch.randint(4, model.config.vocab_size, (len(FRAMES), 9), generator=torch.Generator().manual_seed(5))
+    decoder_input_ids = torch.randint(
+        4, model.config.vocab_size, (len(FRAMES), 9), generator=torch.Generator().manual_seed(5)
+    )
     decoder_input_ids[:, 0] = model.config.decoder_start_token_id
     with torch.no_grad():
         logits = model(features, lengths, decoder_input_ids)
         assert logits.shape == (len(FRAMES), 9, model.config.vocab_size)
         for i, n in enumerate(FRAMES):
             reference = hf(
-                input_features=features[i : i + 1, :n], attention_mask=torch.ones(1, n, dtype=torch.long),
+                input_features=features[i : i + 1, :n],
+                attention_mask=torch.ones(1, n, dtype=torch.long),
                 decoder_input_ids=decoder_input_ids[i : i + 1],
             ).logits[0]
             assert (logits[i] - reference).abs().max().item() <= 1e-4, f"utterance {i} ({n} frames)"
@@ -156,7 +163,11 @@ def test_forced_target_language_per_row_equals_transformers(multilingual):
     for num_beams in (1, 5):
         out = model.generate(features, lengths, num_beams=num_beams, max_new_tokens=MAX_NEW_TOKENS, tgt_lang=langs)
         expected = reference_ids(
-            hf, features, FRAMES, num_beams=num_beams, max_new_tokens=MAX_NEW_TOKENS,
+            hf,
+            features,
+            FRAMES,
+            num_beams=num_beams,
+            max_new_tokens=MAX_NEW_TOKENS,
             per_row={"forced_bos_token_id": forced},
         )
         assert out.ids == expected
@@ -209,9 +220,15 @@ def test_pickle_checkpoint_fsspec_urls_and_stale_position_tables(tiny, tmp_path)
     state = dict(hf.state_dict())
     state["model.encoder.embed_positions.weights"] = torch.randn(10, 32)
     torch.save(state, pickled / "pytorch_model.bin")
-    assert Speech2Text.from_pretrained(str(pickled)).generate(features, lengths, num_beams=2, max_new_tokens=10).ids == expected
+    assert (
+        Speech2Text.from_pretrained(str(pickled)).generate(features, lengths, num_beams=2, max_new_tokens=10).ids
+        == expected
+    )
 
-    assert Speech2Text.from_pretrained(f"file://{folder}").generate(features, lengths, num_beams=2, max_new_tokens=10).ids == expected
+    assert (
+        Speech2Text.from_pretrained(f"file://{folder}").generate(features, lengths, num_beams=2, max_new_tokens=10).ids
+        == expected
+    )
 
     memory = fsspec.filesystem("memory")  # a non-local filesystem: exercises the fetch-into-cache path
     for name in os.listdir(folder):
@@ -325,7 +342,9 @@ def test_cuda_graphs_give_the_ids_of_eager_cuda_and_cpu(multilingual, num_beams,
 def test_cuda_float32_equals_cpu_and_bfloat16_runs(tiny):
     hf, folder = tiny
     features, lengths = padded_features(FRAMES, seed=8)
-    expected = Speech2Text.from_pretrained(folder).generate(features, lengths, num_beams=5, max_new_tokens=MAX_NEW_TOKENS)
+    expected = Speech2Text.from_pretrained(folder).generate(
+        features, lengths, num_beams=5, max_new_tokens=MAX_NEW_TOKENS
+    )
     on_gpu = Speech2Text.from_pretrained(folder, device="cuda")
     assert on_gpu.generate(features, lengths, num_beams=5, max_new_tokens=MAX_NEW_TOKENS).ids == expected.ids
     half = Speech2Text.from_pretrained(folder, device="cuda", dtype=torch.bfloat16)
@@ -346,8 +365,12 @@ def test_transcribe_equals_transformers_processor_and_generate(multilingual):
     for wave in waves:
         inputs = extractor(wave, sampling_rate=16000, return_tensors="pt")
         ids = hf.generate(
-            inputs.input_features, attention_mask=inputs.attention_mask, num_beams=3, do_sample=False,
-            max_new_tokens=MAX_NEW_TOKENS, forced_bos_token_id=hf_tokenizer.lang_code_to_id["fr"],
+            inputs.input_features,
+            attention_mask=inputs.attention_mask,
+            num_beams=3,
+            do_sample=False,
+            max_new_tokens=MAX_NEW_TOKENS,
+            forced_bos_token_id=hf_tokenizer.lang_code_to_id["fr"],
         )
         expected.append(hf_tokenizer.decode(ids[0], skip_special_tokens=True))
     assert texts == expected
@@ -355,6 +378,8 @@ def test_transcribe_equals_transformers_processor_and_generate(multilingual):
     # Another sampling rate is resampled, never taken as 16 kHz: 8 kHz audio has half the samples for the same time.
     slow = [soxr.resample(w, 16000, 8000) for w in waves]
     assert model.transcribe(slow, sampling_rate=8000, num_beams=3, tgt_lang="fr", max_new_tokens=MAX_NEW_TOKENS) == [
-        model.transcribe([soxr.resample(w, 8000, 16000)], 16000, num_beams=3, tgt_lang="fr", max_new_tokens=MAX_NEW_TOKENS)[0]
+        model.transcribe(
+            [soxr.resample(w, 8000, 16000)], 16000, num_beams=3, tgt_lang="fr", max_new_tokens=MAX_NEW_TOKENS
+        )[0]
         for w in slow
     ]

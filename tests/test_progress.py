@@ -7,14 +7,16 @@ import re
 
 import pyarrow.parquet as pq
 import pytest
-
 from helpers import demo_rows
+
 from pipeline.progress import line
 from pipeline.transcribe import TranscribeConfig, run
 from s2t_model import DEMO_MODEL
 
-LINE = re.compile(r"^progress: (?P<done>[\d,]+)/(?P<total>[\d,]+) rows \([\d.]+ %\), (?P<hours>[\d.]+) h audio, "
-                  r"RTFx [\d.]+, (?P<errors>[\d,]+) errors, ETA (?P<eta>\?|\d+:\d\d:\d\d)$")
+LINE = re.compile(
+    r"^progress: (?P<done>[\d,]+)/(?P<total>[\d,]+) rows \([\d.]+ %\), (?P<hours>[\d.]+) h audio, "
+    r"RTFx [\d.]+, (?P<errors>[\d,]+) errors, ETA (?P<eta>\?|\d+:\d\d:\d\d)$"
+)
 
 
 def manifest(path, rows) -> str:
@@ -41,8 +43,17 @@ def seconds(eta: str) -> int | None:
 
 def job(manifest_path, output, capsys) -> tuple[dict, list[dict]]:
     capsys.readouterr()
-    summary = run(TranscribeConfig(manifest=manifest_path, output=str(output), model=DEMO_MODEL, progress_s=0.2,
-                                   rows_per_block=3, batch_size=3, rows_per_file=3))
+    summary = run(
+        TranscribeConfig(
+            manifest=manifest_path,
+            output=str(output),
+            model=DEMO_MODEL,
+            progress_s=0.2,
+            rows_per_block=3,
+            batch_size=3,
+            rows_per_file=3,
+        )
+    )
     return summary, progress_lines(capsys.readouterr().err)
 
 
@@ -76,14 +87,21 @@ def test_progress_lines_count_to_the_manifest_and_a_resume_starts_at_what_was_do
 
 
 def test_a_line_in_the_middle_of_a_run():
-    snapshot = {"total": 10_000, "done_before": 1_000, "rows": 1_000, "audio_s": 7200.0, "errors": {"unreadable": 3},
-                "elapsed_s": 100.0}
+    snapshot = {
+        "total": 10_000,
+        "done_before": 1_000,
+        "rows": 1_000,
+        "audio_s": 7200.0,
+        "errors": {"unreadable": 3},
+        "elapsed_s": 100.0,
+    }
     # 1,000 rows in 100 s this run: the 8,000 left take 800 s; 7,200 s of audio in 100 s is RTFx 72.
     assert line(snapshot) == "2,000/10,000 rows (20.0 %), 2.00 h audio, RTFx 72.0, 3 errors, ETA 0:13:20"
 
 
 def test_backfill_progress_counts_pairs_and_starts_at_those_held(ray_session, tmp_path, capsys):
-    from pipeline.backfill import BackfillConfig, run as backfill
+    from pipeline.backfill import BackfillConfig
+    from pipeline.backfill import run as backfill
 
     source, output = manifest(tmp_path / "m.jsonl", demo_rows(4)), tmp_path / "out"
     small = dict(batch_size=2, rows_per_file=2, rows_per_block=2, num_beams=1, progress_s=0.2)

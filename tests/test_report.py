@@ -12,8 +12,8 @@ import subprocess
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from helpers import demo_rows
+
 from pipeline import scoring
 from pipeline.report import report
 from pipeline.transcribe import TranscribeConfig, run
@@ -24,8 +24,9 @@ SECTIONS = ["summary", "errors", "by-duration", "by-file", "confidence", "lowest
 
 
 def chromium(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", *args], capture_output=True,
-                          timeout=120)
+    return subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", *args], capture_output=True, timeout=120
+    )
 
 
 @pytest.mark.slow
@@ -39,8 +40,16 @@ def test_report_page_opens_in_chromium_with_its_sections_plots_and_figures(ray_s
     for name, part in [("a", rows[:8]), ("b", rows[8:])]:
         (tmp_path / "shards" / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
     output = tmp_path / "out"
-    run(TranscribeConfig(manifest=str(tmp_path / "shards" / "*.jsonl"), output=str(output), model=DEMO_MODEL,
-                         num_beams=1, rows_per_block=4, batch_size=4))
+    run(
+        TranscribeConfig(
+            manifest=str(tmp_path / "shards" / "*.jsonl"),
+            output=str(output),
+            model=DEMO_MODEL,
+            num_beams=1,
+            rows_per_block=4,
+            batch_size=4,
+        )
+    )
     page = report(str(output))
     assert page == f"{output}/_report.html"
 
@@ -48,13 +57,13 @@ def test_report_page_opens_in_chromium_with_its_sections_plots_and_figures(ray_s
     for anchor in SECTIONS:
         assert f'<section id="{anchor}">' in dom, anchor
     # Errors by reason, with the failed row as the example.
-    errors = dom[dom.index('<section id="errors">'):dom.index('<section id="by-duration">')]
+    errors = dom[dom.index('<section id="errors">') : dom.index('<section id="by-duration">')]
     assert re.search(r"<td>missing</td><td>1</td><td>" + re.escape(rows[9]["id"]), errors), errors
 
     # WER by manifest file: jiwer's over each file's rows as the output holds them.
     table = pa.concat_tables([pq.read_table(p) for p in output.glob("*.parquet")], promote_options="default")
     by_id = {r["id"]: r for r in table.to_pylist()}
-    by_file = dom[dom.index('<section id="by-file">'):dom.index('<section id="confidence">')]
+    by_file = dom[dom.index('<section id="by-file">') : dom.index('<section id="confidence">')]
     for name, part in [("a", rows[:8]), ("b", rows[8:])]:
         done = [by_id[r["id"]] for r in part if not by_id[r["id"]]["error"]]
         wer = scoring.wer([r["reference"] for r in done], [r["text"] for r in done])
@@ -63,7 +72,7 @@ def test_report_page_opens_in_chromium_with_its_sections_plots_and_figures(ray_s
         assert int(cells.group(1)) == len(part)
         assert float(cells.group(2)) == pytest.approx(wer, abs=1e-3)
     # By duration: the buckets' rows add up to the output's.
-    by_duration = dom[dom.index('<section id="by-duration">'):dom.index('<section id="by-file">')]
+    by_duration = dom[dom.index('<section id="by-duration">') : dom.index('<section id="by-file">')]
     counts = [int(n) for n in re.findall(r"<tr><td>[\d.]+(?:-[\d.]+)? s\+?</td><td>(\d+)</td>", by_duration)]
     assert sum(counts) == len(rows)
 

@@ -9,13 +9,21 @@ from pipeline import scoring
 from s2t_model import DEMO_CORPUS, DEMO_MODEL, Speech2Text
 
 # jiwer's own normalisation for the cases below (no hyphens or apostrophes, where it and ours differ on purpose).
-JIWER_NORMALISED = jiwer.Compose([jiwer.ToLowerCase(), jiwer.RemovePunctuation(), jiwer.RemoveMultipleSpaces(),
-                                  jiwer.Strip(), jiwer.ReduceToListOfListOfWords()])
+JIWER_NORMALISED = jiwer.Compose(
+    [
+        jiwer.ToLowerCase(),
+        jiwer.RemovePunctuation(),
+        jiwer.RemoveMultipleSpaces(),
+        jiwer.Strip(),
+        jiwer.ReduceToListOfListOfWords(),
+    ]
+)
 
 
 def jiwer_normalised_wer(references: list[str], hypotheses: list[str]) -> float:
-    return 100 * jiwer.wer(references, hypotheses, reference_transform=JIWER_NORMALISED,
-                           hypothesis_transform=JIWER_NORMALISED)
+    return 100 * jiwer.wer(
+        references, hypotheses, reference_transform=JIWER_NORMALISED, hypothesis_transform=JIWER_NORMALISED
+    )
 
 
 def test_wer_ignores_case_and_punctuation_as_jiwer_does_once_told_to():
@@ -51,5 +59,5 @@ def test_s2t_evaluate_scores_wer_as_the_job_does():
     # On the demo corpus itself (lowercase words, no punctuation) normalising changes nothing: docs/demo-model.md's
     # figure from before stays comparable.
     assert score(model, rows, langs=[], num_beams=1)["wer"] == pytest.approx(
-        100 * jiwer.wer([row["text"] for row in rows], hypotheses))
-
+        100 * jiwer.wer([row["text"] for row in rows], hypotheses)
+    )

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import soundfile
 import soxr
-
 from helpers import demo_rows, non_speech
+
 from s2t_model import DEMO_CORPUS, DEMO_LONG_FORM, DEMO_MODEL, Segment, Speech2Text, find_segments, segment_stream
 
 SR = 16000
@@ -31,8 +31,9 @@ def read_rows(folder: str) -> list[dict]:
 def recordings() -> list[tuple[dict, np.ndarray]]:
     """(manifest row, samples) of both long-form recordings."""
     rows = read_rows(DEMO_LONG_FORM)
-    return [(row, soundfile.read(os.path.join(DEMO_LONG_FORM, row["audio_filepath"]), dtype="float32")[0])
-            for row in rows]
+    return [
+        (row, soundfile.read(os.path.join(DEMO_LONG_FORM, row["audio_filepath"]), dtype="float32")[0]) for row in rows
+    ]
 
 
 def pauses(row: dict) -> list[tuple[float, float]]:
@@ -57,8 +58,9 @@ def check_against_truth(segments: list[Segment], row: dict) -> float:
     errors = [boundary_error(t, row) for s in segments for t in (s.start_s, s.end_s)]
     assert max(errors) <= TOLERANCE_S, f"{row['id']}: a boundary {max(errors):.2f} s into an utterance"
     for u in row["segments"]:  # no utterance is cut: each lies within one segment
-        assert any(s.start_s <= u["start_s"] + TOLERANCE_S and u["end_s"] - TOLERANCE_S <= s.end_s
-                   for s in segments), f"{row['id']}: utterance {u['start_s']:.2f}-{u['end_s']:.2f} s is cut"
+        assert any(s.start_s <= u["start_s"] + TOLERANCE_S and u["end_s"] - TOLERANCE_S <= s.end_s for s in segments), (
+            f"{row['id']}: utterance {u['start_s']:.2f}-{u['end_s']:.2f} s is cut"
+        )
     # and, as the module chose, split at every clear pause: one segment per utterance
     assert len(segments) == len(row["segments"])
     return max(errors)
@@ -83,18 +85,19 @@ def test_streaming_gives_the_same_segments(recordings):
     row, audio = recordings[1]
     whole = find_segments(audio, SR, MAX_S)
     for size in (SR * 60, 12345):
-        blocks = (audio[i:i + size] for i in range(0, len(audio), size))
+        blocks = (audio[i : i + size] for i in range(0, len(audio), size))
         assert list(segment_stream(blocks, SR, MAX_S)) == whole, size
     start = audio[: 25 * SR]  # blocks shorter than a VAD window (a call each: slow, so 25 s of it)
-    assert list(segment_stream((start[i:i + 400] for i in range(0, len(start), 400)), SR, MAX_S)) == find_segments(
-        start, SR, MAX_S)
+    assert list(segment_stream((start[i : i + 400] for i in range(0, len(start), 400)), SR, MAX_S)) == find_segments(
+        start, SR, MAX_S
+    )
     pcm = np.round(audio * 32767).astype(np.int16)  # int16 blocks, two channels: read as soundfile would give them
     stereo = np.stack([pcm, pcm], axis=1)
-    assert len(list(segment_stream((stereo[i:i + SR * 7] for i in range(0, len(pcm), SR * 7)), SR))) == len(whole)
+    assert len(list(segment_stream((stereo[i : i + SR * 7] for i in range(0, len(pcm), SR * 7)), SR))) == len(whole)
     # At another rate (resampled as it streams): the same segments within a VAD window or two (resampling moves the
     # samples a little, and so the probabilities).
     at_44k = soxr.resample(audio, SR, 44100)
-    resampled = list(segment_stream((at_44k[i:i + 44100 * 7] for i in range(0, len(at_44k), 44100 * 7)), 44100))
+    resampled = list(segment_stream((at_44k[i : i + 44100 * 7] for i in range(0, len(at_44k), 44100 * 7)), 44100))
     assert len(resampled) == len(whole)
     assert all(abs(a.start_s - b.start_s) <= 0.07 and abs(a.end_s - b.end_s) <= 0.07 for a, b in zip(resampled, whole))
 
@@ -110,13 +113,13 @@ def test_long_form_wer(recordings, model):
     for row, audio in recordings:
         segments = find_segments(audio, SR, MAX_S)
         spans.append((len(cut), len(row["segments"]), len(found), len(segments)))
-        cut += [audio[round(u["start_s"] * SR):round(u["end_s"] * SR)] for u in row["segments"]]
-        found += [audio[s.start:s.end] for s in segments]
+        cut += [audio[round(u["start_s"] * SR) : round(u["end_s"] * SR)] for u in row["segments"]]
+        found += [audio[s.start : s.end] for s in segments]
     by_truth = model.transcribe(cut, sampling_rate=SR, num_beams=5)
     by_segments = model.transcribe(found, sampling_rate=SR, num_beams=5)
     for (row, _), (a, n, b, m) in zip(recordings, spans):
-        truth_wer = jiwer.wer(row["text"], " ".join(by_truth[a:a + n]))
-        segments_wer = jiwer.wer(row["text"], " ".join(by_segments[b:b + m]))
+        truth_wer = jiwer.wer(row["text"], " ".join(by_truth[a : a + n]))
+        segments_wer = jiwer.wer(row["text"], " ".join(by_segments[b : b + m]))
         print(f"{row['id']}: WER {100 * segments_wer:.2f}% segmented, {100 * truth_wer:.2f}% true utterances")
         assert segments_wer <= truth_wer + 0.02
 
@@ -137,8 +140,9 @@ def test_clips_joined_by_digital_silence_or_noise(model, pause):
     segments = find_segments(audio, SR, MAX_S)
     reference = " ".join(r["text"] for r in rows)
     clips_wer = jiwer.wer(reference, " ".join(model.transcribe(clips, SR, num_beams=5)))
-    joined_wer = jiwer.wer(reference, " ".join(model.transcribe([audio[s.start:s.end] for s in segments], SR,
-                                                                num_beams=5)))
+    joined_wer = jiwer.wer(
+        reference, " ".join(model.transcribe([audio[s.start : s.end] for s in segments], SR, num_beams=5))
+    )
     print(f"{pause} pauses: {len(segments)} segments, WER {100 * joined_wer:.2f}% vs clips {100 * clips_wer:.2f}%")
     assert len(segments) == len(clips) and joined_wer <= clips_wer + 0.02
 
@@ -149,7 +153,7 @@ def test_speech_without_clear_pauses_is_cut_within_max_segment_s(recordings):
     pieces, middles, position = [], [], 0
     for row, audio in recordings:
         for u in row["segments"]:
-            clip = audio[round(u["start_s"] * SR):round(u["end_s"] * SR)]
+            clip = audio[round(u["start_s"] * SR) : round(u["end_s"] * SR)]
             pieces += [clip, np.zeros(round(0.15 * SR), np.float32) + 1e-4]
             middles.append((position + len(clip) / 2) / SR)
             position += len(clip) + round(0.15 * SR)
@@ -183,10 +187,11 @@ TONE_AT, SILENCE_AT = 200, 400  # after this many clips: a 50 s tone (no speech:
 def hour_of_pieces(clips: list[np.ndarray], rng: np.random.Generator):
     """(kind, samples) pieces, without end: the demo clips in turn, each followed by a pause of 0.5-1.5 s of
     -60 dBFS noise; after clip TONE_AT a 50 s tone, after clip SILENCE_AT five minutes of the pauses' noise."""
+
     def noise(seconds: float) -> np.ndarray:
         return (rng.standard_normal(round(seconds * SR)) * 1e-3).astype(np.float32)
 
-    for k in range(10 ** 6):
+    for k in range(10**6):
         if k == TONE_AT:
             yield "tone", (0.1 * np.sin(2 * np.pi * 440.0 * np.arange(50 * SR) / SR)).astype(np.float32)
         elif k == SILENCE_AT:
@@ -215,8 +220,10 @@ def hour_blocks(clips: list[np.ndarray], counts: dict):
 
 
 def test_one_hour_streamed_in_bounded_memory():
-    clips = [soundfile.read(os.path.join(DEMO_CORPUS, r["audio_filepath"]), dtype="float32")[0]
-             for r in read_rows(DEMO_CORPUS)]
+    clips = [
+        soundfile.read(os.path.join(DEMO_CORPUS, r["audio_filepath"]), dtype="float32")[0]
+        for r in read_rows(DEMO_CORPUS)
+    ]
     assert max(len(c) for c in clips) < MAX_S * SR
     counts: dict = {}
     tracemalloc.start()
@@ -226,8 +233,10 @@ def test_one_hour_streamed_in_bounded_memory():
     finally:
         tracemalloc.stop()
     hour_bytes = HOUR * 4  # float32
-    print(f"one hour: {counts}, {len(segments)} segments, tracemalloc peak {peak / 1e6:.1f} MB "
-          f"(the hour as float32: {hour_bytes / 1e6:.0f} MB)")
+    print(
+        f"one hour: {counts}, {len(segments)} segments, tracemalloc peak {peak / 1e6:.1f} MB "
+        f"(the hour as float32: {hour_bytes / 1e6:.0f} MB)"
+    )
     assert counts["tone"] == 1 and counts["silence"] == 5
     # every clip one segment (each is followed by a clear pause), and none for the tone
     assert len(segments) == counts["clip"]

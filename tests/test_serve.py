@@ -16,8 +16,8 @@ import pytest
 import soundfile
 import soxr
 import yaml
-
 from helpers import demo_rows
+
 from pipeline import scoring
 from s2t_model import DEMO_LONG_FORM, DEMO_MODEL, Speech2Text
 
@@ -40,10 +40,21 @@ def server(ray_session):
     port = free_port()
     os.environ["S2T_TEST_API_KEY"] = API_KEY  # read by build_app in this process; replicas only get its hash
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"model": DEMO_MODEL, "api_key_env": "S2T_TEST_API_KEY", "max_upload_mb": 3.0,
-                         "max_duration_s": 120.0, "max_batch_size": 8, "batch_wait_ms": 50,
-                         "body_timeout_s": BODY_TIMEOUT_S}),
-              name="s2t", route_prefix="/")
+    serve.run(
+        build_app(
+            {
+                "model": DEMO_MODEL,
+                "api_key_env": "S2T_TEST_API_KEY",
+                "max_upload_mb": 3.0,
+                "max_duration_s": 120.0,
+                "max_batch_size": 8,
+                "batch_wait_ms": 50,
+                "body_timeout_s": BODY_TIMEOUT_S,
+            }
+        ),
+        name="s2t",
+        route_prefix="/",
+    )
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
 
@@ -76,8 +87,7 @@ def test_openai_client_transcribes_and_translates(server):
     assert verbose.text == row["text"] and verbose.duration == pytest.approx(duration, abs=1e-3)
     assert verbose.segments[0].end == pytest.approx(duration, abs=1e-3) and verbose.segments[0].avg_logprob < 0
 
-    french = client.audio.translations.create(model="s2t", file=("a.flac", audio),
-                                              extra_body={"target_language": "fr"})
+    french = client.audio.translations.create(model="s2t", file=("a.flac", audio), extra_body={"target_language": "fr"})
     assert french.text == row["text_fr"]
     assert [m.id for m in client.models.list().data] == ["s2t"]
 
@@ -113,9 +123,16 @@ def test_bad_input_gets_its_4xx_and_a_json_message(server, tmp_path):
         "overlong audio": (post(server, files={"file": ("long.flac", long)}), 413),
         "wrong token": (post(server, files={"file": ("a.flac", flac)}, token="wrong"), 401),
         "no token": (post(server, files={"file": ("a.flac", flac)}, token=None), 401),
-        "unknown target language": (httpx.post(f"{server}/v1/audio/translations", files={"file": ("a.flac", flac)},
-                                               data={"target_language": "xx"}, timeout=60,
-                                               headers={"Authorization": f"Bearer {API_KEY}"}), 400),
+        "unknown target language": (
+            httpx.post(
+                f"{server}/v1/audio/translations",
+                files={"file": ("a.flac", flac)},
+                data={"target_language": "xx"},
+                timeout=60,
+                headers={"Authorization": f"Bearer {API_KEY}"},
+            ),
+            400,
+        ),
         "bad response_format": (post(server, files={"file": ("a.flac", flac)}, data={"response_format": "xml"}), 400),
     }
     for name, (response, status) in cases.items():
@@ -133,13 +150,25 @@ def test_a_full_queue_gets_503_with_retry_after_and_the_rest_are_answered(server
     from pipeline.serve import build_app
 
     # A second app on the same proxy whose one replica holds one request and queues one more.
-    serve.run(build_app({"model": DEMO_MODEL, "max_batch_size": 1, "max_ongoing_requests": 1,
-                         "max_queued_requests": 1, "retry_after_s": 3}), name="s2t-tight", route_prefix="/tight")
+    serve.run(
+        build_app(
+            {
+                "model": DEMO_MODEL,
+                "max_batch_size": 1,
+                "max_ongoing_requests": 1,
+                "max_queued_requests": 1,
+                "retry_after_s": 3,
+            }
+        ),
+        name="s2t-tight",
+        route_prefix="/tight",
+    )
     try:
         clip = open(demo_rows(1)[0]["audio_filepath"], "rb").read()
         with ThreadPoolExecutor(16) as pool:
-            responses = list(pool.map(lambda _: post(f"{server}/tight", files={"file": ("a.flac", clip)}, token=None),
-                                      range(16)))
+            responses = list(
+                pool.map(lambda _: post(f"{server}/tight", files={"file": ("a.flac", clip)}, token=None), range(16))
+            )
         statuses = [r.status_code for r in responses]
         assert set(statuses) == {200, 503} and statuses.count(503) >= 8, statuses
         assert all(r.headers["retry-after"] == "3" for r in responses if r.status_code == 503)
@@ -172,15 +201,25 @@ def test_a_replica_killed_mid_batch_answers_its_requests_503_with_retry_after(se
 
     from pipeline.serve import build_app
 
-    serve.run(build_app({"model": DEMO_MODEL, "max_batch_size": 8, "batch_wait_ms": 500, "retry_after_s": 2}),
-              name="s2t-kill", route_prefix="/kill")
+    serve.run(
+        build_app({"model": DEMO_MODEL, "max_batch_size": 8, "batch_wait_ms": 500, "retry_after_s": 2}),
+        name="s2t-kill",
+        route_prefix="/kill",
+    )
     try:
         handle = serve.get_deployment_handle("Speech2TextServer", "s2t-kill")
         [pid] = replica_pids("s2t-kill")
         _, audio = long_recording()  # 87 s in 13 segments: a few seconds of decoding for the six together
         with ThreadPoolExecutor(6) as pool:
-            answers = [pool.submit(post, f"{server}/kill", files={"file": ("long.flac", audio)}, token=None,
-                                   ) for _ in range(6)]
+            answers = [
+                pool.submit(
+                    post,
+                    f"{server}/kill",
+                    files={"file": ("long.flac", audio)},
+                    token=None,
+                )
+                for _ in range(6)
+            ]
             deadline = time.monotonic() + 60
             while handle.batch_counts.remote().result()["decoding"] == 0 and time.monotonic() < deadline:
                 time.sleep(0.05)
@@ -199,8 +238,10 @@ def test_a_replica_killed_mid_batch_answers_its_requests_503_with_retry_after(se
         # The openai client retries a 503 by itself, after its Retry-After: the new replica answers.
         client = OpenAI(base_url=f"{server}/kill/v1", api_key="-", max_retries=30)
         clip = demo_rows(1)[0]
-        assert client.audio.transcriptions.create(model="s2t", file=open(clip["audio_filepath"], "rb")).text == \
-            clip["text"]
+        assert (
+            client.audio.transcriptions.create(model="s2t", file=open(clip["audio_filepath"], "rb")).text
+            == clip["text"]
+        )
         assert replica_pids("s2t-kill") not in ([], [pid])
     finally:
         serve.delete("s2t-kill")
@@ -243,13 +284,15 @@ def test_non_speech_gets_no_words_and_no_segments(server):
 def test_infra_serve_yaml_is_what_s2t_serve_prints():
     with open("infra/serve.yaml") as f:
         command = f.read().split("\n")[1].removeprefix("#   s2t ")
-    printed = subprocess.run([sys.executable, "-m", "jobs.cli", *shlex.split(command)], capture_output=True,
-                             text=True, check=True).stdout
+    printed = subprocess.run(
+        [sys.executable, "-m", "jobs.cli", *shlex.split(command)], capture_output=True, text=True, check=True
+    ).stdout
     with open("infra/serve.yaml") as f:
         assert yaml.safe_load(f) == yaml.safe_load(printed)
 
 
 # Hostile clients, on raw sockets where a polite client (httpx) would not behave so.
+
 
 def multipart(audio: bytes, filename: str = "a.flac") -> tuple[bytes, str]:
     """The multipart body and its Content-Type, as httpx (and so the openai client) writes them."""
@@ -316,8 +359,13 @@ def test_stalled_uploads_do_not_block_good_requests_and_are_dropped(server):
         time.sleep(1.0)  # all of them reach the replica and wait there for the rest of their bodies
         start = time.monotonic()
         with ThreadPoolExecutor(2) as pool:
-            good = pool.submit(httpx.post, f"{server}/v1/audio/transcriptions", files={"file": ("a.flac", flac)},
-                               headers={"Authorization": f"Bearer {API_KEY}"}, timeout=5)
+            good = pool.submit(
+                httpx.post,
+                f"{server}/v1/audio/transcriptions",
+                files={"file": ("a.flac", flac)},
+                headers={"Authorization": f"Bearer {API_KEY}"},
+                timeout=5,
+            )
             health = pool.submit(httpx.get, f"{server}/healthz", timeout=5)
             assert good.result().json()["text"] == row["text"] and health.result().status_code == 200
         assert time.monotonic() - start < 5
@@ -356,14 +404,21 @@ def test_an_upload_cut_short_is_a_400_that_says_so_and_resets_mid_upload_leave_t
         sock = open_request(server, {**headers, "Content-Length": len(body)}, cut)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # a TCP reset
         sock.close()
-    response = httpx.post(f"{server}/v1/audio/transcriptions", files={"file": ("a.flac", flac)}, timeout=30,
-                          headers={"Authorization": f"Bearer {API_KEY}"})
+    response = httpx.post(
+        f"{server}/v1/audio/transcriptions",
+        files={"file": ("a.flac", flac)},
+        timeout=30,
+        headers={"Authorization": f"Bearer {API_KEY}"},
+    )
     assert response.status_code == 200 and response.json()["text"] == row["text"], response.text
 
 
 def test_a_declared_huge_body_gets_413_before_any_of_it_is_sent(server):
-    headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "multipart/form-data; boundary=x",
-               "Content-Length": 10**12}
+    headers = {
+        "Authorization": f"Bearer {API_KEY}",
+        "Content-Type": "multipart/form-data; boundary=x",
+        "Content-Length": 10**12,
+    }
     start = time.monotonic()
     with open_request(server, headers) as sock:
         status, body = read_response(sock, timeout=2)
@@ -401,9 +456,12 @@ def test_a_200_mb_streamed_body_is_cut_at_the_limit_without_growing_the_server(s
     watcher = threading.Thread(target=watch)
     watcher.start()
     try:
-        response = httpx.post(f"{server}/v1/audio/transcriptions", content=chunks(), timeout=60,
-                              headers={"Authorization": f"Bearer {API_KEY}",
-                                       "Content-Type": "multipart/form-data; boundary=x"})
+        response = httpx.post(
+            f"{server}/v1/audio/transcriptions",
+            content=chunks(),
+            timeout=60,
+            headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "multipart/form-data; boundary=x"},
+        )
     finally:
         done.set()
         watcher.join()
@@ -419,9 +477,13 @@ def test_non_finite_audio_is_400_in_every_response_format(server):
         wav = io.BytesIO()
         soundfile.write(wav, np.where(np.arange(16000) == 8000, bad, samples), 16000, format="WAV", subtype="FLOAT")
         for response_format in ("json", "text", "verbose_json", "srt", "vtt"):
-            response = httpx.post(f"{server}/v1/audio/{endpoint}", files={"file": ("nan.wav", wav.getvalue())},
-                                  data={"response_format": response_format, "target_language": "fr"},
-                                  headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60)
+            response = httpx.post(
+                f"{server}/v1/audio/{endpoint}",
+                files={"file": ("nan.wav", wav.getvalue())},
+                data={"response_format": response_format, "target_language": "fr"},
+                headers={"Authorization": f"Bearer {API_KEY}"},
+                timeout=60,
+            )
             assert response.status_code == 400, (bad, response_format, response.text)
             error = response.json()["error"]
             assert error["code"] == "corrupt" and "non-finite samples" in error["message"], error
@@ -434,8 +496,13 @@ def test_docs_follow_auth_and_messages_quote_only_a_prefix(server):
     flac = open(demo_rows(1)[0]["audio_filepath"], "rb").read()
     huge = "x" * 100_000
     for endpoint, data in (("translations", {"target_language": huge}), ("transcriptions", {"response_format": huge})):
-        response = httpx.post(f"{server}/v1/audio/{endpoint}", files={"file": ("a.flac", flac)}, data=data,
-                              headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60)
+        response = httpx.post(
+            f"{server}/v1/audio/{endpoint}",
+            files={"file": ("a.flac", flac)},
+            data=data,
+            headers={"Authorization": f"Bearer {API_KEY}"},
+            timeout=60,
+        )
         assert response.status_code == 400 and len(response.json()["error"]["message"]) < 200, response.text[:300]
     # A 2000-character file name (a longer one the multipart parser refuses by itself).
     response = post(server, files={"file": (huge[:2000] + ".wav", b"not audio")})
@@ -455,8 +522,9 @@ def test_a_500_is_a_server_error():
 def test_verbose_json_carries_no_non_finite_number():
     from pipeline.serve import render
 
-    segments = [{"id": 0, "start": 0.0, "end": 1.0, "text": "", "tokens": [], "avg_logprob": float("-inf"),
-                 "temperature": 0.0}]
+    segments = [
+        {"id": 0, "start": 0.0, "end": 1.0, "text": "", "tokens": [], "avg_logprob": float("-inf"), "temperature": 0.0}
+    ]
     body = json.dumps(render("verbose_json", "", segments, 1.0, "transcribe", "en"), allow_nan=False)  # JSON as is
     assert json.loads(body)["segments"][0]["avg_logprob"] is None
 
@@ -489,8 +557,9 @@ def test_openai_client_streams_a_delta_per_segment_then_done_with_usage_and_logp
     recording, audio = long_recording()
     client = OpenAI(base_url=f"{server}/v1", api_key=API_KEY)
     whole = client.audio.transcriptions.create(model="s2t", file=("long.flac", audio)).text
-    events = list(client.audio.transcriptions.create(model="s2t", file=("long.flac", audio), stream=True,
-                                                     include=["logprobs"]))
+    events = list(
+        client.audio.transcriptions.create(model="s2t", file=("long.flac", audio), stream=True, include=["logprobs"])
+    )
     types = [e.type for e in events]
     assert types[-1] == "transcript.text.done" and set(types[:-1]) == {"transcript.text.delta"}
     deltas, done = events[:-1], events[-1]
@@ -510,8 +579,12 @@ def test_word_timestamps_fall_on_the_true_utterance_starts_and_logprobs_come_wit
 
     recording, audio = long_recording()
     client = OpenAI(base_url=f"{server}/v1", api_key=API_KEY)
-    verbose = client.audio.transcriptions.create(model="s2t", file=("long.flac", audio), response_format="verbose_json",
-                                                 timestamp_granularities=["word", "segment"])
+    verbose = client.audio.transcriptions.create(
+        model="s2t",
+        file=("long.flac", audio),
+        response_format="verbose_json",
+        timestamp_granularities=["word", "segment"],
+    )
     assert " ".join(w.word for w in verbose.words) == verbose.text and verbose.segments
     starts = [w.start for w in verbose.words]
     assert starts == sorted(starts) and all(w.start < w.end for w in verbose.words)
@@ -520,11 +593,13 @@ def test_word_timestamps_fall_on_the_true_utterance_starts_and_logprobs_come_wit
     hits = 0
     for truth in recording["segments"]:
         first = truth["text"].split()[0]
-        hits += any(w.word == first and truth["start_s"] - 0.2 <= w.start <= truth["start_s"] + 0.7
-                    for w in verbose.words)
+        hits += any(
+            w.word == first and truth["start_s"] - 0.2 <= w.start <= truth["start_s"] + 0.7 for w in verbose.words
+        )
     assert hits >= len(recording["segments"]) - 1, hits
-    only_words = client.audio.transcriptions.create(model="s2t", file=("long.flac", audio),
-                                                    response_format="verbose_json", timestamp_granularities=["word"])
+    only_words = client.audio.transcriptions.create(
+        model="s2t", file=("long.flac", audio), response_format="verbose_json", timestamp_granularities=["word"]
+    )
     assert only_words.segments is None and [w.word for w in only_words.words] == [w.word for w in verbose.words]
     clip = demo_rows(1)[0]
     with open(clip["audio_filepath"], "rb") as f:
@@ -564,8 +639,14 @@ def test_a_client_gone_mid_stream_cancels_its_rest_and_leaves_no_stream_open(ser
     _, audio = long_recording()
     handle = serve.get_deployment_handle("Speech2TextServer", "s2t")  # the model's replica, behind the ingress
     cancelled = handle.stream_counts.remote().result()["cancelled_segments"]
-    with httpx.stream("POST", f"{server}/v1/audio/transcriptions", files={"file": ("long.flac", audio)},
-                      data={"stream": "true"}, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120) as r:
+    with httpx.stream(
+        "POST",
+        f"{server}/v1/audio/transcriptions",
+        files={"file": ("long.flac", audio)},
+        data={"stream": "true"},
+        headers={"Authorization": f"Bearer {API_KEY}"},
+        timeout=120,
+    ) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         first = next(line for line in r.iter_lines() if line.startswith("data: "))
         assert json.loads(first[6:])["type"] == "transcript.text.delta"
@@ -576,17 +657,18 @@ def test_a_client_gone_mid_stream_cancels_its_rest_and_leaves_no_stream_open(ser
     counts = handle.stream_counts.remote().result()
     # 13 segments, 8 a batch: at least the last batch's were never decoded.
     assert counts["open"] == 0 and counts["cancelled_segments"] > cancelled, counts
-    assert post(server, files={"file": ("a.flac", open(demo_rows(1)[0]["audio_filepath"], "rb").read())}).json()[
-        "text"] == demo_rows(1)[0]["text"]
+    assert (
+        post(server, files={"file": ("a.flac", open(demo_rows(1)[0]["audio_filepath"], "rb").read())}).json()["text"]
+        == demo_rows(1)[0]["text"]
+    )
 
 
 @pytest.mark.slow  # 240 uploads
 def test_every_format_people_upload_is_transcribed_as_flac_is(server):
     """m4a, mp4 with H.264 video, mov, mkv, webm/ogg Opus, headerless and cover-art mp3, AMR, WMA through the openai
     client: each within 1 WER point of the same clips uploaded as FLAC (AMR: as 8 kHz FLAC)."""
-    from openai import OpenAI
-
     from helpers import formats_people_keep
+    from openai import OpenAI
     from test_audio_formats import within_reach
 
     client = OpenAI(base_url=f"{server}/v1", api_key=API_KEY)

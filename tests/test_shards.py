@@ -9,9 +9,9 @@ import tarfile
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import S3_CREDENTIALS
 from helpers import demo_rows, killed_mid_job
+
 from pipeline import scoring
 from pipeline.shards import read_nemo_shard, webdataset_rows
 from pipeline.transcribe import TranscribeConfig, run
@@ -76,17 +76,19 @@ def assert_transcribed(out: list[dict], references: dict[str, str]) -> None:
 
 # ---- reading shards, without Ray -------------------------------------------------------------------------------------
 
+
 def shard_rows(path, with_audio=True, seekable=False) -> list[dict]:
     """The shard's rows, read as the job reads it: a stream (pyarrow's input stream), or for the summary's ids a
     seekable local file whose audio members are skipped by seeks."""
-    with (pa.OSFile(str(path)) if seekable else pa.input_stream(str(path))) as f:
+    with pa.OSFile(str(path)) if seekable else pa.input_stream(str(path)) as f:
         return [row for table in webdataset_rows(f, str(path), 2, with_audio) for row in table.to_pylist()]
 
 
 def test_a_webdataset_shard_gives_one_row_per_sample_with_its_bytes(tmp_path):
     rows = demo_rows(4)
-    members = webdataset_members(rows[:2], "json") + [(n.replace("sample-", "other-"), d)
-                                                     for n, d in webdataset_members(rows[2:], "txt")]
+    members = webdataset_members(rows[:2], "json") + [
+        (n.replace("sample-", "other-"), d) for n, d in webdataset_members(rows[2:], "txt")
+    ]
     members.append(("README", b"not a field of any sample"))
     write_tar(tmp_path / "shard-000007.tar", members)
     read = shard_rows(tmp_path / "shard-000007.tar")
@@ -110,7 +112,7 @@ def test_a_damaged_webdataset_shard_gives_what_precedes_the_break_and_one_error_
     if damage == "truncated":
         data = data[: broken.offset_data + broken.size // 2]
     else:  # bytes that are no tar header where sample 3 starts: tarfile alone would end the archive there quietly
-        data[broken.offset: broken.offset + 512] = b"\x17" * 512
+        data[broken.offset : broken.offset + 512] = b"\x17" * 512
         with tarfile.open(fileobj=io.BytesIO(bytes(data))) as tar:
             assert len(tar.getmembers()) == 6  # no error from tarfile: the break has to be watched for
     path.write_bytes(bytes(data))
@@ -133,9 +135,21 @@ def test_a_file_that_is_no_tar_is_one_error_row(tmp_path):
 
 def nemo_group(members: list[str], rows: list[dict] | None = None) -> pa.Table:
     rows = rows or [{} for _ in members]
-    return pa.Table.from_pylist([{"id": f"row-{i}", "audio": m, "offset_s": r.get("offset", 0.0), "duration_s": None,
-                                  "reference": None, "tgt_lang": None, "error": None, "_shard": 0}
-                                 for i, (m, r) in enumerate(zip(members, rows))])
+    return pa.Table.from_pylist(
+        [
+            {
+                "id": f"row-{i}",
+                "audio": m,
+                "offset_s": r.get("offset", 0.0),
+                "duration_s": None,
+                "reference": None,
+                "tgt_lang": None,
+                "error": None,
+                "_shard": 0,
+            }
+            for i, (m, r) in enumerate(zip(members, rows))
+        ]
+    )
 
 
 def test_nemo_rows_take_their_members_and_name_what_is_missing(tmp_path):
@@ -143,12 +157,16 @@ def test_nemo_rows_take_their_members_and_name_what_is_missing(tmp_path):
 
     rows = demo_rows(3)
     path = tmp_path / "audio_0.tar"
-    write_tar(path, [("a.flac", audio_bytes(rows[0])), ("b.flac", audio_bytes(rows[1])),
-                     ("c.flac", audio_bytes(rows[2]))])
+    write_tar(
+        path, [("a.flac", audio_bytes(rows[0])), ("b.flac", audio_bytes(rows[1])), ("c.flac", audio_bytes(rows[2]))]
+    )
     tars = {0: (str(path), str(path))}
     group = nemo_group(["b.flac", "a.flac", "a-sub1.flac", "gone.flac"], [{}, {}, {"offset": 0.5}, {}])
-    read = {r["id"]: r for t in read_nemo_shard(group, tars, pyarrow.fs.LocalFileSystem(), 2, "audio_0.tar")
-            for r in t.to_pylist()}
+    read = {
+        r["id"]: r
+        for t in read_nemo_shard(group, tars, pyarrow.fs.LocalFileSystem(), 2, "audio_0.tar")
+        for r in t.to_pylist()
+    }
     assert sorted(read) == ["row-0", "row-1", "row-2", "row-3"]
     assert read["row-0"]["audio_bytes"] == audio_bytes(rows[1]) and read["row-1"]["audio_bytes"] == audio_bytes(rows[0])
     # NeMo's `-sub1`: a second entry of the same file, not written again: the member a.flac, at the row's offset.
@@ -158,15 +176,22 @@ def test_nemo_rows_take_their_members_and_name_what_is_missing(tmp_path):
 
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])  # cut in b.flac
-    read = {r["id"]: r for t in read_nemo_shard(nemo_group(["a.flac", "c.flac"]), tars, pyarrow.fs.LocalFileSystem(),
-                                                 2, "audio_0.tar") for r in t.to_pylist()}
+    read = {
+        r["id"]: r
+        for t in read_nemo_shard(nemo_group(["a.flac", "c.flac"]), tars, pyarrow.fs.LocalFileSystem(), 2, "audio_0.tar")
+        for r in t.to_pylist()
+    }
     assert read["row-0"]["error"] is None and read["row-0"]["audio_bytes"] == audio_bytes(rows[0])
-    assert read["row-1"]["error"].startswith(f"truncated: {path}: ") and "member c.flac not reached" in read["row-1"]["error"]
+    assert (
+        read["row-1"]["error"].startswith(f"truncated: {path}: ")
+        and "member c.flac not reached" in read["row-1"]["error"]
+    )
     read = list(read_nemo_shard(nemo_group(["a.flac"]), {}, pyarrow.fs.LocalFileSystem(), 2, "audio_{0..3}.tar"))
     assert read[0].to_pylist()[0]["error"] == "missing: no tar of audio_{0..3}.tar has shard number 0 (a.flac)"
 
 
 # ---- end to end ------------------------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def webdataset_job(ray_session, tmp_path_factory):
@@ -199,11 +224,16 @@ def test_webdataset_shards_end_to_end(webdataset_job):
     errors = {row["id"]: row["error"] for row in out if row["error"]}
     assert sorted(errors) == sorted([rows[16]["id"], "shard-000002/.damaged"])
     assert errors[rows[16]["id"]].startswith(f"unreadable: {folder}/shard-000003.tar/sample-001.flac: ")
-    assert errors["shard-000002/.damaged"].startswith(f"truncated: {folder}/shard-000002.tar: the tar breaks in "
-                                                      f"member sample-004.flac")
+    assert errors["shard-000002/.damaged"].startswith(
+        f"truncated: {folder}/shard-000002.tar: the tar breaks in member sample-004.flac"
+    )
     assert len(out) == len(references) + 2
-    assert (summary["rows_in"], summary["rows_out"], summary["rows_missing"], summary["rows_duplicated"]) == \
-        (len(out), len(out), 0, 0)
+    assert (summary["rows_in"], summary["rows_out"], summary["rows_missing"], summary["rows_duplicated"]) == (
+        len(out),
+        len(out),
+        0,
+        0,
+    )
     assert summary["errors_by_reason"] == {"truncated": 1, "unreadable": 1}
     by_id = {row["id"]: row for row in out}
     assert by_id[rows[0]["id"]]["audio"] == f"{folder}/shard-000000.tar/sample-000.flac"
@@ -222,8 +252,9 @@ def nemo_dataset(folder, rows: list[dict], shards: int) -> list[dict]:
         name = f"audio_{row['id'].replace('-', '_')}.flac"
         entry = {"audio_filepath": name, "duration": row["duration"], "text": row["text"], "shard_id": k}
         if i == 1:  # the member is the slice itself: read from its start, whatever source_audio_offset says
-            entry.update(audio_filepath=f"{name[:-5]}_1_0_{str(row['duration']).replace('.', '_')}.flac",
-                         source_audio_offset=1.0)
+            entry.update(
+                audio_filepath=f"{name[:-5]}_1_0_{str(row['duration']).replace('.', '_')}.flac", source_audio_offset=1.0
+            )
             members[k].append((entry["audio_filepath"], audio_bytes(row)))
         elif i < len(rows) - 1:
             members[k].append((name, audio_bytes(row)))
@@ -233,7 +264,9 @@ def nemo_dataset(folder, rows: list[dict], shards: int) -> list[dict]:
     (folder / "sharded_manifests").mkdir()
     for k in range(shards):
         write_tar(folder / f"audio_{k}.tar", members[k])
-        (folder / "sharded_manifests" / f"manifest_{k}.json").write_text("".join(json.dumps(e) + "\n" for e in entries[k]))
+        (folder / "sharded_manifests" / f"manifest_{k}.json").write_text(
+            "".join(json.dumps(e) + "\n" for e in entries[k])
+        )
     everything = [e for shard in entries for e in shard]
     (folder / "tarred_audio_manifest.json").write_text("".join(json.dumps(e) + "\n" for e in everything))
     return everything
@@ -242,13 +275,23 @@ def nemo_dataset(folder, rows: list[dict], shards: int) -> list[dict]:
 def test_nemo_tarred_audio_end_to_end(ray_session, tmp_path):
     rows = demo_rows(9)
     entries = nemo_dataset(tmp_path, rows, shards=3)
-    summary = run(TranscribeConfig(manifest=str(tmp_path / "tarred_audio_manifest.json"), output=str(tmp_path / "out"),
-                                   model=DEMO_MODEL, tarred_audio=str(tmp_path / "audio__OP_0..2_CL_.tar"), **FAST))
+    summary = run(
+        TranscribeConfig(
+            manifest=str(tmp_path / "tarred_audio_manifest.json"),
+            output=str(tmp_path / "out"),
+            model=DEMO_MODEL,
+            tarred_audio=str(tmp_path / "audio__OP_0..2_CL_.tar"),
+            **FAST,
+        )
+    )
     out = output_rows(tmp_path / "out")
     assert len(out) == len(entries) == summary["rows_in"] == summary["rows_out"]  # one row per manifest line
     by_member = {row["audio"].rsplit("/", 1)[1]: row for row in out}
     missing = entries[-1]["audio_filepath"]
-    assert by_member.pop(missing)["error"] == f"missing: {tmp_path}/audio_{entries[-1]['shard_id']}.tar: no member {missing} in the tar"
+    assert (
+        by_member.pop(missing)["error"]
+        == f"missing: {tmp_path}/audio_{entries[-1]['shard_id']}.tar: no member {missing} in the tar"
+    )
     assert [row for row in by_member.values() if row["error"]] == []
     references = {by_member[e["audio_filepath"]]["id"]: e["text"] for e in entries if e["audio_filepath"] != missing}
     assert_transcribed(list(by_member.values()), references)
@@ -271,17 +314,29 @@ def test_webdataset_and_nemo_shards_on_s3(ray_session, s3_bucket, s3_endpoint, t
     fs.put(str(nemo) + "/", f"{bucket}/nemo/", recursive=True)
     s3 = dict(s3_endpoint_url=s3_endpoint, storage_options=S3_CREDENTIALS, **FAST)
 
-    summary = run(TranscribeConfig(manifest=f"s3://{bucket}/shards/shard-{{000000..000001}}.tar",
-                                   output=f"s3://{bucket}/out-wds", model=DEMO_MODEL, **s3))
+    summary = run(
+        TranscribeConfig(
+            manifest=f"s3://{bucket}/shards/shard-{{000000..000001}}.tar",
+            output=f"s3://{bucket}/out-wds",
+            model=DEMO_MODEL,
+            **s3,
+        )
+    )
     out = s3_output_rows(fs, f"{bucket}/out-wds")
     assert_transcribed(out, {**{r["id"]: r["text"] for r in rows[:3]}, "shard-000001/sample-000": rows[3]["text"]})
     assert len(out) == 4 and summary["rows_in"] == 4 and summary["rows_missing"] == 0
     assert {row["audio"] for row in out} >= {f"s3://{bucket}/shards/shard-000000.tar/sample-000.flac"}
 
     # The sharded manifests this time: one per tar, as a NeMo brace list.
-    summary = run(TranscribeConfig(manifest=f"s3://{bucket}/nemo/sharded_manifests/manifest__OP_0..1_CL_.json",
-                                   tarred_audio=f"s3://{bucket}/nemo/audio_{{0..1}}.tar",
-                                   output=f"s3://{bucket}/out-nemo", model=DEMO_MODEL, **s3))
+    summary = run(
+        TranscribeConfig(
+            manifest=f"s3://{bucket}/nemo/sharded_manifests/manifest__OP_0..1_CL_.json",
+            tarred_audio=f"s3://{bucket}/nemo/audio_{{0..1}}.tar",
+            output=f"s3://{bucket}/out-nemo",
+            model=DEMO_MODEL,
+            **s3,
+        )
+    )
     out = s3_output_rows(fs, f"{bucket}/out-nemo")
     assert len(out) == len(entries) == summary["rows_in"]
     missing = entries[-1]["audio_filepath"]
@@ -289,16 +344,19 @@ def test_webdataset_and_nemo_shards_on_s3(ray_session, s3_bucket, s3_endpoint, t
     good = [row for row in out if not row["error"]]
     texts = {e["audio_filepath"]: e["text"] for e in entries}
     assert_transcribed(good, {row["id"]: texts[row["audio"].rsplit("/", 1)[1]] for row in good})
-    assert all(row["audio"].startswith(f"s3://{bucket}/nemo/audio_") for row in out) and missing not in \
-        {row["audio"].rsplit("/", 1)[1] for row in good}
+    assert all(row["audio"].startswith(f"s3://{bucket}/nemo/audio_") for row in out) and missing not in {
+        row["audio"].rsplit("/", 1)[1] for row in good
+    }
 
 
 def test_resume_after_sigkill_mid_shard(webdataset_job):
     folder, rows, intact, summary, out = webdataset_job
     shard_of = {row["id"]: row["audio"].split(".tar")[0] for row in out}
     assert 0 < len(intact) < len(out), "the driver must be killed mid-job for this test to mean anything"
-    assert any(0 < sum(shard_of[i] == shard for i in intact) < list(shard_of.values()).count(shard)
-               for shard in set(shard_of.values())), "some shard was partly done when the driver was killed"
+    assert any(
+        0 < sum(shard_of[i] == shard for i in intact) < list(shard_of.values()).count(shard)
+        for shard in set(shard_of.values())
+    ), "some shard was partly done when the driver was killed"
     assert len(out) == len({row["id"] for row in out}) == summary["rows_in"]  # every sample exactly once
     assert summary["rows_this_run"] == len(out) - len(set(intact))
     assert summary["rows_missing"] == summary["rows_duplicated"] == 0
@@ -326,6 +384,7 @@ def test_what_a_pattern_names_is_decided_by_extension(tmp_path):
 
 class CountingFile(io.FileIO):
     """A local file that counts the bytes read from it."""
+
     read_bytes = 0
 
     def read(self, size=-1):
@@ -355,10 +414,13 @@ def test_nemo_rows_already_done_are_dropped_before_their_tars_are_read(ray_sessi
 
     rows = demo_rows(6)
     entries = nemo_dataset(tmp_path, rows, shards=2)
-    manifest = Manifest(str(tmp_path / "tarred_audio_manifest.json"),
-                        tarred_audio=TarredAudio(str(tmp_path / "audio_{0..1}.tar")))
-    read = manifest.dataset(4, pyarrow.fs.LocalFileSystem(), drop_done=lambda rows: rows.map_batches(
-        no_audio_yet, batch_format="pyarrow")).take_all()
-    assert sorted(r["audio"] for r in read) == sorted(f"{tmp_path}/audio_0.tar/{e['audio_filepath']}"
-                                                      for e in entries if e["shard_id"] == 0)
+    manifest = Manifest(
+        str(tmp_path / "tarred_audio_manifest.json"), tarred_audio=TarredAudio(str(tmp_path / "audio_{0..1}.tar"))
+    )
+    read = manifest.dataset(
+        4, pyarrow.fs.LocalFileSystem(), drop_done=lambda rows: rows.map_batches(no_audio_yet, batch_format="pyarrow")
+    ).take_all()
+    assert sorted(r["audio"] for r in read) == sorted(
+        f"{tmp_path}/audio_0.tar/{e['audio_filepath']}" for e in entries if e["shard_id"] == 0
+    )
     assert all(r["error"] is None and r["audio_bytes"] for r in read)

@@ -4,10 +4,9 @@ import json
 import random
 
 import pytest
+from helpers import LANG_TOKENS, MUSTC, corpus, train_spm
 
 from s2t_model.tokenizer import Tokenizer
-
-from helpers import LANG_TOKENS, MUSTC, corpus, train_spm
 
 transformers = pytest.importorskip("transformers")
 Speech2TextTokenizer = transformers.Speech2TextTokenizer
@@ -22,7 +21,7 @@ SENTENCES = corpus(40, seed=1) + [
     "double  space\ttab\nnewline",
     "Seven Hundred AND twelve",
     "THE CAT SAT ON THE MAT.",
-    "Hello, world! Is it 42? Yes: it's (really) \"quoted\"...",
+    'Hello, world! Is it 42? Yes: it\'s (really) "quoted"...',
     "naïve café Ωmega 日本語 emoji 🙂",
     "one <s> two </s> three <pad> four <unk> five",
     "<lang:fr> the cat <lang:de>",
@@ -73,8 +72,11 @@ def test_special_ids_and_vocab(tmp_path, files):
 
 
 def check_special_ids_and_vocab(hf, ours):
-    assert (ours.bos_id, ours.pad_id, ours.eos_id, ours.unk_id) == (
-        hf.bos_token_id, hf.pad_token_id, hf.eos_token_id, hf.unk_token_id) == (0, 1, 2, 3)
+    assert (
+        (ours.bos_id, ours.pad_id, ours.eos_id, ours.unk_id)
+        == (hf.bos_token_id, hf.pad_token_id, hf.eos_token_id, hf.unk_token_id)
+        == (0, 1, 2, 3)
+    )
     assert ours.vocab_size == hf.vocab_size and len(ours) == len(hf)
     assert ours.langs == MUSTC and ours.lang_code_to_id == hf.lang_code_to_id
 
@@ -175,12 +177,29 @@ def test_legacy_hub_layout(tmp_path, files):
     folder.mkdir()
     (folder / "sentencepiece.bpe.model").write_bytes(open(spm_file, "rb").read())
     (folder / "vocab.json").write_text(open(vocab_file).read())
-    (folder / "tokenizer_config.json").write_text(json.dumps(
-        {"do_upper_case": True, "do_lower_case": False, "lang_codes": "mustc", "tgt_lang": "it",
-         "model_max_length": 1024, "tokenizer_class": "Speech2TextTokenizer"}))
-    (folder / "special_tokens_map.json").write_text(json.dumps(
-        {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>",
-         "additional_special_tokens": LANG_TOKENS}))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "do_upper_case": True,
+                "do_lower_case": False,
+                "lang_codes": "mustc",
+                "tgt_lang": "it",
+                "model_max_length": 1024,
+                "tokenizer_class": "Speech2TextTokenizer",
+            }
+        )
+    )
+    (folder / "special_tokens_map.json").write_text(
+        json.dumps(
+            {
+                "bos_token": "<s>",
+                "eos_token": "</s>",
+                "unk_token": "<unk>",
+                "pad_token": "<pad>",
+                "additional_special_tokens": LANG_TOKENS,
+            }
+        )
+    )
     hf = Speech2TextTokenizer.from_pretrained(folder)
     ours = Tokenizer.from_pretrained(folder)
     assert ours.tgt_lang == "it" and ours.do_upper_case

@@ -15,7 +15,6 @@ import sys
 import tempfile
 
 import pytest
-
 from helpers import demo_rows
 
 ROWS = 40
@@ -123,20 +122,30 @@ def test_every_row_once_after_losing_a_gpu_node(tmp_path):
     # Short: Ray's socket paths live under it and must stay within the 107 characters of a Unix socket name.
     ray_tmp = tempfile.mkdtemp(prefix="s2t-ray-", dir="/tmp")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(RAY_TMPDIR=ray_tmp, PYTHONPATH=os.pathsep.join(
-        [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    env.update(
+        RAY_TMPDIR=ray_tmp,
+        PYTHONPATH=os.pathsep.join(
+            [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env.get("PYTHONPATH", "")]
+        ).rstrip(os.pathsep),
+    )
     try:
         try:
             process = subprocess.run(
                 [sys.executable, str(script), str(manifest), str(output), str(TIMEOUT_S - 30)],
-                env=env, capture_output=True, text=True, timeout=TIMEOUT_S,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=TIMEOUT_S,
             )
         except subprocess.TimeoutExpired as error:
             # (Killing the script stops its cluster too: Ray's reaper ends the nodes when their parent dies.)
-            text = [out.decode(errors="replace") if isinstance(out, bytes) else out or ""
-                    for out in (error.stdout, error.stderr)]
-            pytest.fail(f"the node-loss script ran past {TIMEOUT_S} s\nstdout:\n{text[0][-4000:]}\nstderr:\n"
-                        f"{text[1][-8000:]}")
+            text = [
+                out.decode(errors="replace") if isinstance(out, bytes) else out or ""
+                for out in (error.stdout, error.stderr)
+            ]
+            pytest.fail(
+                f"the node-loss script ran past {TIMEOUT_S} s\nstdout:\n{text[0][-4000:]}\nstderr:\n{text[1][-8000:]}"
+            )
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)  # Ray's sessions and logs
     shown = f"exit {process.returncode}\nstdout:\n{process.stdout[-4000:]}\nstderr:\n{process.stderr[-8000:]}"
@@ -156,5 +165,9 @@ def test_every_row_once_after_losing_a_gpu_node(tmp_path):
     assert len(ids) == len(expected), f"duplicated: {sorted(i for i in set(ids) if ids.count(i) > 1)}\n{shown}"
     assert "row_errors" not in result, shown
     summary = result["summary"]
-    assert (summary["rows_in"], summary["rows_ok"], summary["rows_missing"], summary["rows_duplicated"]) == \
-           (ROWS, ROWS, 0, 0), shown
+    assert (summary["rows_in"], summary["rows_ok"], summary["rows_missing"], summary["rows_duplicated"]) == (
+        ROWS,
+        ROWS,
+        0,
+        0,
+    ), shown

@@ -19,8 +19,8 @@ import pyarrow.parquet as pq
 import pytest
 import soundfile
 import soxr
-
 from helpers import demo_rows
+
 from pipeline import scoring
 from pipeline.manifest import read_manifest
 from pipeline.rows import ManifestError
@@ -37,8 +37,14 @@ def corpus(tmp_path_factory):
     (root / "audio").mkdir()
     rows = demo_rows(CLIPS)
     # Rates at or above the model's 16 kHz: narrow-band audio (8 kHz) loses what the demo model listens to.
-    conversions = [("wav", 44100, 2), ("ogg", 32000, 1), ("mp3", 22050, 1), ("flac", 16000, 1), ("wav", 16000, 3),
-                   ("flac", 48000, 2)]
+    conversions = [
+        ("wav", 44100, 2),
+        ("ogg", 32000, 1),
+        ("mp3", 22050, 1),
+        ("flac", 16000, 1),
+        ("wav", 16000, 3),
+        ("flac", 48000, 2),
+    ]
     for row, (kind, rate, channels) in zip(rows, conversions):
         audio, source_rate = soundfile.read(row["audio_filepath"], dtype="float32")
         audio = soxr.resample(audio, source_rate, rate) if rate != source_rate else audio
@@ -75,13 +81,25 @@ def test_nemo_jsonl_with_relative_paths_and_offsets(ray_session, corpus, tmp_pat
     first, rate = soundfile.read(rows[0]["audio_filepath"], dtype="float32")
     second, _ = soundfile.read(rows[1]["audio_filepath"], dtype="float32")
     soundfile.write(root / "audio" / "joined.flac", np.concatenate([first, np.zeros(rate), second]), rate)
-    lines = [{"id": r["id"], "audio_filepath": f"audio/{r['file']}", "duration": r["duration"], "text": r["text"]}
-             for r in rows]
+    lines = [
+        {"id": r["id"], "audio_filepath": f"audio/{r['file']}", "duration": r["duration"], "text": r["text"]}
+        for r in rows
+    ]
     lines += [
-        {"id": "joined-a", "audio_filepath": "audio/joined.flac", "offset": 0.0, "duration": len(first) / rate,
-         "text": rows[0]["text"]},
-        {"id": "joined-b", "audio_filepath": "audio/joined.flac", "offset": (len(first) + rate) / rate,
-         "duration": len(second) / rate, "text": rows[1]["text"]},
+        {
+            "id": "joined-a",
+            "audio_filepath": "audio/joined.flac",
+            "offset": 0.0,
+            "duration": len(first) / rate,
+            "text": rows[0]["text"],
+        },
+        {
+            "id": "joined-b",
+            "audio_filepath": "audio/joined.flac",
+            "offset": (len(first) + rate) / rate,
+            "duration": len(second) / rate,
+            "text": rows[1]["text"],
+        },
     ]
     manifest = root / "manifest.jsonl"
     manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
@@ -154,8 +172,10 @@ def test_glob_of_audio_files(ray_session, corpus, tmp_path):
 
 def test_translation_forced_per_job(ray_session, corpus, tmp_path):
     root, rows = corpus
-    lines = [{"id": r["id"], "audio_filepath": f"{root}/audio/{r['file']}", "text": r["text"], "text_fr": r["text_fr"]}
-             for r in rows]
+    lines = [
+        {"id": r["id"], "audio_filepath": f"{root}/audio/{r['file']}", "text": r["text"], "text_fr": r["text_fr"]}
+        for r in rows
+    ]
     (tmp_path / "m.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     summary, out = job(tmp_path / "m.jsonl", tmp_path / "out", tgt_lang="fr")
     assert {row["tgt_lang"] for row in out} == {"fr"} and not any(row["error"] for row in out)
@@ -186,14 +206,22 @@ def test_bad_input_rows_carry_their_reason(ray_session, corpus, tmp_path, featur
     assert reasons.pop("manifest.jsonl:11") == "bad_manifest_line"
     # libsndfile either loses sync in the cut-off block (corrupt) or returns fewer samples than promised (truncated).
     assert reasons.pop("truncated") in ("corrupt", "truncated")
-    assert reasons == {"missing": "missing", "zero": "empty", "text": "unreadable",
-                       "tiny": "too_short", "nan": "corrupt", "long": "too_long", **{g["id"]: "" for g in good}}
+    assert reasons == {
+        "missing": "missing",
+        "zero": "empty",
+        "text": "unreadable",
+        "tiny": "too_short",
+        "nan": "corrupt",
+        "long": "too_long",
+        **{g["id"]: "" for g in good},
+    }
     errors = {row["id"]: row["error"] for row in out}
     assert str(bad / "nowhere.flac") in errors["missing"] and "30.0 s" in errors["long"]
     assert "non-finite samples" in errors["nan"]
     assert all(row["text"] is None for row in out if row["error"])
-    assert_transcribed([row for row in out if not row["error"]], [g["id"] for g in good],
-                       {g["id"]: g["text"] for g in good})
+    assert_transcribed(
+        [row for row in out if not row["error"]], [g["id"] for g in good], {g["id"]: g["text"] for g in good}
+    )
     assert sum(summary["errors_by_reason"].values()) == 8 and summary["errors_by_reason"]["missing"] == 1
 
 
@@ -209,8 +237,14 @@ def bad_audio_files(bad, rows: list[dict]) -> dict[str, str]:
     long = np.concatenate([soundfile.read(r["audio_filepath"], dtype="float32")[0] for r in demo_rows(20)])
     soundfile.write(bad / "long.flac", long, 16000)
     assert len(long) / 16000 > 30
-    return {"zero": "empty", "text": "unreadable", "truncated": "corrupt|truncated", "tiny": "too_short",
-            "nan": "corrupt", "long": "too_long"}
+    return {
+        "zero": "empty",
+        "text": "unreadable",
+        "truncated": "corrupt|truncated",
+        "tiny": "too_short",
+        "nan": "corrupt",
+        "long": "too_long",
+    }
 
 
 def test_bad_audio_in_a_webdataset_shard_carries_its_reason(ray_session, corpus, tmp_path):
@@ -218,12 +252,15 @@ def test_bad_audio_in_a_webdataset_shard_carries_its_reason(ray_session, corpus,
     root, rows = corpus
     expected = bad_audio_files(tmp_path / "bad", rows)
     samples = [(r["id"], r["audio_filepath"], r["text"]) for r in rows[:3]]
-    samples += [(name, str(path), "x") for path in sorted((tmp_path / "bad").iterdir())
-                for name in [path.name.split(".")[0]]]
+    samples += [
+        (name, str(path), "x") for path in sorted((tmp_path / "bad").iterdir()) for name in [path.name.split(".")[0]]
+    ]
     with tarfile.open(tmp_path / "shard-000000.tar", "w") as tar:
         for key, path, text in samples:
-            for name, data in [(f"{key}.{path.rsplit('.', 1)[1]}", open(path, "rb").read()),
-                               (f"{key}.json", json.dumps({"id": key, "text": text}).encode())]:
+            for name, data in [
+                (f"{key}.{path.rsplit('.', 1)[1]}", open(path, "rb").read()),
+                (f"{key}.json", json.dumps({"id": key, "text": text}).encode()),
+            ]:
                 info = tarfile.TarInfo(name)
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
@@ -251,12 +288,25 @@ def test_rerun_after_the_driver_is_killed_writes_only_what_is_missing(ray_sessio
     manifest = tmp_path / "manifest.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
     output = tmp_path / "out"
-    options = ["--batch-size", "2", "--feature-batch-size", "2", "--rows-per-file", "2", "--rows-per-block", "2",
-               "--num-beams", "1"]
+    options = [
+        "--batch-size",
+        "2",
+        "--feature-batch-size",
+        "2",
+        "--rows-per-file",
+        "2",
+        "--rows-per-block",
+        "2",
+        "--num-beams",
+        "1",
+    ]
     env = {**os.environ, "RAY_ADDRESS": ray_session}
-    driver = subprocess.Popen([sys.executable, "-m", "jobs.transcribe", str(manifest), str(output),
-                               "--model", DEMO_MODEL, *options], env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "jobs.transcribe", str(manifest), str(output), "--model", DEMO_MODEL, *options],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 240
     while time.time() < deadline and len(list(output.glob("*.parquet"))) < 2 and driver.poll() is None:
         time.sleep(0.2)

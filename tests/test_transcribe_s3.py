@@ -11,8 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import s3fs
-
 from helpers import demo_rows
+
 from pipeline import scoring
 from pipeline.transcribe import TranscribeConfig, run
 from s2t_model import DEMO_CORPUS, DEMO_MODEL, checkpoint
@@ -44,8 +44,9 @@ def test_manifest_audio_model_and_output_on_s3(ray_session, s3_endpoint, tmp_pat
     for row in rows:
         name = os.path.relpath(row["audio_filepath"], DEMO_CORPUS)  # audio/<id>.flac
         fs.put_file(row["audio_filepath"], f"{bucket}/corpus/{name}")
-        lines.append(json.dumps({"id": row["id"], "audio_filepath": name, "duration": row["duration"],
-                                 "text": row["text"]}))
+        lines.append(
+            json.dumps({"id": row["id"], "audio_filepath": name, "duration": row["duration"], "text": row["text"]})
+        )
     fs.pipe_file(f"{bucket}/corpus/manifest.jsonl", ("\n".join(lines) + "\n").encode())
     for name in os.listdir(DEMO_MODEL):
         fs.put_file(os.path.join(DEMO_MODEL, name), f"{bucket}/model/{name}")
@@ -58,11 +59,18 @@ def test_manifest_audio_model_and_output_on_s3(ray_session, s3_endpoint, tmp_pat
     worker_copy = os.path.join(worker_root, cache_folder)
     assert not os.path.exists(worker_copy)
     try:
-        summary = run(TranscribeConfig(
-            manifest=f"s3://{bucket}/corpus/manifest.jsonl", output=f"s3://{bucket}/out", model=model_uri,
-            s3_endpoint_url=s3_endpoint, storage_options=CREDENTIALS, batch_size=4, feature_batch_size=4,
-            num_beams=2,
-        ))
+        summary = run(
+            TranscribeConfig(
+                manifest=f"s3://{bucket}/corpus/manifest.jsonl",
+                output=f"s3://{bucket}/out",
+                model=model_uri,
+                s3_endpoint_url=s3_endpoint,
+                storage_options=CREDENTIALS,
+                batch_size=4,
+                feature_batch_size=4,
+                num_beams=2,
+            )
+        )
         # Both the driver (for the label's hash) and the generation actors fetched the checkpoint from S3.
         assert os.path.isfile(tmp_path / "cache" / cache_folder / "model.safetensors")
         assert os.path.isfile(os.path.join(worker_copy, "model.safetensors"))

@@ -8,8 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 import soundfile
 import torch
-
 from helpers import demo_rows, non_speech
+
 from pipeline import scoring
 from s2t_model import DEMO_MODEL, Speech2Text
 from s2t_model.speech2text import MIN_AVG_LOGPROB
@@ -50,7 +50,9 @@ def test_batched_probabilities_are_the_packages_own(clips):
 
 def test_non_speech_has_no_speech_and_every_demo_clip_has(clips):
     generated = non_speech()
-    found = {name: speech_seconds(r) for name, r in zip(generated, shared_vad().speech_regions(list(generated.values())))}
+    found = {
+        name: speech_seconds(r) for name, r in zip(generated, shared_vad().speech_regions(list(generated.values())))
+    }
     assert found == dict.fromkeys(generated, 0)
     rows, waves = clips
     speech = [speech_seconds(r) for r in shared_vad().speech_regions(waves)]
@@ -63,8 +65,9 @@ def test_no_speech_no_words_and_the_model_does_not_run(model, clips, monkeypatch
     features, speech = speech_features(model.feature_extractor, waves, 16000, vad=shared_vad())
     calls = []
     generate = model.generate
-    monkeypatch.setattr(model, "generate", lambda features, *a, **k: calls.append(len(features)) or
-                        generate(features, *a, **k))
+    monkeypatch.setattr(
+        model, "generate", lambda features, *a, **k: calls.append(len(features)) or generate(features, *a, **k)
+    )
     results = model.transcribe_features(features)
     assert [r.text for r in results[: len(generated)]] == [""] * len(generated)
     assert all(not r.speech and r.avg_logprob is None for r in results[: len(generated)])
@@ -83,8 +86,10 @@ def test_digital_silence_padding_costs_at_most_one_point_of_wer(model, clips):
     zeros = np.zeros(int(0.3 * 16000), np.float32)
     alone = scoring.wer(references, model.transcribe(waves, 16000))
     padded = scoring.wer(references, model.transcribe([np.concatenate([zeros, w, zeros]) for w in waves], 16000))
-    inside = scoring.wer(references, model.transcribe(
-        [np.concatenate([w[: len(w) // 2], zeros, w[len(w) // 2:]]) for w in waves], 16000))
+    inside = scoring.wer(
+        references,
+        model.transcribe([np.concatenate([w[: len(w) // 2], zeros, w[len(w) // 2 :]]) for w in waves], 16000),
+    )
     assert padded <= alone + 1.0 and inside <= alone + 1.0, (alone, padded, inside)
 
 

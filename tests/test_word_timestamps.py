@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from bench.words import known_set
-from pipeline.export import ExportConfig, run as export
+from pipeline.export import ExportConfig
+from pipeline.export import run as export
 from pipeline.transcribe import TranscribeConfig, run
 from s2t_model import DEMO_LONG_FORM, DEMO_MODEL, Speech2Text
 from s2t_model.alignment import dtw, monotonic_peaks, rank_heads
@@ -42,8 +43,10 @@ def test_decoded_words_start_where_espeak_says_them(model, utterances):
 
 def test_ranking_puts_the_measured_heads_first(model, utterances):
     features = model.features([wave for wave, _, _ in utterances[:5]], 16000)
-    examples = [(f, model.tokenizer.encode(reference), [t[0] for t in truth])
-                for f, (_, truth, reference) in zip(features, utterances[:5])]
+    examples = [
+        (f, model.tokenizer.encode(reference), [t[0] for t in truth])
+        for f, (_, truth, reference) in zip(features, utterances[:5])
+    ]
     ranked = rank_heads(model, examples)
     assert len(ranked) == model.config.decoder_layers * model.config.decoder_attention_heads
     best, worst = ranked[0][1], ranked[-1][1]
@@ -70,8 +73,10 @@ def test_monotonic_peaks_and_dtw_are_the_best_paths():
     rng = np.random.default_rng(0)
     for _ in range(20):
         score = rng.normal(size=(3, 6))
-        best = max(itertools.combinations_with_replacement(range(6), 3),
-                   key=lambda frames: sum(score[k, f] for k, f in enumerate(frames)))
+        best = max(
+            itertools.combinations_with_replacement(range(6), 3),
+            key=lambda frames: sum(score[k, f] for k, f in enumerate(frames)),
+        )
         assert tuple(monotonic_peaks(score)) == best
         rows, cols = dtw(score)
         assert (rows[0], cols[0]) == (0, 0) and (rows[-1], cols[-1]) == (2, 5)
@@ -103,10 +108,21 @@ def test_job_words_exported_as_subtitles_per_recording(ray_session, tmp_path):
     import webvtt
 
     out = tmp_path / "out"
-    run(TranscribeConfig(manifest=os.path.join(DEMO_LONG_FORM, "manifest.jsonl"), output=str(out), model=DEMO_MODEL,
-                         max_segment_s=20.0, word_timestamps=True))
-    rows = {r["id"]: r for r in pa.concat_tables([pq.read_table(f) for f in out.glob("*.parquet")],
-                                                 promote_options="default").to_pylist()}
+    run(
+        TranscribeConfig(
+            manifest=os.path.join(DEMO_LONG_FORM, "manifest.jsonl"),
+            output=str(out),
+            model=DEMO_MODEL,
+            max_segment_s=20.0,
+            word_timestamps=True,
+        )
+    )
+    rows = {
+        r["id"]: r
+        for r in pa.concat_tables(
+            [pq.read_table(f) for f in out.glob("*.parquet")], promote_options="default"
+        ).to_pylist()
+    }
     with open(os.path.join(DEMO_LONG_FORM, "manifest.jsonl")) as f:
         recordings = [json.loads(line) for line in f]
     for recording in recordings:
@@ -114,8 +130,14 @@ def test_job_words_exported_as_subtitles_per_recording(ray_session, tmp_path):
         assert " ".join(w["word"] for w in row["words"]) == row["text"]
         # In the recording's time: each true utterance's first word starts where the utterance was put, after at
         # most the clip's own leading silence (<= 0.5 s).
-        hits = sum(any(w["word"] == truth["text"].split()[0] and truth["start_s"] - 0.2 <= w["start_s"] <=
-                       truth["start_s"] + 0.7 for w in row["words"]) for truth in recording["segments"])
+        hits = sum(
+            any(
+                w["word"] == truth["text"].split()[0]
+                and truth["start_s"] - 0.2 <= w["start_s"] <= truth["start_s"] + 0.7
+                for w in row["words"]
+            )
+            for truth in recording["segments"]
+        )
         assert hits >= len(recording["segments"]) - 1
 
     counts = {}
@@ -128,8 +150,9 @@ def test_job_words_exported_as_subtitles_per_recording(ray_session, tmp_path):
         row = rows[recording["id"]]
         subtitles = list(srt.parse((tmp_path / "srt-segments" / f"{row['id']}.srt").read_text()))
         assert [s.content for s in subtitles] == [s["text"] for s in row["segments"] if s["text"]]
-        assert [round(s.start.total_seconds(), 3) for s in subtitles] == \
-            [round(s["start_s"], 3) for s in row["segments"] if s["text"]]
+        assert [round(s.start.total_seconds(), 3) for s in subtitles] == [
+            round(s["start_s"], 3) for s in row["segments"] if s["text"]
+        ]
         captions = webvtt.read(str(tmp_path / "vtt-words" / f"{row['id']}.vtt"))
         assert [c.text for c in captions] == row["text"].split()
         assert [c.start_time.in_milliseconds() for c in captions] == [round(w["start_s"] * 1000) for w in row["words"]]
