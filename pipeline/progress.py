@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 from . import metrics
 from .reasons import reason_words
 
+log = logging.getLogger(__name__)
 TIMELINE_POINTS = 200  # (seconds, rows, audio seconds) samples kept for the report's throughput plot
 
 
@@ -86,7 +87,11 @@ def observe_rows(batch: pa.Table, counter: str | None = None) -> pa.Table:
     metrics.inc("s2t_job_rows_no_speech_total", counts["no_speech"])
     metrics.inc("s2t_job_rows_low_confidence_total", counts["low_confidence"])
     if counter is not None:
-        ray.get(_counter(counter).add.remote(counts))
+        try:
+            ray.get(_counter(counter).add.remote(counts))
+        except (ray.exceptions.RayActorError, ValueError) as error:  # gone (ValueError: no actor of that name)
+            # The counter is there to watch the run; the rows are what the write must not lose.
+            log.warning("the run's progress counter is gone (%s): these rows are written uncounted", error)
     return batch
 
 
@@ -178,9 +183,13 @@ class Progress:
 
     def __enter__(self) -> "Progress":
         import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         actor = ray.remote(num_cpus=0, max_concurrency=4)(Counts)
-        self.actor = actor.options(name=self.name).remote(self.totals)
+        # On the driver's node: a node lost mid-run (the job carries on without it) must not take the counter along,
+        # and a driver's node lost ends the run anyway.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self.actor = actor.options(name=self.name, scheduling_strategy=here).remote(self.totals)
         self._thread = threading.Thread(target=self._print_every, daemon=True, name="s2t-progress")
         self._thread.start()
         return self

@@ -59,6 +59,12 @@ def generation_actor_nodes():
     return nodes
 
 
+def counter_nodes():
+    """Node ids of the run's live progress counters (the Counts actor `observe_rows` reports to)."""
+    return [actor["Address"]["NodeID"] for actor in ray._private.state.actors().values()
+            if actor["State"] == "ALIVE" and (actor.get("Name") or "").startswith("s2t-progress-")]
+
+
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 0})
 workers = [cluster.add_node(num_cpus=2, num_gpus=1) for _ in range(2)]
 cluster.wait_for_nodes()
@@ -85,10 +91,14 @@ thread.start()
 while thread.is_alive() and time.time() - started < timeout_s and not (
         rows_written() > 0 and generation_actor_nodes()):
     time.sleep(0.1)
-actor_nodes = generation_actor_nodes()
-victim = next((w for w in workers if w.node_id in actor_nodes), workers[0])
+actor_nodes, counters = generation_actor_nodes(), counter_nodes()
+# A node with a generation actor, the progress counter's first if it has one (it must not: the counter lives on the
+# driver's node, and a write reporting to a lost counter would fail the job).
+victim = next((w for w in workers if w.node_id in actor_nodes and w.node_id in counters),
+              next((w for w in workers if w.node_id in actor_nodes), workers[0]))
 removed = {"job_running": thread.is_alive(), "rows_written": rows_written(), "at_s": time.time() - started,
-           "node_had_generation_actor": victim.node_id in actor_nodes, "generation_actor_nodes": len(actor_nodes)}
+           "node_had_generation_actor": victim.node_id in actor_nodes, "generation_actor_nodes": len(actor_nodes),
+           "counter_on_driver_node": counters == [cluster.head_node.node_id]}
 log(f"removing node {victim.node_id}: {removed}")
 cluster.remove_node(victim)
 thread.join(max(1.0, timeout_s - (time.time() - started)))
@@ -157,6 +167,7 @@ def test_every_row_once_after_losing_a_gpu_node(tmp_path):
     # The node went away mid-job, with a generation actor on it and part of the output written.
     assert removed["job_running"] and removed["node_had_generation_actor"], shown
     assert 0 < removed["rows_written"] < ROWS, shown
+    assert removed["counter_on_driver_node"], shown  # a lost node never takes the run's progress counter along
     assert result["finished"] and "error" not in result, shown
     assert process.returncode == 0, shown
     ids = result["ids"]
