@@ -39,14 +39,28 @@ class Reason(StrEnum):
 RETRYABLE = frozenset({Reason.UNAVAILABLE, Reason.GENERATION_FAILED})
 
 
+# The reasons versions before `unavailable` gave the store's failures: such a row whose message is a store's error
+# (TRANSIENT_MESSAGES) counts as unavailable, so that a rerun repairs what the store broke then too.
+LEGACY_STORE_REASONS = ("missing", "unreadable", "corrupt")
+
+
 def reason_word(error: str) -> str:
-    """The first word of an `error` value, as written (an older version's may be no member of `Reason`)."""
-    return error.split(":", 1)[0]
+    """The reason word of an `error` value: its first word, as written (an older version's may be no member of
+    `Reason`), or "unavailable" for an older version's store failure (LEGACY_STORE_REASONS)."""
+    word = error.split(":", 1)[0]
+    if word in LEGACY_STORE_REASONS and any(text in error for text in TRANSIENT_MESSAGES):
+        return Reason.UNAVAILABLE.value
+    return word
 
 
 def reason_words(errors: pa.Array | pa.ChunkedArray) -> pa.ChunkedArray:
     """`reason_word` of a column of errors, computed by Arrow (no Python object per row); null where null."""
-    return pc.list_element(pc.split_pattern(errors, ":", max_splits=1), 0)
+    words = pc.list_element(pc.split_pattern(errors, ":", max_splits=1), 0)
+    store = pc.match_substring(errors, TRANSIENT_MESSAGES[0])
+    for text in TRANSIENT_MESSAGES[1:]:
+        store = pc.or_(store, pc.match_substring(errors, text))
+    legacy = pc.and_(pc.is_in(words, value_set=pa.array(LEGACY_STORE_REASONS)), store)
+    return pc.if_else(legacy, Reason.UNAVAILABLE.value, words)
 
 
 def reason_of(error: str | None) -> Reason | None:

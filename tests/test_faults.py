@@ -483,3 +483,61 @@ def test_a_store_failing_while_a_streamed_file_is_decoded_is_unavailable_not_the
     proxy.faults[:] = [Fault(fault, methods=("GET",), path=f"/{bucket}/big.{container}")]
     error = actor.load(row(f"s3://{bucket}/big.{container}"))
     assert isinstance(error, str) and error.startswith("unavailable: "), error
+
+
+def test_an_older_versions_store_failures_are_redone_by_the_next_run(ray_session, tmp_path):
+    """Before `unavailable`, a 500 was written as `missing: ... cannot be opened ([Errno 121] Internal Server
+    Error)`: a rerun by this version counts such rows as the store's and does them again unasked, while a real
+    `missing` (no such file) stays final."""
+    rows = demo_rows(4)
+    hidden = {}
+    for r in rows[:2]:
+        hidden[r["id"]] = r["audio_filepath"]
+        r["audio_filepath"] = str(tmp_path / os.path.basename(r["audio_filepath"]))
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    output = tmp_path / "out"
+    args = [str(manifest), str(output), "--model", DEMO_MODEL, "--num-beams", "1", "--rows-per-file", "2"]
+    status, summary = run_job(args)
+    assert status == 0 and summary["errors_by_reason"] == {"missing": 2}
+
+    old_store_failure = rows[0]["id"]  # as an older version wrote a 500; rows[1] stays a real `missing`
+    for path in output.glob("*.parquet"):
+        table = pq.read_table(path)
+        errors = [
+            f"missing: {rows[0]['audio_filepath']}: cannot be opened ([Errno 121] Internal Server Error)"
+            if i == old_store_failure
+            else e
+            for i, e in zip(table["id"].to_pylist(), table["error"].to_pylist())
+        ]
+        pq.write_table(
+            table.set_column(table.column_names.index("error"), "error", pa.array(errors, pa.string())), path
+        )
+    for r in rows[:2]:
+        with open(hidden[r["id"]], "rb") as source, open(r["audio_filepath"], "wb") as copy:
+            copy.write(source.read())
+
+    status, summary = run_job(args)
+    table = pa.concat_tables([pq.read_table(f, columns=["id", "error", "text"]) for f in output.glob("*.parquet")])
+    out = {i: (e, t) for i, e, t in zip(*(table[c].to_pylist() for c in ("id", "error", "text")))}
+    assert status == 0 and sorted(out) == sorted(r["id"] for r in rows)
+    assert out[old_store_failure][0] is None and out[old_store_failure][1]
+    assert out[rows[1]["id"]][0].startswith("missing: ")  # final: done again only with --retry-errors
+    assert summary["rows_this_run"] == 1 and summary["errors_by_reason"] == {"missing": 1}
+
+
+def test_the_python_and_arrow_readings_of_an_error_give_the_same_reason():
+    from pipeline.reasons import reason_word, reason_words
+
+    errors = [
+        "missing: s3://b/a.flac: cannot be opened ([Errno 121] Internal Server Error)",  # an older version's 500
+        "unreadable: s3://b/a.flac: ClientPayloadError: Response payload is not completed",
+        "corrupt: s3://b/shard.tar: not a tar file ([Errno 121] We encountered an internal error)",
+        "missing: s3://b/a.flac: no such file",
+        "unreadable: /a.bin: not audio any decoder reads",
+        "too_long: /a.flac: 5 h",
+        "unavailable: s3://b/a.flac: the store failed after its retries (OSError: x)",
+    ]
+    expected = ["unavailable"] * 3 + ["missing", "unreadable", "too_long", "unavailable"]
+    assert [reason_word(e) for e in errors] == expected
+    assert reason_words(pa.array(errors + [None], pa.string())).to_pylist() == expected + [None]
