@@ -18,6 +18,7 @@ from torch import Tensor
 
 from s2t_model import FeatureExtractor, Speech2Text, Speech2TextConfig
 
+# facebook/s2t-small-librispeech-asr's dimensions.
 S2T_SMALL = dict(
     vocab_size=10000,
     d_model=256,

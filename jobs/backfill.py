@@ -7,13 +7,12 @@ import json
 import logging
 import sys
 
+from jobs.transcribe import EXIT_RETRYABLE, init_ray
 from pipeline.backfill import BackfillConfig, run
 from pipeline.lease import LeaseHeld
 from pipeline.output import OutputError
 from pipeline.rows import ManifestError
 from pipeline.transcribe import check_inputs
-
-EXIT_RETRYABLE = 75  # EX_TEMPFAIL (sysexits.h): pairs remain that another run may do
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,8 +22,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     config = BackfillConfig.from_args(args)
-    from jobs.transcribe import init_ray
-
     try:
         check_inputs(config)  # before Ray starts: what cannot work is said in one line, as s2t transcribe says it
     except (ManifestError, OutputError) as error:

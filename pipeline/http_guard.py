@@ -27,6 +27,8 @@ import json
 from dataclasses import dataclass
 from typing import Callable
 
+from starlette.responses import JSONResponse
+
 QUOTE_CHARS = 40  # error messages quote at most this much of what a client sent
 EPILOGUE_BYTES = 1024  # text a multipart body may carry after its closing delimiter (clients send none)
 
@@ -41,6 +43,14 @@ def error_body(status: int, message: str, code: str) -> dict:
     """The OpenAI API's error object."""
     kind = "authentication_error" if status == 401 else "server_error" if status >= 500 else "invalid_request_error"
     return {"error": {"message": message, "type": kind, "code": code, "param": None}}
+
+
+def error_response(status: int, message: str, code: str, headers: dict | None = None) -> JSONResponse:
+    """An error answer of the endpoint (the replica's handlers and the ingress'): counted, in OpenAI's shape."""
+    from .metrics import inc
+
+    inc("s2t_serve_responses_total", status=str(status), code=code)
+    return JSONResponse(error_body(status, message, code), status_code=status, headers=headers)
 
 
 @dataclass(frozen=True)

@@ -293,16 +293,6 @@ def holds_values(metadata: pq.FileMetaData, name: str) -> bool:
         ):
             return True
     return False
-    column = names.index("segment_of")
-    for i in range(metadata.num_row_groups):
-        statistics = metadata.row_group(i).column(column).statistics
-        if (
-            statistics is None
-            or not statistics.has_null_count
-            or statistics.null_count < metadata.row_group(i).num_rows
-        ):
-            return True
-    return False
 
 
 def rows_dataset(fs: fsspec.AbstractFileSystem, root: str, files: list[str], columns: list[str] | None):

@@ -56,11 +56,13 @@ def reason_word(error: str) -> str:
 def reason_words(errors: pa.Array | pa.ChunkedArray) -> pa.ChunkedArray:
     """`reason_word` of a column of errors, computed by Arrow (no Python object per row); null where null."""
     words = pc.list_element(pc.split_pattern(errors, ":", max_splits=1), 0)
+    legacy = pc.is_in(words, value_set=pa.array(LEGACY_STORE_REASONS))
+    if not pc.any(legacy).as_py():  # the usual block: no such reason, no message to search
+        return words
     store = pc.match_substring(errors, TRANSIENT_MESSAGES[0])
     for text in TRANSIENT_MESSAGES[1:]:
         store = pc.or_(store, pc.match_substring(errors, text))
-    legacy = pc.and_(pc.is_in(words, value_set=pa.array(LEGACY_STORE_REASONS)), store)
-    return pc.if_else(legacy, Reason.UNAVAILABLE.value, words)
+    return pc.if_else(pc.and_(legacy, store), Reason.UNAVAILABLE.value, words)
 
 
 def reason_of(error: str | None) -> Reason | None:

@@ -36,8 +36,8 @@ from s2t_model.vad import shared_vad, speech_features
 
 from .audio import AudioError, decode_audio
 from .config import ModelConfig
-from .http_guard import GuardLimits, RequestGuard, error_body, quote
-from .metrics import GenerationMetrics, answered_metrics, inc, observe
+from .http_guard import GuardLimits, RequestGuard, error_response, quote
+from .metrics import GenerationMetrics, answered_metrics, observe
 from .openai_api import (
     ApiOptions,
     OptionError,
@@ -108,11 +108,6 @@ class RequestError(Exception):
     def __init__(self, status: int, message: str, code: str, headers: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.code, self.headers = status, message, code, headers
-
-
-def error_response(status: int, message: str, code: str, headers: dict | None = None) -> JSONResponse:
-    inc("s2t_serve_responses_total", status=str(status), code=code)
-    return JSONResponse(error_body(status, message, code), status_code=status, headers=headers)
 
 
 app = FastAPI(title="Speech2Text", description=__doc__)

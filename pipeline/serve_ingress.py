@@ -31,8 +31,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from .http_guard import GuardLimits, RequestGuard, error_body
-from .metrics import inc
+from .http_guard import GuardLimits, RequestGuard, error_response
 
 logger = logging.getLogger(__name__)
 # What of a request's ASGI scope goes to the model replica (the rest, such as Serve's own state, stays here).
@@ -108,12 +107,7 @@ class Speech2TextIngress:
                 "retry after the Retry-After seconds"
             )
             code = "replica_unavailable"
-        inc("s2t_serve_responses_total", status="503", code=code)
-        return JSONResponse(
-            error_body(503, message, code),
-            status_code=503,
-            headers={"retry-after": str(max(0, math.ceil(self.retry_after_s)))},
-        )
+        return error_response(503, message, code, {"retry-after": str(max(0, math.ceil(self.retry_after_s)))})
 
 
 async def relay_asgi(app, scope: dict, body: bytes):

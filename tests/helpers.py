@@ -76,18 +76,6 @@ TINY = dict(
     max_source_positions=2000,
     max_target_positions=256,
 )
-# facebook/s2t-small-librispeech-asr's dimensions.
-S2T_SMALL = dict(
-    vocab_size=10000,
-    d_model=256,
-    encoder_layers=12,
-    decoder_layers=6,
-    encoder_attention_heads=4,
-    decoder_attention_heads=4,
-    encoder_ffn_dim=2048,
-    decoder_ffn_dim=2048,
-    conv_channels=1024,
-)
 
 
 def random_transformers_model(seed: int, weight_scale: float = 2.0, **config):
@@ -124,6 +112,21 @@ def demo_rows(count: int | None = None) -> list[dict]:
     for row in rows:
         row["audio_filepath"] = os.path.join(DEMO_CORPUS, row["audio_filepath"])
     return rows[:count]
+
+
+# A job run in small pieces (a file, a block and a batch of 2 rows; greedy): many files to kill a run between.
+SMALL_RUN = [
+    "--batch-size",
+    "2",
+    "--feature-batch-size",
+    "2",
+    "--rows-per-file",
+    "2",
+    "--rows-per-block",
+    "2",
+    "--num-beams",
+    "1",
+]
 
 
 def non_speech(seconds: float = 5.0, rate: int = 16000) -> dict[str, "np.ndarray"]:
@@ -175,19 +178,7 @@ def killed_mid_job(manifest: str, output, ray_address: str, files: int, options=
 
     from s2t_model import DEMO_MODEL
 
-    options = [
-        "--batch-size",
-        "2",
-        "--feature-batch-size",
-        "2",
-        "--rows-per-file",
-        "2",
-        "--rows-per-block",
-        "2",
-        "--num-beams",
-        "1",
-        *options,
-    ]
+    options = [*SMALL_RUN, *options]
     driver = subprocess.Popen(
         [sys.executable, "-m", "jobs.transcribe", manifest, str(output), "--model", DEMO_MODEL, *options],
         env={**os.environ, "RAY_ADDRESS": ray_address},

@@ -11,7 +11,7 @@ from collections import Counter
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from helpers import demo_rows
+from helpers import SMALL_RUN, demo_rows
 
 from pipeline.backfill import BackfillConfig, run
 from pipeline.lease import LeaseHeld
@@ -75,18 +75,6 @@ def test_errored_pairs_are_retried_only_when_asked(ray_session, tmp_path):
 def test_a_concurrent_run_is_refused_and_a_killed_run_is_completed(ray_session, tmp_path):
     source, output = manifest(tmp_path, 16), tmp_path / "out"
     ids = [row["id"] for row in demo_rows(16)]
-    options = [
-        "--batch-size",
-        "2",
-        "--feature-batch-size",
-        "2",
-        "--rows-per-file",
-        "2",
-        "--rows-per-block",
-        "2",
-        "--num-beams",
-        "1",
-    ]
     driver = subprocess.Popen(
         [
             sys.executable,
@@ -100,7 +88,7 @@ def test_a_concurrent_run_is_refused_and_a_killed_run_is_completed(ray_session, 
             DEMO_MODEL,
             "--tgt-langs",
             "fr,de",
-            *options,
+            *SMALL_RUN,
         ],
         env={**os.environ, "RAY_ADDRESS": ray_session},
         stdout=subprocess.DEVNULL,

@@ -3,6 +3,7 @@
 store did the work): classified as the store's (`unavailable`, retryable), read again, and repaired by a rerun;
 never reported as the input's fault, never a hole or a double in the output."""
 
+import dataclasses
 import io
 import json
 import os
@@ -478,7 +479,7 @@ def test_a_store_failing_while_a_streamed_file_is_decoded_is_unavailable_not_the
     assert len(data) > WHOLE_FILE_BYTES
     direct.pipe_file(f"{bucket}/big.{container}", data)
     actor = stage(url, attempts=2)
-    actor.options = type(actor.options)(**{**actor.options.__dict__, "max_duration_s": 7200.0})
+    actor.options = dataclasses.replace(actor.options, max_duration_s=7200.0)
 
     proxy.faults[:] = [Fault(fault, methods=("GET",), path=f"/{bucket}/big.{container}")]
     error = actor.load(row(f"s3://{bucket}/big.{container}"))

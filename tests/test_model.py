@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import soxr
 import torch
-from helpers import MUSTC, S2T_SMALL, TINY, random_transformers_model, train_spm
+from helpers import MUSTC, TINY, random_transformers_model, train_spm
 
+from bench.model import S2T_SMALL
 from s2t_model import Speech2Text
 
 transformers = pytest.importorskip("transformers")

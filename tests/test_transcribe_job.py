@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 import soundfile
 import soxr
-from helpers import demo_rows
+from helpers import SMALL_RUN, demo_rows
 
 from pipeline import scoring
 from pipeline.manifest import read_manifest
@@ -288,21 +288,9 @@ def test_rerun_after_the_driver_is_killed_writes_only_what_is_missing(ray_sessio
     manifest = tmp_path / "manifest.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
     output = tmp_path / "out"
-    options = [
-        "--batch-size",
-        "2",
-        "--feature-batch-size",
-        "2",
-        "--rows-per-file",
-        "2",
-        "--rows-per-block",
-        "2",
-        "--num-beams",
-        "1",
-    ]
     env = {**os.environ, "RAY_ADDRESS": ray_session}
     driver = subprocess.Popen(
-        [sys.executable, "-m", "jobs.transcribe", str(manifest), str(output), "--model", DEMO_MODEL, *options],
+        [sys.executable, "-m", "jobs.transcribe", str(manifest), str(output), "--model", DEMO_MODEL, *SMALL_RUN],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
